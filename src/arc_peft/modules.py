@@ -1,0 +1,172 @@
+"""The adapter layers themselves: :class:`ARC` and :class:`AdaptMLP`, ordinary ``nn.Module`` s."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ARC", "AdaptMLP", "Adapter"]
+
+
+class Adapter(nn.Module):
+    """Base class of every adapter layer: what :func:`arc_peft.freeze_backbone` and
+    :func:`arc_peft.count_parameters` recognise as adapter state (structurally, by type).
+
+    ``transforms_input`` tells where the adapter acts: ``True`` — it maps the sub-module's input
+    to a new input (ARC); ``False`` — it adds to the sub-module's output (AdaptMLP).
+    """
+
+    transforms_input: bool = True
+
+
+class ARC(Adapter):
+    """ARC adapter: ``x + dropout(x · U · diag(s)) · Uᵀ + b``.
+
+    ``U`` (``dim × rank``) is the symmetric down/up projection; ``s`` (``rank``) and ``b``
+    (``dim``) belong to this layer. Several layers share one ``U`` by passing ``share_with``:
+    the first layer *owns* the parameter (it is registered there only, so ``named_parameters()``
+    lists it once and it is stored once), the others read it through their owner.
+
+    Args:
+        dim: Token width ``D``.
+        rank: Bottleneck size ``r``.
+        dropout: Dropout probability on the ``r``-dimensional bottleneck.
+        scale_init: ``"zeros"`` (the layer starts as an exact identity) or ``"xavier"``
+            (xavier-uniform on a ``(1, r)`` tensor, the official MLP-position init).
+        share_with: An :class:`ARC` whose ``U`` this layer uses instead of owning one.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        rank: int = 50,
+        dropout: float = 0.1,
+        scale_init: str = "zeros",
+        share_with: ARC | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if scale_init not in ("zeros", "xavier"):
+            raise ValueError(
+                f"ARC scale_init={scale_init!r} is invalid: expected 'zeros' or 'xavier'"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.rank = dim, rank
+        if share_with is None:
+            self.projection = nn.Parameter(torch.empty(dim, rank, **factory))
+            nn.init.xavier_uniform_(self.projection)
+            owner = None
+        else:
+            if share_with.owner is not None or (share_with.dim, share_with.rank) != (dim, rank):
+                raise ValueError(
+                    f"ARC(dim={dim}, rank={rank}) can only share U with an owning ARC of the "
+                    f"same dim and rank, got {share_with!r}"
+                )
+            owner = share_with
+        # A plain attribute, not a submodule: registering the owner here would list the shared U
+        # once per layer and make every layer's state dict carry a copy of it.
+        object.__setattr__(self, "owner", owner)
+        self.scale = nn.Parameter(torch.zeros(rank, **factory))
+        if scale_init == "xavier":
+            # The official code draws the MLP scales as a (1, r) xavier-uniform matrix.
+            bound = math.sqrt(6.0 / (1 + rank))
+            nn.init.uniform_(self.scale, -bound, bound)
+        self.bias = nn.Parameter(torch.zeros(dim, **factory))
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def U(self) -> Tensor:
+        """The shared ``dim × rank`` projection this layer uses."""
+        return self.projection if self.owner is None else self.owner.projection
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = self.U
+        # Fold diag(s) into U once per call (D×r) instead of scaling every token's bottleneck.
+        h = self.dropout(x @ (u * self.scale))
+        return x + h @ u.t() + self.bias
+
+    def merged_matrix(self) -> tuple[Tensor, Tensor]:
+        """``(M, b)`` with ``M = I + U·diag(s)·Uᵀ`` so that in eval mode ``ARC(x) == x @ M + b``."""
+        u = self.U
+        eye = torch.eye(self.dim, device=u.device, dtype=u.dtype)
+        return eye + (u * self.scale) @ u.t(), self.bias
+
+    def extra_repr(self) -> str:
+        shared = "" if self.owner is None else ", shared U"
+        return f"dim={self.dim}, rank={self.rank}, dropout={self.dropout.p}{shared}"
+
+
+class AdaptMLP(Adapter):
+    """AdaptMLP bottleneck: ``s · up(dropout(ReLU(down(x))))``, optionally with a LayerNorm.
+
+    Initialised as in the official code ("lora" init): ``down.weight`` kaiming-uniform(a=√5),
+    ``down.bias``, ``up.weight`` and ``up.bias`` zero, so the adapter's output starts at zero.
+
+    Args:
+        dim: Token width ``D``.
+        bottleneck: Hidden size ``r``.
+        scale: The factor ``s``, or ``"learnable"`` for a trainable scalar initialised to 1.
+        dropout: Dropout probability on the bottleneck.
+        placement: ``"parallel"`` — output = ``mlp(x) + AdaptMLP(x)``; ``"sequential"`` —
+            output = ``mlp(x) + AdaptMLP(mlp(x))``. Used by the injection hook, not by
+            :meth:`forward`, which returns the scaled adapter branch alone.
+        layernorm: ``None``, ``"in"`` or ``"out"``.
+    """
+
+    transforms_input = False
+
+    def __init__(
+        self,
+        dim: int,
+        bottleneck: int = 64,
+        scale: float | str = 0.1,
+        dropout: float = 0.1,
+        placement: str = "parallel",
+        layernorm: str | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if placement not in ("parallel", "sequential"):
+            raise ValueError(
+                f"AdaptMLP placement={placement!r} is invalid: expected 'parallel' or 'sequential'"
+            )
+        if layernorm not in (None, "in", "out"):
+            raise ValueError(
+                f"AdaptMLP layernorm={layernorm!r} is invalid: expected None, 'in' or 'out'"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.bottleneck, self.placement = dim, bottleneck, placement
+        self.norm = nn.LayerNorm(dim, **factory) if layernorm is not None else None
+        self.layernorm = layernorm
+        self.down = nn.Linear(dim, bottleneck, **factory)
+        self.up = nn.Linear(bottleneck, dim, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.learnable_scale = scale == "learnable"
+        # A fixed s stays a Python float: no state to store, and it follows x's dtype under AMP.
+        self.scale: Tensor | float = (
+            nn.Parameter(torch.ones(1, **factory)) if self.learnable_scale else float(scale)
+        )
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.layernorm == "in":
+            x = self.norm(x)
+        h = self.up(self.dropout(F.relu(self.down(x))))
+        if self.layernorm == "out":
+            h = self.norm(h)
+        return h * self.scale
+
+    def extra_repr(self) -> str:
+        scale = "learnable" if self.learnable_scale else f"{float(self.scale):g}"
+        return (
+            f"dim={self.dim}, bottleneck={self.bottleneck}, scale={scale}, "
+            f"placement={self.placement!r}, layernorm={self.layernorm!r}"
+        )

@@ -1,0 +1,105 @@
+"""Many adapters on one backbone: choose the active one, bypass them all, or route a mixed batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .inject import adapter_configs
+from .slots import iter_slots
+
+__all__ = ["active_adapter", "disable_adapter", "mixed_batch", "set_active_adapter"]
+
+
+def _require_adapters(model: nn.Module, verb: str) -> list:
+    slots = iter_slots(model)
+    if not slots:
+        raise ValueError(f"{verb}: the model has no adapters; inject or load one first")
+    return slots
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """Name of the adapter every sample currently goes through, or ``None``."""
+    for _, _, slot in iter_slots(model):
+        return slot.active
+    return None
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    """Make ``name`` the adapter that runs (``None``: none runs, the bare backbone computes).
+
+    Switching only flips a flag on each adapted site: no weights are copied, nothing is
+    re-injected.
+    """
+    slots = _require_adapters(model, "set_active_adapter")
+    if name is not None and name not in adapter_configs(model):
+        raise KeyError(
+            f"model has no adapter named {name!r}; it has {sorted(adapter_configs(model))}"
+        )
+    for _, _, slot in slots:
+        slot.active = name
+
+
+@contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, the model computes exactly as the bare backbone.
+
+    Example::
+
+        with arc_peft.disable_adapter(model):
+            features = model(images)
+    """
+    slots = _require_adapters(model, "disable_adapter")
+    previous = [slot.disabled for _, _, slot in slots]
+    for _, _, slot in slots:
+        slot.disabled = True
+    try:
+        yield model
+    finally:
+        for (_, _, slot), was in zip(slots, previous, strict=False):
+            slot.disabled = was
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, tasks: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Run one batch whose samples belong to different tasks, each through its own adapter.
+
+    Args:
+        model: A model holding the named adapters.
+        tasks: One adapter name per sample of the next forward passes' batch (``None``: that
+            sample goes through the bare backbone).
+
+    The result equals running each sample alone with its adapter active (in eval mode; in
+    training mode dropout draws differ). Example::
+
+        with arc_peft.mixed_batch(model, ["cifar", "svhn", "cifar", None]):
+            logits = model(images)          # images.shape[0] == 4
+
+    Note: a per-task classifier head is not part of the backbone's forward; apply each task's
+    head to its own samples' features.
+    """
+    slots = _require_adapters(model, "mixed_batch")
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("mixed_batch needs at least one task name (one per sample)")
+    known = adapter_configs(model)
+    unknown = sorted({t for t in tasks if t is not None and t not in known})
+    if unknown:
+        raise KeyError(
+            f"mixed_batch: unknown adapter name(s) {unknown}; the model has {sorted(known)}"
+        )
+    groups = []
+    for name in dict.fromkeys(t for t in tasks if t is not None):
+        samples = torch.tensor([i for i, t in enumerate(tasks) if t == name], dtype=torch.long)
+        groups.append((name, samples))
+    previous = [slot.routing for _, _, slot in slots]
+    for _, _, slot in slots:
+        slot.routing = (len(tasks), groups)
+    try:
+        yield model
+    finally:
+        for (_, _, slot), was in zip(slots, previous, strict=False):
+            slot.routing = was

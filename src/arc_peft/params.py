@@ -1,0 +1,155 @@
+"""Freezing and counting. What is an adapter is decided structurally: a parameter is adapter state
+if it belongs to an :class:`~arc_peft.modules.Adapter` module, never by its name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .modules import Adapter
+from .slots import iter_slots
+
+__all__ = [
+    "ParameterCounts",
+    "adapter_parameters",
+    "count_parameters",
+    "freeze_backbone",
+    "get_head",
+]
+
+
+def get_head(model: nn.Module) -> nn.Module | None:
+    """The classifier head: timm's ``get_classifier()``, torchvision's ``heads`` (ViT) or
+    ``head`` (Swin); ``None`` if the model has none of these."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        head = get_classifier()
+        if isinstance(head, nn.Module):
+            return head
+    for attr in ("heads", "head", "fc", "classifier"):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
+def _adapter_modules(model: nn.Module, name: str | None = None) -> list[tuple[str, Adapter]]:
+    """``(path, adapter)`` for the adapters named ``name`` (all adapters if ``None``)."""
+    found = []
+    for path, _, slot in iter_slots(model):
+        for adapter_name, adapter in slot.items():
+            if name is None or adapter_name == name:
+                found.append((f"{path}.{adapter_name}", adapter))
+    return found
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """``{parameter name: parameter}`` of the adapters named ``name`` (all adapters if ``None``).
+
+    Names are the model's own (``blocks.0.attn.arc_peft.default.scale``); a shared ARC projection
+    appears once, under the adapter that owns it.
+    """
+    return {
+        f"{path}.{pname}": param
+        for path, adapter in _adapter_modules(model, name)
+        for pname, param in adapter.named_parameters()
+    }
+
+
+def freeze_backbone(
+    model: nn.Module,
+    train_head: bool = True,
+    also: Iterable[str | nn.Module] = (),
+) -> nn.Module:
+    """Freeze everything except the active adapter and, by default, the classifier head.
+
+    Only the *active* adapter is left trainable: an inactive adapter never runs, and a trainable
+    parameter that never receives a gradient breaks DDP.
+
+    Args:
+        model: The adapted model (a plain model gives a linear probe).
+        train_head: Keep the classifier head trainable (see :func:`get_head`).
+        also: Extra submodules to keep trainable, by name (``"norm"``, ``"blocks.11"``) or object.
+
+    Returns:
+        ``model`` itself.
+    """
+    extra = []
+    for item in also:
+        if isinstance(item, nn.Module):
+            extra.append(item)
+            continue
+        try:
+            extra.append(model.get_submodule(item))
+        except AttributeError:
+            children = [n for n, _ in model.named_children()]
+            raise ValueError(
+                f"freeze_backbone(also=...): {item!r} is not a submodule of "
+                f"{type(model).__name__}; top-level modules are {children}"
+            ) from None
+    head = get_head(model) if train_head else None
+    if train_head and head is None:
+        raise ValueError(
+            f"freeze_backbone could not find the classifier head of {type(model).__name__} "
+            "(no get_classifier(), heads, head, fc or classifier): pass train_head=False and "
+            "name the head in also=(...)"
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    active = {slot.active for _, _, slot in iter_slots(model)} - {None}
+    for name in active:
+        for param in adapter_parameters(model, name).values():
+            param.requires_grad_(True)
+    for module in ([head] if head is not None else []) + extra:
+        for param in module.parameters():
+            param.requires_grad_(True)
+    return model
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameter counts of a model. ``str()`` gives a one-line summary in the papers' style.
+
+    Attributes:
+        total: Every parameter (shared ones once), adapters included.
+        trainable: Parameters with ``requires_grad``.
+        adapter: Parameters of adapter modules (all named adapters).
+        head: Parameters of the classifier head.
+        breakdown: Adapter parameters per adapter module path (a shared ARC projection is
+            counted at its owner).
+    """
+
+    total: int
+    trainable: int
+    adapter: int
+    head: int
+    breakdown: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable / self.total if self.total else 0.0
+        return (
+            f"trainable {self.trainable / 1e6:.2f}M of {self.total / 1e6:.1f}M ({pct:.2f}%) | "
+            f"adapters {self.adapter:,} | head {self.head:,}"
+        )
+
+
+def count_parameters(model: nn.Module) -> ParameterCounts:
+    """Count total, trainable, adapter and head parameters (each shared tensor once)."""
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    breakdown = {
+        path: sum(p.numel() for p in adapter.parameters())
+        for path, adapter in _adapter_modules(model)
+    }
+    head = get_head(model)
+    head_count = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    return ParameterCounts(
+        total=total,
+        trainable=trainable,
+        adapter=sum(breakdown.values()),
+        head=head_count,
+        breakdown=breakdown,
+    )

@@ -1,0 +1,116 @@
+"""The model matrix: tiny configurations of every supported architecture (fast on a 2-core CPU).
+
+Each entry builds a fresh, seeded, randomly initialised model (no weights are downloaded) and says
+which input it takes. Tests import ``MATRIX`` / ``build`` from here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+# name -> (library, constructor name, kwargs, image size)
+SPECS: dict[str, tuple[str, str, dict, int]] = {
+    "vit": ("timm", "vit_tiny_patch16_224", _VIT, 32),
+    "deit": ("timm", "deit_tiny_patch16_224", _VIT, 32),
+    "deit3": ("timm", "deit3_small_patch16_224", _VIT, 32),
+    "dinov2": (
+        "timm",
+        "vit_small_patch14_dinov2",
+        dict(_VIT, img_size=28, patch_size=7),
+        28,
+    ),
+    "clip": ("timm", "vit_base_patch16_clip_224", _VIT, 32),
+    "swin": (
+        "timm",
+        "swin_tiny_patch4_window7_224",
+        dict(img_size=56, window_size=7, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
+        56,
+    ),
+    "swinv2": (
+        "timm",
+        "swinv2_tiny_window8_256",
+        dict(img_size=64, window_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
+        64,
+    ),
+    "eva02": ("timm", "eva02_tiny_patch14_224", dict(_VIT, img_size=28, patch_size=7), 28),
+    "eva02_swiglu": ("timm", "eva02_base_patch14_224", dict(_VIT, img_size=28, patch_size=7), 28),
+    "beit": ("timm", "beit_base_patch16_224", _VIT, 32),
+    "tv_vit": (
+        "torchvision",
+        "VisionTransformer",
+        dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64),
+        32,
+    ),
+    "tv_swin": (
+        "torchvision",
+        "SwinTransformer",
+        dict(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 1], window_size=[4, 4]),
+        32,
+    ),
+    "tv_swinv2": ("torchvision", "swin_v2", {}, 32),
+}
+
+MATRIX = list(SPECS)
+NUM_CLASSES = 5
+
+
+def build(name: str, seed: int = 0, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """A fresh tiny model of kind ``name`` with deterministic random weights, in eval mode."""
+    library, ctor, kwargs, _ = SPECS[name]
+    torch.manual_seed(seed)
+    if library == "timm":
+        import timm
+
+        model = timm.create_model(ctor, pretrained=False, num_classes=num_classes, **kwargs)
+    elif ctor == "VisionTransformer":
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(num_classes=num_classes, **kwargs)
+    else:
+        from torchvision.models import swin_transformer as tvs
+
+        v2 = ctor == "swin_v2"
+        model = tvs.SwinTransformer(
+            patch_size=[4, 4],
+            embed_dim=16,
+            depths=[1, 1],
+            num_heads=[1, 1],
+            window_size=[4, 4],
+            num_classes=num_classes,
+            **(
+                dict(block=tvs.SwinTransformerBlockV2, downsample_layer=tvs.PatchMergingV2)
+                if v2
+                else {}
+            ),
+        )
+    _randomise_scales(model)
+    return model.eval()
+
+
+def _randomise_scales(model: nn.Module) -> None:
+    """Give norms and layer scales O(1) random weights.
+
+    Some architectures start their residual branches near zero (DeiT-III/DINOv2/BEiT layer scale
+    1e-5, Swin V2's res-post-norm weight 0), which would hide what an adapter does to a block.
+    """
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for module in model.modules():
+            for pname, param in module.named_parameters(recurse=False):
+                is_norm = isinstance(module, nn.LayerNorm) and pname == "weight"
+                if is_norm or pname in ("gamma", "gamma_1", "gamma_2"):
+                    param.copy_(torch.rand(param.shape, generator=g) + 0.5)
+
+
+def image_size(name: str) -> int:
+    return SPECS[name][3]
+
+
+def inputs(name: str, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    """A seeded random image batch of the right size for ``name``."""
+    g = torch.Generator().manual_seed(seed)
+    size = image_size(name)
+    return torch.randn(batch, 3, size, size, generator=g)
