@@ -98,11 +98,20 @@ def _randomise_scales(model: nn.Module) -> None:
     """
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
+        # torchvision's ViT zero-initialises its head, which would make every output equal.
+        for param in _head(model).parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.5)
         for module in model.modules():
             for pname, param in module.named_parameters(recurse=False):
                 is_norm = isinstance(module, nn.LayerNorm) and pname == "weight"
                 if is_norm or pname in ("gamma", "gamma_1", "gamma_2"):
                     param.copy_(torch.rand(param.shape, generator=g) + 0.5)
+
+
+def _head(model: nn.Module) -> nn.Module:
+    if hasattr(model, "get_classifier"):
+        return model.get_classifier()
+    return model.heads if hasattr(model, "heads") else model.head
 
 
 def image_size(name: str) -> int:

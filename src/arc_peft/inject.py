@@ -138,6 +138,7 @@ def inject_arc(
                     **factory,
                 )
             adapter.config = config
+            adapter.train(module.training)  # a new layer follows the model's train/eval mode
             planned.append((index, block.module, position, block.sites[position], adapter))
 
     make_active = not existing or all(slot.active is None for _, _, slot in iter_slots(model))

@@ -58,9 +58,9 @@ class AdapterSlot(nn.ModuleDict):
         """Register this slot on ``block`` and install its hooks on the site module."""
         slots = block._modules.get(SLOT_ATTR)
         if not isinstance(slots, BlockSlots):
-            slots = BlockSlots()
+            slots = BlockSlots().train(block.training)
             setattr(block, SLOT_ATTR, slots)
-        slots[self.position] = self
+        slots[self.position] = self.train(block.training)
         module = block._modules[self.site_name]
         module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         module.register_forward_hook(self._post_hook, with_kwargs=True)

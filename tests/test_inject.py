@@ -1,0 +1,434 @@
+"""inject_arc / remove_arc across the model matrix: the invariants every architecture must keep."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import arc_peft
+from arc_peft import AdaptMLPConfig, ARCConfig, UnsupportedModelError
+from arc_peft.slots import iter_slots
+
+from models import MATRIX, build, inputs
+
+METHODS = {
+    "arc": ARCConfig(rank=4),
+    "arc_att": ARCConfig(rank=4, positions=("attn",)),
+    "adaptmlp": AdaptMLPConfig(bottleneck=4),
+}
+
+
+def randomise_adapters(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
+    """Give every adapter parameter non-zero values (the identity init would hide a bypass)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in arc_peft.adapter_parameters(model).values():
+            param.copy_(torch.randn(param.shape, generator=g) * std)
+
+
+def site_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The output of every adapted attention / MLP module for input ``x``."""
+    captured, handles = {}, []
+    for path, block, slot in iter_slots(model):
+        site = block._modules[slot.site_name]
+
+        def hook(_m, _a, out, path=path):
+            captured[path] = out[0] if isinstance(out, tuple) else out
+
+        handles.append(site.register_forward_hook(hook))
+    model(x)
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(before: dict, model: nn.Module) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+@pytest.mark.parametrize("name", MATRIX)
+@pytest.mark.parametrize(
+    "config",
+    [
+        ARCConfig(rank=4, init="identity"),
+        ARCConfig(rank=4, positions=("attn",), init="paper"),  # attention scales start at zero
+        AdaptMLPConfig(bottleneck=4),
+        AdaptMLPConfig(bottleneck=4, placement="sequential", scale="learnable", layernorm="in"),
+    ],
+    ids=["arc-identity", "arc_att-paper", "adaptmlp", "adaptmlp-seq-ln"],
+)
+def test_identity_at_init(name, config):
+    model = build(name)
+    x = inputs(name)
+    expected = model(x)
+    arc_peft.inject_arc(model, config)
+    assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_paper_init_mlp_scales_are_not_identity(name):
+    """Official init: MLP scales are xavier-uniform, so ARC is not an identity at init."""
+    model = build(name)
+    x = inputs(name)
+    expected = model(x)
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    mlp_scales = [
+        slot["default"].scale for _, _, slot in iter_slots(model) if slot.position == "mlp"
+    ]
+    attn_scales = [
+        slot["default"].scale for _, _, slot in iter_slots(model) if slot.position == "attn"
+    ]
+    assert all(torch.count_nonzero(s) == 0 for s in attn_scales)
+    assert all(torch.count_nonzero(s) == s.numel() for s in mlp_scales)
+    assert not torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("name", MATRIX)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_adapter_runs_and_changes_its_site(name, method):
+    """A non-zero adapter changes every adapted module's output and the model's output."""
+    model = build(name)
+    x = inputs(name)
+    arc_peft.inject_arc(model, METHODS[method])
+    randomise_adapters(model)
+    with arc_peft.disable_adapter(model):
+        plain_sites, plain_out = site_outputs(model, x), model(x)
+    adapted_sites, adapted_out = site_outputs(model, x), model(x)
+    assert set(plain_sites) == {path for path, _, _ in iter_slots(model)}
+    for path, value in plain_sites.items():
+        assert not torch.equal(value, adapted_sites[path]), f"adapter at {path} did not run"
+    assert not torch.equal(plain_out, adapted_out)
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_only_adapters_and_head_train(name):
+    model = build(name)
+    x = inputs(name)
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    randomise_adapters(model)
+    arc_peft.freeze_backbone(model)
+    head = {id(p) for p in arc_peft.get_head(model).parameters()}
+    adapters = {id(p) for p in arc_peft.adapter_parameters(model).values()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == head | adapters and adapters and head
+
+    before = state(model)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x).square().mean().backward()
+    for pname, param in model.named_parameters():
+        if id(param) in trainable:
+            # Every trainable parameter gets a gradient: nothing that never runs (DDP-safe).
+            assert param.grad is not None and param.grad.abs().sum() > 0, pname
+        else:
+            assert param.grad is None, pname
+    optimizer.step()
+    after = model.state_dict()
+    adapter_names = set(arc_peft.adapter_parameters(model))
+    head_names = {n for n, p in model.named_parameters() if id(p) in head}
+    for key, value in before.items():
+        changed = not torch.equal(after[key], value)
+        if key in adapter_names or key in head_names:
+            assert changed, f"{key} did not train"
+        else:
+            assert not changed, f"frozen {key} changed"
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_counts_equal_the_closed_form(name):
+    model = build(name)
+    plain = sum(p.numel() for p in model.parameters())
+    widths = {
+        pos: [blk.site(pos) for blk in arc_peft.targets.find_blocks(model)]
+        for pos in ("attn", "mlp")
+    }
+    dims = {
+        pos: [arc_peft.targets.get_target(m).width(m) for m in mods] for pos, mods in widths.items()
+    }
+    r = 4
+    arc_peft.inject_arc(model, ARCConfig(rank=r))
+    # ARC: per (position, width) group one U (D·r), per site r + D.
+    expected = 0
+    for pos in ("attn", "mlp"):
+        expected += sum(d * r for d in set(dims[pos])) + sum(r + d for d in dims[pos])
+    counts = arc_peft.count_parameters(model)
+    assert counts.adapter == expected
+    assert counts.total == plain + expected
+    assert sum(counts.breakdown.values()) == expected
+    arc_peft.remove_arc(model)
+    arc_peft.inject_arc(model, AdaptMLPConfig(bottleneck=r))
+    assert arc_peft.count_parameters(model).adapter == sum(2 * d * r + r + d for d in dims["mlp"])
+
+
+@pytest.mark.parametrize(
+    ("model_name", "config", "expected"),
+    [
+        ("vit_base_patch16_224", ARCConfig(rank=50), 96_432),
+        ("vit_base_patch16_224", ARCConfig(rank=50, positions=("attn",)), 48_216),
+        ("vit_base_patch16_224", AdaptMLPConfig(bottleneck=64), 1_189_632),
+        ("vit_base_patch16_224", AdaptMLPConfig(bottleneck=8), 156_768),
+        ("swin_base_patch4_window7_224", ARCConfig(rank=50), 218_464),
+    ],
+)
+def test_paper_parameter_counts(model_name, config, expected):
+    import timm
+
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    arc_peft.inject_arc(model, config)
+    counts = arc_peft.count_parameters(model)
+    assert counts.adapter == expected
+    assert counts.head == 0
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_remove_restores_the_original_model(name):
+    model = build(name)
+    x = inputs(name)
+    before, expected = state(model), model(x)
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    arc_peft.inject_arc(model, AdaptMLPConfig(bottleneck=3), name="other")
+    randomise_adapters(model)
+    assert not torch.equal(model(x), expected)
+    assert arc_peft.remove_arc(model) is model
+    assert_same_state(before, model)
+    assert torch.equal(model(x), expected)
+    for module in model.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+    assert arc_peft.adapter_configs(model) == {}
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_plain_checkpoint_loads_into_an_adapted_model(name):
+    """Backbone parameter names never change: only the adapter keys are missing."""
+    donor = build(name, seed=7)
+    model = build(name)
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    missing, unexpected = model.load_state_dict(donor.state_dict(), strict=False)
+    assert unexpected == []
+    assert set(missing) == set(arc_peft.adapter_parameters(model))
+    for key, value in donor.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "eva02", "tv_vit", "tv_swin"])
+def test_bf16_autocast_forward_and_backward(name):
+    model = build(name)
+    x = inputs(name)
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    arc_peft.freeze_backbone(model)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    for pname, param in arc_peft.adapter_parameters(model).items():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), pname
+        assert param.grad.dtype == torch.float32
+
+
+def test_training_mode_dropout_really_drops():
+    model = build("vit")
+    x = inputs("vit")
+    arc_peft.inject_arc(model, ARCConfig(rank=8, dropout=0.5))
+    randomise_adapters(model)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    first = model(x)
+    torch.manual_seed(1)
+    assert not torch.equal(first, model(x))
+    for _, _, slot in iter_slots(model):
+        slot["default"].dropout.p = 0.0
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, model(x))  # no other randomness in this model: it was the adapters'
+
+
+def test_blocks_select_the_last_k():
+    model = build("swin")  # 4 blocks in 4 stages of different widths
+    arc_peft.inject_arc(model, ARCConfig(rank=4, blocks=(-2, -1)))
+    assert sorted({slot.block for _, _, slot in iter_slots(model)}) == [2, 3]
+    owners = [s["default"] for _, _, s in iter_slots(model) if s["default"].owner is None]
+    assert len(owners) == 4  # 2 positions x 2 widths: U is shared per (position, width)
+    with pytest.raises(ValueError, match=r"blocks=\(4,\) is out of range .* \[-4, 3\]"):
+        arc_peft.inject_arc(build("swin"), ARCConfig(blocks=(4,)))
+
+
+def test_projection_shared_per_position_and_listed_once():
+    model = build("vit")
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    slots = iter_slots(model)
+    attn = [s["default"] for _, _, s in slots if s.position == "attn"]
+    assert attn[0].owner is None and all(a.owner is attn[0] for a in attn[1:])
+    assert all(a.U is attn[0].projection for a in attn)
+    names = [n for n, _ in model.named_parameters() if n.endswith(".projection")]
+    assert names == [
+        "blocks.0.arc_peft.attn.default.projection",
+        "blocks.0.arc_peft.mlp.default.projection",
+    ]
+    assert [k for k in model.state_dict() if k.endswith(".projection")] == names
+
+
+def test_extra_arguments_pass_through_untouched():
+    model = build("vit")
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    randomise_adapters(model)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 5, 32)
+    mask = torch.zeros(2, 1, 5, 5, dtype=torch.bool)
+    mask[..., 0] = True
+    by_position = attn(x, attn_mask=mask)
+    assert torch.equal(attn(x=x, attn_mask=mask), by_position)  # input passed by keyword
+    assert not torch.equal(by_position, attn(x))  # the mask reached the module
+    with arc_peft.disable_adapter(model):
+        assert not torch.equal(attn(x, attn_mask=mask), by_position)  # and so did the adapter
+
+
+def test_mha_requires_self_attention():
+    model = build("tv_vit")
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    mha = model.encoder.layers[0].self_attention
+    q, k = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    with pytest.raises(ValueError, match="self-attention only"):
+        mha(q, k, k)
+    out, _ = mha(query=q, key=q, value=q, need_weights=False)
+    assert out.shape == q.shape
+
+
+def test_injecting_twice_is_a_clear_error_and_changes_nothing():
+    model = build("vit")
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    before = state(model)
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+        arc_peft.inject_arc(model, ARCConfig(rank=4))
+    assert_same_state(before, model)
+
+
+@pytest.mark.parametrize("bad", ["", "two words", "_private", "active", "keys", "a.b", 3])
+def test_bad_adapter_names(bad):
+    model = build("vit")
+    with pytest.raises(ValueError, match="adapter name"):
+        arc_peft.inject_arc(model, ARCConfig(rank=4), name=bad)
+    assert iter_slots(model) == []
+
+
+def test_bad_arguments_leave_the_model_unchanged():
+    model = build("vit")
+    before = state(model)
+    with pytest.raises(TypeError, match="ARCConfig or AdaptMLPConfig, got dict"):
+        arc_peft.inject_arc(model, {"rank": 4})
+    with pytest.raises(ValueError, match="out of range"):
+        arc_peft.inject_arc(model, ARCConfig(blocks=(0, 9)))
+    assert_same_state(before, model)
+    assert iter_slots(model) == []
+
+
+class _Attn(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, tokens):
+        q, k, v = self.to_qkv(tokens).chunk(3, dim=-1)
+        return self.out(torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+
+
+class _FF(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, tokens):
+        return self.inner(tokens)
+
+
+class _Block(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.mixer, self.ff = _Attn(dim), _FF(dim)
+
+    def forward(self, x):
+        x = x + self.mixer(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+@pytest.fixture
+def custom_targets():
+    yield
+    for cls in (_Attn, _FF):
+        arc_peft.targets._REGISTRY.pop(cls, None)
+
+
+def test_unsupported_model_then_registration(custom_targets):
+    model = nn.Sequential(_Block(16), _Block(16))
+    with pytest.raises(UnsupportedModelError) as info:
+        arc_peft.inject_arc(model, ARCConfig(rank=2))
+    message = str(info.value)
+    assert "_Attn" in message and "register_target" in message
+    assert iter_slots(model) == []
+
+    arc_peft.register_target(_Attn, "attn")
+    arc_peft.register_target(_FF, "mlp")
+    with pytest.raises(ValueError, match="already registered"):
+        arc_peft.register_target(_FF, "mlp")
+    arc_peft.inject_arc(model, ARCConfig(rank=2))
+    assert [s.block for _, _, s in iter_slots(model)] == [0, 0, 1, 1]
+    assert iter_slots(model)[0][2].target.input_name == "tokens"
+    randomise_adapters(model)
+    x = torch.randn(2, 3, 16)
+    with arc_peft.disable_adapter(model):
+        plain = model(x)
+    assert not torch.equal(model(x), plain)
+
+
+def test_unsupported_torchvision_cnn():
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    with pytest.raises(UnsupportedModelError, match="no supported transformer block"):
+        arc_peft.inject_arc(model, ARCConfig())
+
+
+def test_register_target_validates():
+    with pytest.raises(TypeError, match=r"nn\.Module subclass"):
+        arc_peft.register_target(int, "attn")
+    with pytest.raises(ValueError, match="position='ffn'"):
+        arc_peft.register_target(_FF, "ffn")
+
+
+def test_deepcopy_keeps_sharing_and_hooks():
+    model = build("vit")
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    randomise_adapters(model)
+    clone = copy.deepcopy(model)
+    x = inputs("vit")
+    assert torch.equal(clone(x), model(x))
+    attn = [s["default"] for _, _, s in iter_slots(clone) if s.position == "attn"]
+    assert attn[1].owner is attn[0]
+    arc_peft.remove_arc(clone)
+    assert not torch.equal(clone(x), model(x))  # the copy's hooks were removed...
+    assert iter_slots(model)  # ...and the original keeps its own
+    with arc_peft.disable_adapter(model):
+        assert torch.equal(clone(x), model(x))
+
+
+def test_new_adapters_follow_the_models_mode():
+    model = build("vit")  # eval mode
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    assert not any(m.training for m in model.modules())
+    model.train()
+    arc_peft.inject_arc(model, ARCConfig(rank=4), name="second")
+    assert all(m.training for m in model.modules())
