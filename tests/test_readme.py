@@ -1,0 +1,34 @@
+"""The README is the front door: its usage example must run as written and its table be current."""
+
+import re
+from pathlib import Path
+
+import arc_peft
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_usage_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    usage = README.read_text().split("## Usage", 1)[1]
+    code = _python_blocks(usage)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "trainable 0.17M of 86.0M (0.20%) | adapters 96,432 | head 76,900" in printed
+    model = namespace["model"]
+    assert arc_peft.adapter_configs(model) == {}  # merged: a plain backbone again
+    assert (tmp_path / "task.safetensors").is_file()
+
+
+def test_models_table_matches_the_registry():
+    text = README.read_text()
+    table = text.split("<!-- models-table:start -->", 1)[1].split("<!-- models-table:end -->", 1)[0]
+    assert table.strip() == arc_peft.targets.supported_models_markdown().strip(), (
+        "README's supported-models table is stale: paste the output of "
+        "arc_peft.targets.supported_models_markdown()"
+    )
