@@ -12,6 +12,8 @@ The public API is a handful of verbs on a whole model::
 from .config import AdapterConfig, AdaptMLPConfig, ARCConfig, config_from_dict
 from .errors import AdapterFileError, MergeError, UnsupportedModelError
 from .inject import adapter_configs, delete_adapter, inject_arc, remove_arc
+from .io import AdapterInfo, load_adapter, read_adapter_info, save_adapter
+from .merge import merge_adapter, unmerge_adapter
 from .modules import ARC, Adapter, AdaptMLP
 from .multitask import active_adapter, disable_adapter, mixed_batch, set_active_adapter
 from .params import ParameterCounts, adapter_parameters, count_parameters, freeze_backbone, get_head
@@ -27,6 +29,7 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "AdapterFileError",
+    "AdapterInfo",
     "MergeError",
     "ParameterCounts",
     "Target",
@@ -42,9 +45,14 @@ __all__ = [
     "freeze_backbone",
     "get_head",
     "inject_arc",
+    "load_adapter",
+    "merge_adapter",
     "mixed_batch",
+    "read_adapter_info",
     "register_target",
     "registered_targets",
     "remove_arc",
+    "save_adapter",
     "set_active_adapter",
+    "unmerge_adapter",
 ]

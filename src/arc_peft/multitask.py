@@ -98,8 +98,21 @@ def mixed_batch(model: nn.Module, tasks: Sequence[str | None]) -> Iterator[nn.Mo
     previous = [slot.routing for _, _, slot in slots]
     for _, _, slot in slots:
         slot.routing = (len(tasks), groups)
+
+    def check_batch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # The sites only see rows, and a windowed attention legitimately gets batch * windows of
+        # them: a batch of 4 with 2 names would pass there as "2 windows per sample".
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] != len(tasks):
+            raise ValueError(
+                f"mixed_batch got {len(tasks)} task names but the model was called with a batch "
+                f"of {x.shape[0]}: pass exactly one name (or None) per sample"
+            )
+
+    handle = model.register_forward_pre_hook(check_batch, with_kwargs=True)
     try:
         yield model
     finally:
+        handle.remove()
         for (_, _, slot), was in zip(slots, previous, strict=False):
             slot.routing = was

@@ -1,0 +1,278 @@
+"""Zero-cost inference: fold an ARC adapter into the backbone's weights, and (optionally) undo it.
+
+ARC is linear: in eval mode it maps its site's input ``x`` to ``x·M + b`` with
+``M = I + U·diag(s)·Uᵀ``. The attention / MLP module that reads ``x`` does so only through linear
+layers ``y = x·Wᵀ + c``, so the adapter disappears into them: ``W' = W·M`` and ``c' = c + W·b``.
+After :func:`merge_adapter` the model is the plain backbone (same modules, same parameter names)
+with new values in those weights; its state dict loads with ``strict=True`` into a fresh backbone.
+
+Each registered target says how to fold into its module type (``Target.merge``, see
+:data:`arc_peft.targets.MergeFn`); when a fold is not exact the merge is refused with a
+:class:`~arc_peft.errors.MergeError` naming the site and the reason. See ``docs/merging.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .errors import MergeError
+from .inject import adapter_configs, delete_adapter
+from .modules import ARC, Adapter
+from .multitask import active_adapter
+from .slots import AdapterSlot, iter_slots
+from .targets import PADS_INPUT
+
+__all__ = ["merge_adapter", "unmerge_adapter"]
+
+# Where merge_adapter(keep_original=True) keeps what unmerge_adapter needs: a plain attribute of
+# the model, so it is neither a module nor in the state dict (the merged model stays the plain
+# backbone), yet it follows the model through copy.deepcopy and torch.save.
+_RECORD_ATTR = "_arc_peft_merges"
+
+
+@dataclass
+class _MergeRecord:
+    """What one ``merge_adapter(..., keep_original=True)`` changed."""
+
+    name: str
+    was_active: bool
+    originals: dict[str, Tensor]  # qualified tensor name -> value before the merge
+    slots: list[tuple[str, AdapterSlot, Adapter]]  # (block path, detached slot, adapter)
+
+
+def _affine(adapter: ARC, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The adapter's eval-mode map ``x -> x·M + b`` (:meth:`ARC.merged_matrix`), in float64 so
+    the fold itself adds no rounding beyond the final cast to the weights' dtype."""
+    u = adapter.U.detach().to(device=device, dtype=torch.float64)
+    s = adapter.scale.detach().to(device=device, dtype=torch.float64)
+    eye = torch.eye(adapter.dim, device=device, dtype=torch.float64)
+    return eye + (u * s) @ u.t(), adapter.bias.detach().to(device=device, dtype=torch.float64)
+
+
+def _resolve_tensor(module: nn.Module, name: str) -> Tensor | None:
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        pass
+    try:
+        return module.get_buffer(name)
+    except AttributeError:
+        return None
+
+
+def _fold_device(module: nn.Module) -> torch.device:
+    """Where to compute the fold: with the weights, unless that device lacks float64 (MPS)."""
+    for tensor in module.parameters():
+        return tensor.device if tensor.device.type != "mps" else torch.device("cpu")
+    return torch.device("cpu")
+
+
+def merge_adapter(
+    model: nn.Module,
+    name: str | None = None,
+    *,
+    keep_original: bool = False,
+    assume_no_window_padding: bool = False,
+) -> nn.Module:
+    """Fold the ARC adapter ``name`` into the backbone's weights, in place, and remove it.
+
+    Afterwards the model is the plain backbone with new weight values: no hooks, no adapter
+    modules, the backbone's own state-dict keys, and (in eval mode) the same outputs as the
+    adapted model had with ``name`` active, to float32 rounding. The merge is all or nothing:
+    every new tensor is computed and checked (shape, finite) before any is written.
+
+    Only a model holding this one adapter can be merged: folding it changes the weights every
+    other adapter was trained on top of. Save the others first (:func:`arc_peft.save_adapter`)
+    and delete them, or merge a ``copy.deepcopy`` of the model.
+
+    Args:
+        model: A model holding exactly one adapter, an ARC adapter.
+        name: The adapter to merge; default: the active one.
+        keep_original: Keep a copy of every weight the merge changes (and the adapter itself) so
+            that :func:`unmerge_adapter` can restore the adapted model bit for bit. Costs the
+            memory of those weights (about 57% of a ViT-B's parameters with ARC at both
+            positions); without it the merge is final.
+        assume_no_window_padding: torchvision's Swin attention pads its input internally when
+            the feature map is not a multiple of the window size; padded zeros stay zero without
+            the adapter but become ``b`` after a merge, so such sites are refused when their
+            adapter bias is non-zero. Pass ``True`` if your inputs never need padding (every
+            stage's feature map a multiple of its window) to merge anyway.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        KeyError: ``model`` has no adapter ``name``.
+        MergeError: no adapter is active and no ``name`` was given; other adapters exist; the
+            call is inside :func:`arc_peft.disable_adapter` / :func:`arc_peft.mixed_batch`; or
+            some site cannot absorb the adapter exactly (AdaptMLP, cosine attention whose key
+            offset is non-zero, a layer without the bias the fold needs...). The message names
+            the site; the model is unchanged.
+    """
+    slots = iter_slots(model)
+    if not slots:
+        raise MergeError("merge_adapter: the model has no adapters; inject or load one first")
+    configs = adapter_configs(model)
+    if name is None:
+        name = active_adapter(model)
+        if name is None:
+            raise MergeError(
+                f"merge_adapter: no adapter is active; pass name= (one of {sorted(configs)})"
+            )
+    if name not in configs:
+        raise KeyError(f"model has no adapter named {name!r}; it has {sorted(configs)}")
+    others = sorted(n for n in configs if n != name)
+    if others:
+        raise MergeError(
+            f"merge_adapter({name!r}): the model also holds adapter(s) {others}, which were "
+            f"trained on the unmerged backbone and would silently change if {name!r} were folded "
+            "into it. Save them (arc_peft.save_adapter) and delete them (arc_peft.delete_adapter) "
+            "first, or merge a copy: merged = arc_peft.merge_adapter(copy.deepcopy(model), ...)"
+        )
+    if any(slot.disabled or slot.routing is not None for _, _, slot in slots):
+        raise MergeError(
+            "merge_adapter cannot run inside `with disable_adapter(...)` or "
+            "`with mixed_batch(...)`: leave the block first"
+        )
+
+    module_paths = {id(module): path for path, module in model.named_modules()}
+    planned: list[tuple[str, Tensor, Tensor]] = []  # (qualified name, tensor, new value)
+    claimed: dict[int, str] = {}
+    for slot_path, block, slot in slots:
+        adapter = slot[name]
+        site = block._modules[slot.site_name]
+        block_path = module_paths[id(block)]
+        site_path = f"{block_path}.{slot.site_name}" if block_path else slot.site_name
+        where = f"{slot_path} ({type(site).__module__}.{type(site).__qualname__} at {site_path})"
+        if not isinstance(adapter, ARC):
+            raise MergeError(
+                f"cannot merge adapter {name!r} at {where}: {type(adapter).__name__} is not a "
+                "linear map of the site's input (AdaptMLP has a ReLU), so it cannot be folded "
+                "into the backbone; keep it as an adapter at inference"
+            )
+        fold = slot.target.merge
+        if fold is None:
+            raise MergeError(
+                f"cannot merge adapter {name!r} at {where}: no merge function is registered for "
+                f"{type(site).__qualname__}; pass merge= to arc_peft.register_target(..., "
+                "replace=True) if its input feeds only linear layers"
+            )
+        M, b = _affine(adapter, _fold_device(site))
+        if getattr(fold, PADS_INPUT, False) and bool(b.any()) and not assume_no_window_padding:
+            raise MergeError(
+                f"cannot merge adapter {name!r} at {where}: this module zero-pads its input "
+                "after the adapter when the feature map is not a multiple of the window size; "
+                "padded tokens are 0 unmerged but would become the adapter bias b (non-zero "
+                "here) merged. If your inputs never need padding, pass "
+                "assume_no_window_padding=True"
+            )
+        try:
+            with torch.no_grad():
+                new_values = fold(site, M, b)
+        except MergeError as err:
+            raise MergeError(f"cannot merge adapter {name!r} at {where}: {err}") from err
+        for tensor_name, value in new_values.items():
+            qualified = f"{site_path}.{tensor_name}"
+            tensor = _resolve_tensor(site, tensor_name)
+            if tensor is None:
+                raise MergeError(
+                    f"merge function for {where} returned {tensor_name!r}, which is not a "
+                    f"parameter or buffer of {type(site).__qualname__}"
+                )
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise MergeError(
+                    f"merge function for {where} returned shape {tuple(value.shape)} for "
+                    f"{tensor_name!r}, expected {tuple(tensor.shape)}"
+                )
+            value = value.detach().to(device=tensor.device, dtype=tensor.dtype)
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise MergeError(
+                    f"cannot merge adapter {name!r} at {where}: the merged {tensor_name!r} has "
+                    f"non-finite values (overflow in {tensor.dtype}?); nothing was changed"
+                )
+            if id(tensor) in claimed:
+                raise MergeError(
+                    f"cannot merge adapter {name!r}: {qualified} and {claimed[id(tensor)]} are "
+                    "the same (tied) tensor, which two sites cannot both absorb"
+                )
+            claimed[id(tensor)] = qualified
+            planned.append((qualified, tensor, value))
+
+    # Commit: nothing above changed the model, and nothing below can fail half-way.
+    record = None
+    if keep_original:
+        record = _MergeRecord(
+            name=name,
+            was_active=active_adapter(model) == name,
+            originals={q: t.detach().clone() for q, t, _ in planned},
+            slots=[(module_paths[id(block)], slot, slot[name]) for _, block, slot in slots],
+        )
+    with torch.no_grad():
+        for _, tensor, value in planned:
+            tensor.copy_(value)
+    delete_adapter(model, name)
+    if record is not None:
+        model.__dict__.setdefault(_RECORD_ATTR, []).append(record)
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    """Undo the last :func:`merge_adapter` made with ``keep_original=True``, in place.
+
+    Restores the changed weights bit for bit and puts the adapter back (active again if it was
+    active when merged), so the model is exactly the adapted model it was before the merge.
+    Any change made to those weights after the merge is discarded.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        MergeError: there is no kept merge to undo, or the model holds adapters (added after
+            the merge, on top of the merged weights: delete them first).
+    """
+    records: list[_MergeRecord] = model.__dict__.get(_RECORD_ATTR) or []
+    if not records:
+        raise MergeError(
+            "unmerge_adapter: nothing to undo. Only merge_adapter(model, keep_original=True) "
+            "keeps the original weights; otherwise reload the backbone checkpoint and the "
+            "adapter file (arc_peft.load_adapter)"
+        )
+    present = sorted(adapter_configs(model))
+    if present:
+        raise MergeError(
+            f"unmerge_adapter: the model holds adapter(s) {present}, added after the merge on "
+            "top of the merged weights; delete them (arc_peft.delete_adapter) first"
+        )
+    record = records[-1]
+    targets = []
+    for qualified, original in record.originals.items():
+        module_path, _, tensor_name = qualified.rpartition(".")
+        module = model.get_submodule(module_path)
+        tensor = _resolve_tensor(module, tensor_name)
+        if tensor is None or tuple(tensor.shape) != tuple(original.shape):
+            raise MergeError(
+                f"unmerge_adapter: {qualified} is missing or changed shape since the merge; "
+                "cannot restore the original weights"
+            )
+        targets.append((tensor, original))
+    with torch.no_grad():
+        for tensor, original in targets:
+            tensor.copy_(original.to(device=tensor.device, dtype=tensor.dtype))
+    for block_path, slot, adapter in record.slots:
+        block = model.get_submodule(block_path)
+        site = block._modules[slot.site_name]
+        # Follow the model if it was moved or cast after the merge.
+        for tensor in site.parameters():
+            if tensor.is_floating_point():
+                adapter.to(device=tensor.device, dtype=tensor.dtype)
+                break
+        slot[record.name] = adapter
+        slot.active = record.name if record.was_active else None
+        slot.attach(block)
+    records.pop()
+    if not records:
+        del model.__dict__[_RECORD_ATTR]
+    return model

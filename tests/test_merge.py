@@ -1,0 +1,374 @@
+"""merge_adapter / unmerge_adapter: exact folds on every architecture, clear refusals otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import arc_peft
+from arc_peft import targets
+from arc_peft.merge import _affine
+from arc_peft.slots import iter_slots
+from arc_peft.targets import find_blocks
+
+from models import MATRIX, build, inputs
+
+# Outputs are O(1); the merged model differs from the adapted one by float32 rounding only
+# (measured: at most ~5e-6), while the adapter itself moves the outputs by >= 0.04.
+TOL = dict(rtol=1e-4, atol=3e-5)
+
+# Per model: whether the attention adapter's bias must be zero for an exact merge (cosine
+# attention or RoPE: the key offset W_k·b matters and there is no key bias to take it), and
+# whether the model pads windows after the adapter (torchvision Swin).
+ZERO_ATTN_BIAS = {"swinv2", "eva02", "eva02_swiglu", "tv_swinv2"}
+PADS = {"tv_swin", "tv_swinv2"}
+
+
+def randomise(model: nn.Module, zero_attn_bias: bool = False, seed: int = 7) -> None:
+    """Give every adapter parameter (U, s and b included) random O(0.3) values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, slot in iter_slots(model):
+            for adapter in slot.values():
+                for param in adapter.parameters():
+                    param.copy_(0.3 * torch.randn(param.shape, generator=g))
+                if zero_attn_bias and slot.position == "attn":
+                    adapter.bias.zero_()
+
+
+def adapted(name: str, zero_attn_bias: bool = False, **config) -> nn.Module:
+    model = build(name)
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(**{"rank": 4, **config}))
+    randomise(model, zero_attn_bias)
+    return model
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equal, NaNs included (``torch.equal`` says NaN != NaN)."""
+    nan = a.isnan() if a.is_floating_point() else torch.zeros_like(a, dtype=torch.bool)
+    return torch.equal(nan, b.isnan() if b.is_floating_point() else nan) and torch.equal(
+        a.masked_fill(nan, 0), b.masked_fill(nan, 0)
+    )
+
+
+def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert same(after[key], value), key
+
+
+def has_hooks(model: nn.Module) -> bool:
+    return any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", MATRIX)
+def test_merged_model_is_the_plain_backbone_and_computes_like_the_adapted_one(name):
+    x = inputs(name)
+    plain = build(name)
+    backbone_out = plain(x)
+    model = adapted(name, zero_attn_bias=name in ZERO_ATTN_BIAS)
+    expected = model(x)
+    assert (expected - backbone_out).abs().max() > 1e-2  # the adapter does change the outputs
+
+    arc_peft.merge_adapter(model, assume_no_window_padding=name in PADS)
+    merged_out = model(x)
+    torch.testing.assert_close(merged_out, expected, **TOL)
+
+    # Exactly the plain backbone's modules, parameter names and no hooks left behind.
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in plain.named_modules()]
+    assert not any(isinstance(m, arc_peft.Adapter) for m in model.modules())
+    assert not has_hooks(model) and arc_peft.adapter_configs(model) == {}
+    # Only the sites' own tensors changed.
+    sites = [f"{blk.path}.{blk.sites[p]}." for blk in find_blocks(plain) for p in ("attn", "mlp")]
+    state, plain_state = model.state_dict(), plain.state_dict()
+    changed = [k for k in plain_state if not torch.equal(state[k], plain_state[k])]
+    assert changed and all(any(k.startswith(s) for s in sites) for k in changed), changed
+
+    fresh = build(name, seed=123)
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh(x), merged_out)
+
+
+@torch.no_grad()
+def test_merge_of_adapters_on_some_blocks_and_positions():
+    x = inputs("vit")
+    model = adapted("vit", positions=("attn",), blocks=[1])
+    expected = model(x)
+    arc_peft.merge_adapter(model)
+    torch.testing.assert_close(model(x), expected, **TOL)
+
+
+def test_fold_uses_the_adapters_own_affine_map():
+    model = adapted("vit")
+    for _, _, slot in iter_slots(model):
+        adapter = slot["default"]
+        M, b = _affine(adapter, torch.device("cpu"))
+        M32, b32 = adapter.merged_matrix()
+        torch.testing.assert_close(M.float(), M32, rtol=1e-6, atol=1e-6)
+        assert torch.equal(b.float(), b32)
+        x = torch.randn(3, adapter.dim)
+        adapter.eval()
+        torch.testing.assert_close(adapter(x), x @ M32 + b32, rtol=1e-5, atol=1e-5)
+
+
+# -- one site at a time: layouts the model matrix does not contain -------------------------------
+
+
+def _site_cases():
+    from timm.layers import Attention, GluMlp, Mlp, SwiGLU
+    from timm.models.eva import EvaAttention
+
+    d = 16
+    return {
+        "timm_attention_gated": lambda: Attention(d, num_heads=2, qkv_bias=True, gated=True),
+        "timm_attention_qk_norm": lambda: Attention(
+            d, num_heads=2, qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm
+        ),
+        "eva_attention_separate_gated": lambda: EvaAttention(
+            d, num_heads=2, qkv_fused=False, gated=True, scale_norm=False
+        ),
+        "mha_batch_first": lambda: nn.MultiheadAttention(d, 2, batch_first=True),
+        "mlp": lambda: Mlp(d, 32),
+        "glu_mlp": lambda: GluMlp(d, 32),
+        "swiglu": lambda: SwiGLU(d, 32),
+    }
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", list(_site_cases()))
+def test_fold_of_a_single_site_is_exact(case):
+    make = _site_cases()[case]
+    torch.manual_seed(0)
+    module = make().eval()
+    for param in module.parameters():  # random biases too (timm zero-initialises some)
+        param.copy_(0.3 * torch.randn(param.shape))
+    d = 16
+    u = torch.randn(d, 4)
+    M = torch.eye(d) + (u * torch.randn(4)) @ u.t()
+    b = torch.randn(d)
+    x = torch.randn(2, 5, d)
+    fold = targets.get_target(module).merge
+    bias_free = "eva" in case  # EVA's key projection has no bias: its key offset must be zero
+    if bias_free:
+        with pytest.raises(arc_peft.MergeError, match="RoPE"):
+            fold(module, M.double(), b.double())
+        b = torch.zeros(d)
+
+    def run(m, inp):
+        if isinstance(m, nn.MultiheadAttention):
+            return m(inp, inp, inp, need_weights=False)[0]
+        return m(inp)
+
+    expected = run(module, x @ M + b)
+    new = fold(module, M.double(), b.double())
+    for tensor_name, value in new.items():
+        module.get_parameter(tensor_name).copy_(value)
+    torch.testing.assert_close(run(module, x), expected, rtol=1e-4, atol=1e-4)
+
+
+# -- refusals: clear error, model unchanged ------------------------------------------------------
+
+
+def refuse(model: nn.Module, match: str, **kwargs) -> arc_peft.MergeError:
+    x = inputs(model.__dict__["_test_name"])
+    before = snapshot(model)
+    with torch.no_grad():
+        out = model(x)
+    adapters = [id(a) for _, _, slot in iter_slots(model) for a in slot.values()]
+    with pytest.raises(arc_peft.MergeError, match=match) as info:
+        arc_peft.merge_adapter(model, **kwargs)
+    assert_same_state(model, before)
+    assert [id(a) for _, _, slot in iter_slots(model) for a in slot.values()] == adapters
+    with torch.no_grad():
+        assert same(model(x), out)
+    return info.value
+
+
+def named(model: nn.Module, name: str) -> nn.Module:
+    model.__dict__["_test_name"] = name
+    return model
+
+
+def test_adaptmlp_is_refused():
+    model = named(build("vit"), "vit")
+    arc_peft.inject_arc(model, arc_peft.AdaptMLPConfig(bottleneck=4))
+    err = refuse(model, "AdaptMLP")
+    assert "blocks.0.arc_peft.mlp" in str(err) and "timm.layers.mlp.Mlp" in str(err)
+
+
+@pytest.mark.parametrize("name", ["swinv2", "tv_swinv2"])
+def test_cosine_attention_with_a_key_offset_is_refused(name):
+    model = named(adapted(name), name)
+    err = refuse(model, "cosine attention", assume_no_window_padding=True)
+    assert ".arc_peft.attn" in str(err) and "WindowAttention" in str(err)
+
+
+@pytest.mark.parametrize("name", ["eva02", "eva02_swiglu"])
+def test_eva_attention_with_a_key_offset_is_refused(name):
+    # RoPE makes a key offset position dependent: dropping it is measurably inexact.
+    err = refuse(named(adapted(name), name), "RoPE")
+    assert "blocks.0.arc_peft.attn" in str(err) and "EvaAttention" in str(err)
+
+
+@torch.no_grad()
+def test_torchvision_swin_refuses_unless_told_inputs_are_never_padded():
+    model = named(adapted("tv_swin"), "tv_swin")
+    refuse(model, "assume_no_window_padding=True")
+    # Why: on a 40x40 image (10x10 feature map, window 4) the padded tokens change the result.
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(3))
+    expected = model(x)
+    arc_peft.merge_adapter(model, assume_no_window_padding=True)
+    assert (model(x) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["swinv2", "eva02_swiglu"])
+def test_documented_recipe_frozen_attention_bias_makes_cosine_and_rope_models_mergeable(name):
+    model = build(name)
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
+    arc_peft.freeze_backbone(model)
+    for _, _, slot in iter_slots(model):
+        if slot.position == "attn":
+            slot["default"].bias.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    x = inputs(name)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        arc_peft.merge_adapter(model)
+        torch.testing.assert_close(model(x), expected, **TOL)
+
+
+@torch.no_grad()
+def test_torchvision_swin_merges_when_the_bias_is_zero_even_with_padding():
+    model = adapted("tv_swin", zero_attn_bias=True)
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(3))
+    expected = model(x)
+    arc_peft.merge_adapter(model)
+    torch.testing.assert_close(model(x), expected, **TOL)
+
+
+def test_layer_without_a_bias_is_refused_unless_the_offset_is_zero():
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=5,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        qkv_bias=False,
+    ).eval()
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
+    randomise(named(model, "vit"))
+    refuse(model, "no bias parameter")
+    randomise(model, zero_attn_bias=True)
+    x = inputs("vit")
+    with torch.no_grad():
+        expected = model(x)
+        arc_peft.merge_adapter(model)
+        torch.testing.assert_close(model(x), expected, **TOL)
+
+
+def test_non_finite_result_is_refused():
+    model = named(adapted("vit"), "vit")
+    with torch.no_grad():
+        next(iter(iter_slots(model)))[2]["default"].bias[0] = float("nan")
+    refuse(model, "non-finite")
+
+
+def test_site_without_merge_function_is_refused():
+    import dataclasses
+
+    model = named(adapted("vit"), "vit")
+    for _, _, slot in iter_slots(model):
+        if slot.position == "mlp":
+            slot.target = dataclasses.replace(slot.target, merge=None)
+    err = refuse(model, "no merge function")
+    assert "blocks.0.arc_peft.mlp" in str(err) and "Mlp at blocks.0.mlp" in str(err)
+
+
+def test_other_adapters_block_the_merge():
+    model = named(adapted("vit"), "vit")
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=2), name="other")
+    refuse(model, r"also holds adapter\(s\) \['other'\]")
+
+
+def test_merge_inside_disable_or_mixed_batch_is_refused():
+    model = named(adapted("vit"), "vit")
+    with arc_peft.disable_adapter(model), pytest.raises(arc_peft.MergeError, match="disable"):
+        arc_peft.merge_adapter(model)
+    with arc_peft.mixed_batch(model, ["default", None]), pytest.raises(arc_peft.MergeError):
+        arc_peft.merge_adapter(model)
+    assert list(arc_peft.adapter_configs(model)) == ["default"]
+
+
+def test_name_resolution():
+    model = adapted("vit")
+    with pytest.raises(KeyError, match="'nope'"):
+        arc_peft.merge_adapter(model, "nope")
+    arc_peft.set_active_adapter(model, None)
+    with pytest.raises(arc_peft.MergeError, match="no adapter is active"):
+        arc_peft.merge_adapter(model)
+    with pytest.raises(arc_peft.MergeError, match="no adapters"):
+        arc_peft.merge_adapter(build("vit"))
+    arc_peft.merge_adapter(model, "default")  # an inactive adapter merges when named
+    assert arc_peft.adapter_configs(model) == {}
+
+
+# -- unmerge ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["vit", "tv_vit", "swin"])
+def test_unmerge_restores_the_adapted_model_exactly(name):
+    model = adapted(name)
+    x = inputs(name)
+    expected = model(x)
+    before = snapshot(model)
+    adapters = {n: id(p) for n, p in arc_peft.adapter_parameters(model).items()}
+
+    arc_peft.merge_adapter(model, keep_original=True)
+    assert arc_peft.adapter_configs(model) == {}
+    plain_keys = list(build(name).state_dict())
+    assert list(model.state_dict()) == plain_keys  # the kept copy is not in the state dict
+
+    arc_peft.unmerge_adapter(model)
+    assert_same_state(model, before)
+    assert {n: id(p) for n, p in arc_peft.adapter_parameters(model).items()} == adapters
+    assert arc_peft.active_adapter(model) == "default"
+    assert torch.equal(model(x), expected)
+    with pytest.raises(arc_peft.MergeError, match="nothing to undo"):
+        arc_peft.unmerge_adapter(model)
+
+
+def test_merge_without_keep_original_is_final():
+    model = adapted("vit")
+    arc_peft.merge_adapter(model)
+    with pytest.raises(arc_peft.MergeError, match="keep_original=True"):
+        arc_peft.unmerge_adapter(model)
+
+
+def test_unmerge_refuses_while_newer_adapters_exist():
+    model = adapted("vit")
+    arc_peft.merge_adapter(model, keep_original=True)
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=2), name="later")
+    with pytest.raises(arc_peft.MergeError, match=r"\['later'\]"):
+        arc_peft.unmerge_adapter(model)
+    arc_peft.delete_adapter(model, "later")
+    arc_peft.unmerge_adapter(model)
+    assert list(arc_peft.adapter_configs(model)) == ["default"]
