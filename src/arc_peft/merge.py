@@ -44,12 +44,10 @@ class _MergeRecord:
 
 
 def _affine(adapter: ARC, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The adapter's eval-mode map ``x -> x·M + b`` (:meth:`ARC.merged_matrix`), in float64 so
-    the fold itself adds no rounding beyond the final cast to the weights' dtype."""
-    u = adapter.U.detach().to(device=device, dtype=torch.float64)
-    s = adapter.scale.detach().to(device=device, dtype=torch.float64)
-    eye = torch.eye(adapter.dim, device=device, dtype=torch.float64)
-    return eye + (u * s) @ u.t(), adapter.bias.detach().to(device=device, dtype=torch.float64)
+    """The adapter's eval-mode map ``x -> x·M + b``, in float64 so that the fold itself adds no
+    rounding beyond the final cast to the weights' dtype."""
+    M, b = adapter.merged_matrix(dtype=torch.float64, device=device)
+    return M.detach(), b.detach()
 
 
 def _resolve_tensor(module: nn.Module, name: str) -> Tensor | None:

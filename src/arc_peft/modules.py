@@ -89,11 +89,19 @@ class ARC(Adapter):
         h = self.dropout(x @ (u * self.scale))
         return x + h @ u.t() + self.bias
 
-    def merged_matrix(self) -> tuple[Tensor, Tensor]:
-        """``(M, b)`` with ``M = I + U·diag(s)·Uᵀ`` so that in eval mode ``ARC(x) == x @ M + b``."""
-        u = self.U
+    def merged_matrix(
+        self, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(M, b)`` with ``M = I + U·diag(s)·Uᵀ`` so that in eval mode ``ARC(x) == x @ M + b``.
+
+        Args:
+            dtype: Compute in this dtype (e.g. float64 for an exact fold); default: the weights'.
+            device: Compute on this device; default: the weights'.
+        """
+        u = self.U.to(device=device, dtype=dtype)
+        s = self.scale.to(device=device, dtype=dtype)
         eye = torch.eye(self.dim, device=u.device, dtype=u.dtype)
-        return eye + (u * self.scale) @ u.t(), self.bias
+        return eye + (u * s) @ u.t(), self.bias.to(device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         shared = "" if self.owner is None else ", shared U"
