@@ -493,6 +493,20 @@ _register_builtins()
 
 # Which model families use each built-in module type (documentation only: the registry itself is
 # what decides where adapters go).
+# Where an exact merge holds only under a condition (see docs/merging.md); W_k·b is the offset the
+# adapter bias b adds to the keys.
+_MERGE_NOTES = {
+    "timm.layers.attention.Attention": "yes (with `qk_norm`: only if W_k·b = 0)",
+    "timm.models.swin_transformer_v2.WindowAttention": "only if W_k·b = 0 (cosine attention)",
+    "timm.models.eva.EvaAttention": "only if W_k·b = 0 (RoPE)",
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": (
+        "yes if no window padding (or b = 0)"
+    ),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": (
+        "only if W_k·b = 0 (cosine attention) and no window padding (or b = 0)"
+    ),
+}
+
 _FAMILIES = {
     "timm.layers.attention.Attention": "ViT, DeiT, DeiT III, DINOv2, CLIP, SigLIP, FlexiViT",
     "timm.layers.mlp.Mlp": "ViT, DeiT (III), DINOv2, CLIP, SigLIP, FlexiViT, BEiT, Swin (V2)",
@@ -534,7 +548,7 @@ def supported_models_markdown(builtin_only: bool = True) -> str:
         cls = target.module_type
         qualified = f"{cls.__module__}.{cls.__qualname__}"
         position = "attention" if target.position == "attn" else "MLP"
-        merge = "yes" if target.merge is not None else "no"
+        merge = _MERGE_NOTES.get(qualified, "yes") if target.merge is not None else "no"
         family = _FAMILIES.get(qualified, "")
         lines.append(f"| `{qualified}` | {position} | {target.source} | {family} | {merge} |")
     return "\n".join(lines) + "\n"
