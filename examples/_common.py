@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import random
 import time
@@ -90,6 +91,23 @@ def cosine_with_warmup(
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """Method, output and device options shared by the training examples."""
+    parser.add_argument("--tiny", action="store_true", help="a tiny random ViT (smoke tests)")
+    parser.add_argument("--method", choices=ADAPTER_METHODS, default="arc")
+    parser.add_argument("--rank", type=int, default=50, help="ARC bottleneck")
+    parser.add_argument("--bottleneck", type=int, default=64, help="AdaptMLP bottleneck")
+    parser.add_argument("--out", type=Path, default=Path(out), help="output folder")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mixed precision on a GPU (ignored on CPU)",
+    )
+    parser.add_argument("--workers", type=int, default=4, help="data-loading processes")
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, epochs: int = 100) -> None:
@@ -193,6 +211,55 @@ def fit(
     bar.close()
     model.eval()
     return FitResult(steps=step, seconds=time.perf_counter() - start, last_loss=loss_value)
+
+
+def fit_with_recipe(
+    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], args: argparse.Namespace, **kw
+) -> FitResult:
+    """:func:`fit` with the recipe options of :func:`add_recipe_arguments` (plus ``args.amp``)."""
+    return fit(
+        model,
+        loader,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        clip_grad=args.clip_grad,
+        amp=args.amp,
+        max_steps=args.max_steps,
+        **kw,
+    )
+
+
+def evaluate_and_save(
+    model: nn.Module,
+    val: Iterable[tuple[Tensor, Tensor]],
+    args: argparse.Namespace,
+    device: torch.device,
+    result: FitResult,
+    model_name: str,
+    classes: list[str],
+) -> dict:
+    """Validate, write ``adapter.safetensors`` and ``summary.json`` to ``args.out``, report."""
+    import arc_peft
+
+    logits, labels = predict(model, val, device, amp=args.amp)
+    top1 = accuracy(logits, labels)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "adapter.safetensors"
+    arc_peft.save_adapter(model, path)
+    summary = {
+        "model": model_name,
+        "method": args.method,
+        "classes": classes,
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+        "val_top1": top1,
+        "adapter_file": str(path),
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"{result.steps} steps in {result.seconds:.0f} s; val top-1 {top1:.2f}%; saved {path}")
+    return summary
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from _common import (
     accuracy,
     default_device,
-    fit,
+    fit_with_recipe,
     image_folder_classes,
     image_folder_loaders,
     predict,
@@ -77,18 +77,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             counts = arc_peft.count_parameters(model)
             print(f"{world} processes on {device.type}, {args.method}: {counts}")
         ddp = DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
-        result = fit(
-            ddp,
-            train,
-            epochs=args.epochs,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            warmup_epochs=args.warmup_epochs,
-            clip_grad=args.clip_grad,
-            device=device,
-            amp=args.amp,
-            max_steps=args.max_steps,
-            progress=None if rank == 0 else False,
+        result = fit_with_recipe(
+            ddp, train, args, device=device, progress=None if rank == 0 else False
         )
         if args.debug_dump_dir:
             os.makedirs(args.debug_dump_dir, exist_ok=True)

@@ -17,21 +17,19 @@ with a torchvision model (``vit_b_16``, ``vit_l_16``, ``swin_t``, ``swin_v2_t``,
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torchvision
 from _common import (
-    ADAPTER_METHODS,
-    accuracy,
     add_recipe_arguments,
+    add_run_arguments,
     default_device,
-    fit,
+    evaluate_and_save,
+    fit_with_recipe,
     image_folder_classes,
     image_folder_loaders,
     method_config,
-    predict,
     prepare,
     seed_everything,
     zero_init_head,
@@ -55,19 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights", default=None, help="torchvision weights: DEFAULT, IMAGENET1K_V1, ... (none)"
     )
-    parser.add_argument("--tiny", action="store_true", help="a tiny random ViT (smoke tests)")
-    parser.add_argument("--method", choices=ADAPTER_METHODS, default="arc")
-    parser.add_argument("--rank", type=int, default=50, help="ARC bottleneck")
-    parser.add_argument("--bottleneck", type=int, default=64, help="AdaptMLP bottleneck")
-    parser.add_argument("--out", type=Path, default=Path("runs/tv_arc"), help="output folder")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="mixed precision on a GPU (ignored on CPU)",
-    )
-    parser.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    add_run_arguments(parser, out="runs/tv_arc")
     add_recipe_arguments(parser)
     return parser
 
@@ -130,36 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     name = "tiny VisionTransformer" if args.tiny else args.model
     print(f"{name} + {args.method}: {arc_peft.count_parameters(model)}")
 
-    result = fit(
-        model,
-        train,
-        epochs=args.epochs,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        clip_grad=args.clip_grad,
-        device=device,
-        amp=args.amp,
-        max_steps=args.max_steps,
-    )
-    logits, labels = predict(model, val, device, amp=args.amp)
-    top1 = accuracy(logits, labels)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "adapter.safetensors"
-    arc_peft.save_adapter(model, path)
-    summary = {
-        "model": name,
-        "method": args.method,
-        "classes": classes,
-        "steps": result.steps,
-        "train_seconds": round(result.seconds, 2),
-        "val_top1": top1,
-        "adapter_file": str(path),
-    }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"{result.steps} steps in {result.seconds:.0f} s; val top-1 {top1:.2f}%; saved {path}")
-    return summary
+    result = fit_with_recipe(model, train, args, device=device)
+    return evaluate_and_save(model, val, args, device, result, name, classes)
 
 
 if __name__ == "__main__":
