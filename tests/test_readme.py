@@ -26,4 +26,3 @@ def test_usage_example_runs_as_written(tmp_path, monkeypatch, capsys):
     model = namespace["model"]
     assert arc_peft.adapter_configs(model) == {}  # merged: a plain backbone again
     assert (tmp_path / "task.safetensors").is_file()
-
