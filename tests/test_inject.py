@@ -315,7 +315,9 @@ def test_injecting_twice_is_a_clear_error_and_changes_nothing():
     assert_same_state(before, model)
 
 
-@pytest.mark.parametrize("bad", ["", "two words", "_private", "active", "keys", "a.b", 3])
+@pytest.mark.parametrize(
+    "bad", ["", "two words", "_private", "active", "routing", "target", "keys", "a.b", 3]
+)
 def test_bad_adapter_names(bad):
     model = build("vit")
     with pytest.raises(ValueError, match="adapter name"):

@@ -23,7 +23,7 @@ DEFAULT_ADAPTER = "default"
 
 def _check_name(name: str) -> None:
     reserved = not isinstance(name, str) or not name.isidentifier() or name.startswith("_")
-    if reserved or hasattr(AdapterSlot, name) or name in ("target", "position", "block", "active"):
+    if reserved or hasattr(AdapterSlot, name) or name in AdapterSlot.__annotations__:
         raise ValueError(
             f"adapter name {name!r} is invalid: expected a Python identifier that does not start "
             "with '_' and is not an attribute of AdapterSlot (e.g. 'default', 'cifar100')"

@@ -23,7 +23,7 @@ from .inject import adapter_configs, delete_adapter
 from .modules import ARC, Adapter
 from .multitask import active_adapter
 from .slots import AdapterSlot, iter_slots
-from .targets import PADS_INPUT
+from .targets import PADS_INPUT, get_tensor
 
 __all__ = ["merge_adapter", "unmerge_adapter"]
 
@@ -48,17 +48,6 @@ def _affine(adapter: ARC, device: torch.device) -> tuple[Tensor, Tensor]:
     rounding beyond the final cast to the weights' dtype."""
     M, b = adapter.merged_matrix(dtype=torch.float64, device=device)
     return M.detach(), b.detach()
-
-
-def _resolve_tensor(module: nn.Module, name: str) -> Tensor | None:
-    try:
-        return module.get_parameter(name)
-    except AttributeError:
-        pass
-    try:
-        return module.get_buffer(name)
-    except AttributeError:
-        return None
 
 
 def _fold_device(module: nn.Module) -> torch.device:
@@ -174,7 +163,7 @@ def merge_adapter(
             raise MergeError(f"cannot merge adapter {name!r} at {where}: {err}") from err
         for tensor_name, value in new_values.items():
             qualified = f"{site_path}.{tensor_name}"
-            tensor = _resolve_tensor(site, tensor_name)
+            tensor = get_tensor(site, tensor_name)
             if tensor is None:
                 raise MergeError(
                     f"merge function for {where} returned {tensor_name!r}, which is not a "
@@ -249,7 +238,7 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     for qualified, original in record.originals.items():
         module_path, _, tensor_name = qualified.rpartition(".")
         module = model.get_submodule(module_path)
-        tensor = _resolve_tensor(module, tensor_name)
+        tensor = get_tensor(module, tensor_name)
         if tensor is None or tuple(tensor.shape) != tuple(original.shape):
             raise MergeError(
                 f"unmerge_adapter: {qualified} is missing or changed shape since the merge; "

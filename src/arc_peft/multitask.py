@@ -35,10 +35,9 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
     re-injected.
     """
     slots = _require_adapters(model, "set_active_adapter")
-    if name is not None and name not in adapter_configs(model):
-        raise KeyError(
-            f"model has no adapter named {name!r}; it has {sorted(adapter_configs(model))}"
-        )
+    known = {adapter_name for _, _, slot in slots for adapter_name in slot}
+    if name is not None and name not in known:
+        raise KeyError(f"model has no adapter named {name!r}; it has {sorted(known)}")
     for _, _, slot in slots:
         slot.active = name
 

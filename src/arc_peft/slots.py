@@ -39,6 +39,17 @@ class AdapterSlot(nn.ModuleDict):
     no adapter when ``active`` is ``None`` or has no adapter at this site).
     """
 
+    # Every piece of slot state is declared here, at class level, so that an adapter name that
+    # would collide with it (adapters are entries of this ModuleDict) is caught by
+    # ``hasattr(AdapterSlot, name)`` before anything is attached.
+    target: Target
+    site_name: str = ""
+    position: str = ""
+    block: int = -1
+    active: str | None = None
+    disabled: bool = False
+    routing: tuple[int, list[tuple[str, Tensor]]] | None = None
+
     def __init__(self, target: Target, block: int, site_name: str) -> None:
         super().__init__()
         self.target = target
@@ -135,8 +146,7 @@ class AdapterSlot(nn.ModuleDict):
         return adapter if adapter.transforms_input == want_input else None
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        positional = len(args) > 0
-        x = args[0] if positional else kwargs.get(self.target.input_name)
+        x = args[0] if args else kwargs.get(self.target.input_name)
         if self.target.qkv_inputs:
             key = args[1] if len(args) > 1 else kwargs.get("key")
             value = args[2] if len(args) > 2 else kwargs.get("value")

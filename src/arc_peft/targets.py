@@ -222,11 +222,14 @@ class _Rows:
     needed: str = "the layer has no bias parameter to absorb it"
 
 
-def _tensor(module: nn.Module, name: str) -> Tensor:
-    try:
-        return module.get_parameter(name)
-    except AttributeError:
-        return module.get_buffer(name)
+def get_tensor(module: nn.Module, name: str) -> Tensor | None:
+    """The parameter or buffer ``name`` (dotted, relative to ``module``), or ``None``."""
+    for getter in (module.get_parameter, module.get_buffer):
+        try:
+            return getter(name)
+        except AttributeError:
+            continue
+    return None
 
 
 def _fold(
@@ -259,7 +262,7 @@ def _fold(
                     "An exact merge is possible only when W·b is zero there (e.g. adapter bias 0)"
                 )
             if part.bias not in out:
-                bias = _tensor(module, part.bias).detach()
+                bias = get_tensor(module, part.bias).detach()
                 out[part.bias] = bias.to(device=M.device, dtype=torch.float64, copy=True)
             out[part.bias][part.bias_rows or slice(None)] += offset
     return out
