@@ -146,13 +146,8 @@ def test_only_adapters_and_head_train(name):
 def test_counts_equal_the_closed_form(name):
     model = build(name)
     plain = sum(p.numel() for p in model.parameters())
-    widths = {
-        pos: [blk.site(pos) for blk in arc_peft.targets.find_blocks(model)]
-        for pos in ("attn", "mlp")
-    }
-    dims = {
-        pos: [arc_peft.targets.get_target(m).width(m) for m in mods] for pos, mods in widths.items()
-    }
+    sites = arc_peft.site_plan(model).sites
+    dims = {pos: [s.width for s in sites if s.position == pos] for pos in ("attn", "mlp")}
     r = 4
     arc_peft.inject_arc(model, ARCConfig(rank=r))
     # ARC: per (position, width) group one U (D·r), per site r + D.

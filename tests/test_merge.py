@@ -11,7 +11,6 @@ import arc_peft
 from arc_peft import targets
 from arc_peft.merge import _affine
 from arc_peft.slots import iter_slots
-from arc_peft.targets import find_blocks
 
 from models import MATRIX, build, inputs
 
@@ -87,7 +86,7 @@ def test_merged_model_is_the_plain_backbone_and_computes_like_the_adapted_one(na
     assert not any(isinstance(m, arc_peft.Adapter) for m in model.modules())
     assert not has_hooks(model) and arc_peft.adapter_configs(model) == {}
     # Only the sites' own tensors changed.
-    sites = [f"{blk.path}.{blk.sites[p]}." for blk in find_blocks(plain) for p in ("attn", "mlp")]
+    sites = [f"{site.path}." for site in arc_peft.site_plan(plain).sites]
     state, plain_state = model.state_dict(), plain.state_dict()
     changed = [k for k in plain_state if not torch.equal(state[k], plain_state[k])]
     assert changed and all(any(k.startswith(s) for s in sites) for k in changed), changed

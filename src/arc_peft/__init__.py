@@ -11,7 +11,8 @@ The public API is a handful of verbs on a whole model::
 
 from .config import AdapterConfig, AdaptMLPConfig, ARCConfig, config_from_dict
 from .errors import AdapterFileError, MergeError, UnsupportedModelError
-from .inject import adapter_configs, delete_adapter, inject_arc, remove_arc
+from .discover import LeftOut, Site, SitePlan
+from .inject import adapter_configs, delete_adapter, inject_arc, remove_arc, site_plan
 from .io import AdapterInfo, load_adapter, read_adapter_info, save_adapter
 from .merge import merge_adapter, unmerge_adapter
 from .modules import ARC, Adapter, AdaptMLP
@@ -31,7 +32,10 @@ __all__ = [
     "AdapterFileError",
     "AdapterInfo",
     "MergeError",
+    "LeftOut",
     "ParameterCounts",
+    "Site",
+    "SitePlan",
     "Target",
     "UnsupportedModelError",
     "__version__",
@@ -54,5 +58,6 @@ __all__ = [
     "remove_arc",
     "save_adapter",
     "set_active_adapter",
+    "site_plan",
     "unmerge_adapter",
 ]

@@ -47,6 +47,48 @@ def _normalise_blocks(cls: type, value: Any) -> tuple[int, ...] | None:
     return tuple(value)
 
 
+def _normalise_patterns(cls: type, field: str, value: Any, allow_none: bool) -> Any:
+    """``None`` (when allowed) or a tuple of non-empty module-path glob patterns."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, Sequence) or not all(isinstance(p, str) and p for p in value):
+        expected = "None or " if allow_none else ""
+        _fail(cls, field, value, f"{expected}a sequence of glob patterns such as ('blocks.*.attn',)")
+    if allow_none and len(value) == 0:
+        _fail(cls, field, value, "None (every site) or at least one pattern")
+    return tuple(value)
+
+
+def _check_selection(self: Any) -> None:
+    cls = type(self)
+    object.__setattr__(self, "blocks", _normalise_blocks(cls, self.blocks))
+    object.__setattr__(
+        self, "target_modules", _normalise_patterns(cls, "target_modules", self.target_modules, True)
+    )
+    object.__setattr__(
+        self,
+        "exclude_modules",
+        _normalise_patterns(cls, "exclude_modules", self.exclude_modules, False),
+    )
+    if not isinstance(self.allow_partial, bool):
+        _fail(cls, "allow_partial", self.allow_partial, "True or False")
+
+
+_SELECTION_DOC = """
+        blocks: Block indices to adapt (negative counts from the end, e.g. ``(-2, -1)`` for the
+            last two); ``None`` adapts every block. A block is a run of attention sites and
+            the MLP sites after them (one transformer block in a ViT).
+        target_modules: Glob patterns (``fnmatch``, matched against the whole module path, e.g.
+            ``("blocks.*.attn",)`` or ``("*.mlp",)``): adapt only the sites whose module path
+            matches one; ``None`` adapts every site.
+        exclude_modules: Glob patterns of site module paths to leave out.
+        allow_partial: Adapt what can be adapted when some attention module cannot be (the
+            error then becomes a warning). Sites chosen away by ``blocks``, ``target_modules``
+            or ``exclude_modules``, attention pooling and cross-attention are never an error."""
+
+
 class _JSONMixin:
     """Shared (de)serialisation: adapter files store a config as JSON with a ``method`` tag."""
 
@@ -97,8 +139,7 @@ class ARCConfig(_JSONMixin):
         init: ``"paper"`` — the official initialisation (attention scales zero, MLP scales
             xavier-uniform, so only the attention adapter starts as an identity);
             ``"identity"`` — every scale zero, so the adapted model equals the backbone at init.
-        blocks: Block indices to adapt (negative counts from the end, e.g. ``(-2, -1)`` for the
-            last two); ``None`` adapts every block.
+        {selection}
     """
 
     rank: int = 50
@@ -106,6 +147,9 @@ class ARCConfig(_JSONMixin):
     dropout: float = 0.1
     init: Literal["paper", "identity"] = "paper"
     blocks: tuple[int, ...] | None = None
+    target_modules: tuple[str, ...] | None = None
+    exclude_modules: tuple[str, ...] = ()
+    allow_partial: bool = False
 
     method = "arc"
 
@@ -128,7 +172,7 @@ class ARCConfig(_JSONMixin):
         object.__setattr__(self, "dropout", float(self.dropout))
         if self.init not in ("paper", "identity"):
             _fail(cls, "init", self.init, "'paper' or 'identity'")
-        object.__setattr__(self, "blocks", _normalise_blocks(cls, self.blocks))
+        _check_selection(self)
 
 
 @dataclass(frozen=True)
@@ -144,7 +188,7 @@ class AdaptMLPConfig(_JSONMixin):
             is added to the MLP's) or ``"sequential"`` (the adapter sees the MLP's output).
         layernorm: ``None`` (official default), ``"in"`` (LayerNorm on the adapter's input) or
             ``"out"`` (on its output, before scaling).
-        blocks: Block indices to adapt (negative counts from the end); ``None`` adapts all.
+        {selection}
     """
 
     bottleneck: int = 64
@@ -153,6 +197,9 @@ class AdaptMLPConfig(_JSONMixin):
     placement: Literal["parallel", "sequential"] = "parallel"
     layernorm: Literal["in", "out"] | None = None
     blocks: tuple[int, ...] | None = None
+    target_modules: tuple[str, ...] | None = None
+    exclude_modules: tuple[str, ...] = ()
+    allow_partial: bool = False
 
     method = "adaptmlp"
     positions = ("mlp",)
@@ -172,8 +219,11 @@ class AdaptMLPConfig(_JSONMixin):
             _fail(cls, "placement", self.placement, "'parallel' or 'sequential'")
         if self.layernorm not in (None, "in", "out"):
             _fail(cls, "layernorm", self.layernorm, "None, 'in' or 'out'")
-        object.__setattr__(self, "blocks", _normalise_blocks(cls, self.blocks))
+        _check_selection(self)
 
+
+for _cls in (ARCConfig, AdaptMLPConfig):  # the selection fields are documented once, above
+    _cls.__doc__ = (_cls.__doc__ or "").replace("        {selection}", _SELECTION_DOC.strip("\n"))
 
 AdapterConfig = Union[ARCConfig, AdaptMLPConfig]  # noqa: UP007 - a runtime alias
 

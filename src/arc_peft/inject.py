@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
+import warnings
+from typing import Any
+
 from torch import nn
 
 from .config import AdapterConfig, AdaptMLPConfig, ARCConfig
+from .discover import Site, SitePlan, discover
 from .errors import UnsupportedModelError
 from .modules import ARC, Adapter, AdaptMLP
-from .slots import SLOT_ATTR, AdapterSlot, iter_slots
-from .targets import describe_candidates, find_blocks, get_target
+from .slots import SLOT_ATTR, AdapterSlot, holder_of, iter_slots
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -16,9 +20,14 @@ __all__ = [
     "delete_adapter",
     "inject_arc",
     "remove_arc",
+    "site_plan",
 ]
 
 DEFAULT_ADAPTER = "default"
+
+# Where the last discovery result is kept: a plain attribute (not a module, not in the state
+# dict), so saving and merging do not probe again.
+_PLAN_ATTR = "_arc_peft_plan"
 
 
 def _check_name(name: str) -> None:
@@ -28,18 +37,6 @@ def _check_name(name: str) -> None:
             f"adapter name {name!r} is invalid: expected a Python identifier that does not start "
             "with '_' and is not an attribute of AdapterSlot (e.g. 'default', 'cifar100')"
         )
-
-
-def _resolve_blocks(config: AdapterConfig, n_blocks: int) -> list[int]:
-    if config.blocks is None:
-        return list(range(n_blocks))
-    bad = [i for i in config.blocks if not -n_blocks <= i < n_blocks]
-    if bad:
-        raise ValueError(
-            f"{type(config).__name__}.blocks={config.blocks!r} is out of range for a model with "
-            f"{n_blocks} blocks: expected indices in [{-n_blocks}, {n_blocks - 1}]"
-        )
-    return sorted({i % n_blocks for i in config.blocks})
 
 
 def _factory(module: nn.Module) -> dict:
@@ -58,29 +55,131 @@ def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
     return configs
 
 
-def inject_arc(
-    model: nn.Module, config: ARCConfig | AdaptMLPConfig, name: str = DEFAULT_ADAPTER
-) -> nn.Module:
-    """Add an ARC or AdaptMLP adapter to every transformer block of ``model``, in place.
+def site_plan(model: nn.Module, example_input: Any = None, refresh: bool = False) -> SitePlan:
+    """Every adapter site of ``model`` (see :mod:`arc_peft.discover`), found by one probe forward
+    and kept on the model; adapters already injected are bypassed while probing.
 
-    Works on any model whose attention / MLP module types are registered (see
-    :func:`arc_peft.register_target`): timm ViT/DeiT/DeiT-III/DINOv2/CLIP, Swin, Swin V2, EVA-02,
-    BEiT and torchvision ViT/Swin/Swin V2 out of the box. Parameter names of the backbone do not
-    change. The first adapter injected into a model becomes the active one.
+    Args:
+        model: The backbone, adapted or not.
+        example_input: What to probe with (default: an image of the size the model declares).
+        refresh: Probe again even if a plan is kept.
+    """
+    plan = model.__dict__.get(_PLAN_ATTR)
+    if plan is not None and not refresh and example_input is None:
+        return plan
+    slots = [slot for _, _, slot in iter_slots(model)]
+    previous = [slot.disabled for slot in slots]
+    for slot in slots:
+        slot.disabled = True
+    try:
+        plan = discover(model, example_input)
+    finally:
+        for slot, was in zip(slots, previous, strict=True):
+            slot.disabled = was
+    model.__dict__[_PLAN_ATTR] = plan
+    return plan
+
+
+def _select(plan: SitePlan, config: AdapterConfig) -> list[Site]:
+    """The sites ``config`` asks for; raises when attention is left out without being asked."""
+    cls = type(config).__name__
+    blocks = sorted({s.block for s in plan.sites})
+    n_blocks = len(blocks)
+    if config.blocks is None:
+        chosen_blocks = set(blocks)
+    else:
+        bad = [i for i in config.blocks if not -n_blocks <= i < n_blocks]
+        if bad:
+            raise ValueError(
+                f"{cls}.blocks={config.blocks!r} is out of range for a model with {n_blocks} "
+                f"blocks: expected indices in [{-n_blocks}, {n_blocks - 1}]"
+            )
+        chosen_blocks = {blocks[i] for i in config.blocks}
+
+    def wanted(site: Site) -> bool:
+        if config.target_modules is not None and not any(
+            fnmatch.fnmatchcase(site.path, p) for p in config.target_modules
+        ):
+            return False
+        return not any(fnmatch.fnmatchcase(site.path, p) for p in config.exclude_modules)
+
+    chosen = [
+        s
+        for s in plan.sites
+        if s.block in chosen_blocks and s.position in config.positions and wanted(s)
+    ]
+    patterns = (config.target_modules or ()) + config.exclude_modules
+    if patterns and not any(wanted(s) for s in plan.sites):
+        raise ValueError(
+            f"{cls}: target_modules={config.target_modules!r} / exclude_modules="
+            f"{config.exclude_modules!r} match no site; the sites are "
+            f"{[s.path for s in plan.sites][:8]}"
+        )
+    if not chosen:
+        raise UnsupportedModelError(
+            f"no site to adapt for positions {config.positions}: the model has "
+            + plan.summary().replace("\n", "; ")
+        )
+    if isinstance(config, AdaptMLPConfig):
+        no_end = [s.path for s in chosen if not s.output_path]
+        if no_end:
+            raise UnsupportedModelError(
+                f"AdaptMLP adds its output at the module returning the MLP's output, but at "
+                f"{no_end[:4]} no module returns it with the input's shape. Use ARCConfig "
+                "(which only needs the input), or exclude these sites with exclude_modules"
+            )
+    return chosen
+
+
+def _check_partial(plan: SitePlan, config: AdapterConfig) -> None:
+    problems = [item for item in plan.left_out if not item.on_purpose]
+    if not problems:
+        return
+    listed = "; ".join(f"{i.path} ({i.kind}): {i.reason}" for i in problems[:6])
+    more = f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""
+    message = (
+        f"{len(problems)} attention module(s) cannot be adapted: {listed}{more}. The model would "
+        "be only partly adapted. Register the module type (arc_peft.register_target), pass "
+        "example_input=... if the probe did not reach it, or set allow_partial=True in the "
+        "config to adapt the rest"
+    )
+    if not config.allow_partial:
+        raise UnsupportedModelError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def inject_arc(
+    model: nn.Module,
+    config: ARCConfig | AdaptMLPConfig,
+    name: str = DEFAULT_ADAPTER,
+    *,
+    example_input: Any = None,
+) -> nn.Module:
+    """Add an ARC or AdaptMLP adapter to every attention / MLP site of ``model``, in place.
+
+    Sites are found by one probe forward (see :func:`site_plan`): every self-attention module
+    (any timm, torchvision, Hugging Face transformers or open_clip vision model) and the MLP
+    after it in its block. Attention pooling and cross-attention are left out on purpose; any
+    other attention module that cannot be adapted is an error (or, with
+    ``config.allow_partial``, a warning). Parameter names of the backbone do not change. The first
+    adapter injected into a model becomes the active one.
 
     Args:
         model: The backbone (e.g. from ``timm.create_model``).
         config: :class:`ARCConfig` or :class:`AdaptMLPConfig`.
         name: Name of this adapter; several named adapters can live on one backbone.
+        example_input: Input for the probe forward (a tensor, a tuple of arguments or a dict of
+            keyword arguments); default: a random image of the size the model declares.
 
     Returns:
         ``model`` itself.
 
     Raises:
         TypeError: ``config`` is not an adapter config.
-        ValueError: an adapter with this ``name`` already exists, or ``config.blocks`` is out
-            of range.
-        UnsupportedModelError: no supported attention/MLP block was found.
+        ValueError: an adapter with this ``name`` already exists, or ``config.blocks`` /
+            ``target_modules`` select nothing that exists.
+        UnsupportedModelError: the model has no self-attention, or some attention module cannot
+            be adapted (the message names each and why). The model is unchanged.
     """
     if not isinstance(config, (ARCConfig, AdaptMLPConfig)):
         raise TypeError(
@@ -95,59 +194,58 @@ def inject_arc(
             f"model already has an adapter named {name!r} ({type(existing[name]).__name__}): "
             "remove it first (arc_peft.delete_adapter / remove_arc) or inject under another name"
         )
-    blocks = find_blocks(model)
-    if not blocks:
+    plan = site_plan(model, example_input)
+    if not any(s.position == "attn" for s in plan.sites):
         raise UnsupportedModelError(
-            f"no supported transformer block found in {type(model).__name__}: arc_peft looks for "
-            "a module holding one registered attention and one registered MLP module. "
-            f"Attention/MLP-like types found: {describe_candidates(model)}. Register yours with "
-            "arc_peft.register_target(YourAttention, position='attn') and "
-            "arc_peft.register_target(YourMlp, position='mlp')."
+            f"no self-attention found in {type(model).__name__}: arc_peft adapts the attention "
+            "modules of vision transformers (and the MLPs after them). Probe result: "
+            + plan.summary().replace("\n", "; ")
         )
-    chosen = _resolve_blocks(config, len(blocks))
+    _check_partial(plan, config)
+    chosen = _select(plan, config)
 
     # Build every adapter before touching the model, so a failure leaves it unchanged.
     owners: dict[tuple[str, int], ARC] = {}
-    planned: list[tuple[int, nn.Module, str, str, Adapter]] = []
-    for index in chosen:
-        block = blocks[index]
-        for position in config.positions:
-            module = block.site(position)
-            width = int(get_target(module).width(module))
-            factory = _factory(module)
-            if isinstance(config, ARCConfig):
-                paper_zero = position == "attn" or config.init == "identity"
-                owner = owners.get((position, width))
-                adapter: Adapter = ARC(
-                    width,
-                    config.rank,
-                    dropout=config.dropout,
-                    scale_init="zeros" if paper_zero else "xavier",
-                    share_with=owner,
-                    **factory,
-                )
-                owners.setdefault((position, width), adapter)
-            else:
-                adapter = AdaptMLP(
-                    width,
-                    config.bottleneck,
-                    scale=config.scale,
-                    dropout=config.dropout,
-                    placement=config.placement,
-                    layernorm=config.layernorm,
-                    **factory,
-                )
-            adapter.config = config
-            adapter.train(module.training)  # a new layer follows the model's train/eval mode
-            planned.append((index, block.module, position, block.sites[position], adapter))
+    planned: list[tuple[Site, Adapter]] = []
+    for site in chosen:
+        module = model.get_submodule(site.path)
+        factory = _factory(module) or _factory(model)
+        if isinstance(config, ARCConfig):
+            paper_zero = site.position == "attn" or config.init == "identity"
+            owner = owners.get((site.position, site.width))
+            adapter: Adapter = ARC(
+                site.width,
+                config.rank,
+                dropout=config.dropout,
+                scale_init="zeros" if paper_zero else "xavier",
+                share_with=owner,
+                **factory,
+            )
+            owners.setdefault((site.position, site.width), adapter)
+        else:
+            adapter = AdaptMLP(
+                site.width,
+                config.bottleneck,
+                scale=config.scale,
+                dropout=config.dropout,
+                placement=config.placement,
+                layernorm=config.layernorm,
+                **factory,
+            )
+        adapter.config = config
+        adapter.train(module.training)  # a new layer follows the model's train/eval mode
+        planned.append((site, adapter))
+    holders = {site.path: holder_of(model, site.path) for site, _ in planned}
 
     make_active = not existing or all(slot.active is None for _, _, slot in iter_slots(model))
-    for index, block, position, site_name, adapter in planned:
-        slots = block._modules.get(SLOT_ATTR)
-        slot = slots[position] if slots is not None and position in slots else None
+    present = {slot.site.path: slot for _, _, slot in iter_slots(model)}
+    for site, adapter in planned:
+        slot = present.get(site.path)
         if slot is None:
-            slot = AdapterSlot(get_target(block._modules[site_name]), index, site_name)
-            slot.attach(block)
+            holder_path, holder = holders[site.path]
+            slot = AdapterSlot(site, holder_path)
+            slot.attach(holder)
+            present[site.path] = slot
         slot[name] = adapter
     if make_active:
         for _, _, slot in iter_slots(model):

@@ -29,11 +29,17 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig, config_from_dict
 from .errors import AdapterFileError
-from .inject import DEFAULT_ADAPTER, _check_name, adapter_configs, delete_adapter, inject_arc
+from .inject import (
+    DEFAULT_ADAPTER,
+    _check_name,
+    adapter_configs,
+    delete_adapter,
+    inject_arc,
+    site_plan,
+)
 from .multitask import active_adapter, set_active_adapter
 from .params import get_head
 from .slots import iter_slots
-from .targets import find_blocks, get_target
 
 __all__ = [
     "FORMAT_NAME",
@@ -62,19 +68,15 @@ _REQUIRED_METADATA = ("format_version", "arc_peft_version", "method", "config", 
 def _backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
     """What an adapter file must agree with: architecture, block count and every site's width.
 
-    Computed from the model's blocks and registered targets alone, so it is the same before and
-    after injection and for any model built the same way (pretrained or not).
+    Computed from the model's sites (see :func:`arc_peft.site_plan`), so it is the same before
+    and after injection and for any model built the same way (pretrained or not).
     """
-    blocks = find_blocks(model)
-    widths: dict[str, list[int]] = {"attn": [], "mlp": []}
-    for block in blocks:
-        for position in ("attn", "mlp"):
-            site = block.site(position)
-            widths[position].append(int(get_target(site).width(site)))
+    plan = site_plan(model)
+    widths = {p: [s.width for s in plan.sites if s.position == p] for p in ("attn", "mlp")}
     cls = type(model)
     return {
         "architecture": f"{cls.__module__}.{cls.__qualname__}",
-        "num_blocks": len(blocks),
+        "num_blocks": plan.num_blocks,
         "widths": widths,
     }
 

@@ -23,7 +23,7 @@ from .inject import adapter_configs, delete_adapter
 from .modules import ARC, Adapter
 from .multitask import active_adapter
 from .slots import AdapterSlot, iter_slots
-from .targets import PADS_INPUT, get_tensor
+from .targets import PADS_INPUT, get_target, get_tensor
 
 __all__ = ["merge_adapter", "unmerge_adapter"]
 
@@ -128,11 +128,10 @@ def merge_adapter(
     module_paths = {id(module): path for path, module in model.named_modules()}
     planned: list[tuple[str, Tensor, Tensor]] = []  # (qualified name, tensor, new value)
     claimed: dict[int, str] = {}
-    for slot_path, block, slot in slots:
+    for slot_path, _, slot in slots:
         adapter = slot[name]
-        site = block._modules[slot.site_name]
-        block_path = module_paths[id(block)]
-        site_path = f"{block_path}.{slot.site_name}" if block_path else slot.site_name
+        site_path = slot.site.path
+        site = model.get_submodule(site_path)
         where = f"{slot_path} ({type(site).__module__}.{type(site).__qualname__} at {site_path})"
         if not isinstance(adapter, ARC):
             raise MergeError(
@@ -140,7 +139,8 @@ def merge_adapter(
                 "linear map of the site's input (AdaptMLP has a ReLU), so it cannot be folded "
                 "into the backbone; keep it as an adapter at inference"
             )
-        fold = slot.target.merge
+        target = get_target(site)
+        fold = target.merge if target is not None else None
         if fold is None:
             raise MergeError(
                 f"cannot merge adapter {name!r} at {where}: no merge function is registered for "
@@ -250,7 +250,7 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
             tensor.copy_(original.to(device=tensor.device, dtype=tensor.dtype))
     for block_path, slot, adapter in record.slots:
         block = model.get_submodule(block_path)
-        site = block._modules[slot.site_name]
+        site = model.get_submodule(slot.site.path)
         # Follow the model if it was moved or cast after the merge.
         for tensor in site.parameters():
             if tensor.is_floating_point():

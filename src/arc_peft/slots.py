@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from .modules import Adapter
-from .targets import Target
+from .discover import Site
+from .errors import UnsupportedModelError
 
-__all__ = ["SLOT_ATTR", "AdapterSlot", "BlockSlots", "iter_slots"]
+__all__ = ["SLOT_ATTR", "AdapterSlot", "BlockSlots", "holder_of", "iter_slots"]
 
 # The attribute under which a block holds its slots (part of every adapter parameter's name).
 SLOT_ATTR = "arc_peft"
@@ -42,60 +43,83 @@ class AdapterSlot(nn.ModuleDict):
     # Every piece of slot state is declared here, at class level, so that an adapter name that
     # would collide with it (adapters are entries of this ModuleDict) is caught by
     # ``hasattr(AdapterSlot, name)`` before anything is attached.
-    target: Target
-    site_name: str = ""
+    site: Site
+    key: str = ""
+    input_name: str = ""
+    output_name: str = ""
     position: str = ""
     block: int = -1
     active: str | None = None
     disabled: bool = False
     routing: tuple[int, list[tuple[str, Tensor]]] | None = None
+    pending: Tensor | None = None
 
-    def __init__(self, target: Target, block: int, site_name: str) -> None:
+    def __init__(self, site: Site, holder_path: str) -> None:
         super().__init__()
-        self.target = target
-        # The site is found through its block by this attribute name rather than held here: a
-        # reference would register it twice (or, hidden, go stale after copying or re-assigning).
-        self.site_name = site_name
-        self.position = target.position
-        self.block = block
+        self.site = site
+        # The site's modules are found through the holder by these relative paths rather than
+        # held here: a reference would register them twice (or, hidden, go stale after copying).
+        self.input_name = _relative(site.path, holder_path)
+        self.output_name = _relative(site.output_path, holder_path) if site.output_path else ""
+        self.key = self.input_name.replace(".", "-")
+        self.position = site.position
+        self.block = site.block
         self.active: str | None = None
         self.disabled = False
         # (batch size, [(adapter name, sample indices)]) while a mixed batch is being run.
         self.routing: tuple[int, list[tuple[str, Tensor]]] | None = None
+        # A two-ended site's input, held from its first module's call to its last one's.
+        self.pending: Tensor | None = None
 
     # -- attaching -----------------------------------------------------------------------------
 
-    def attach(self, block: nn.Module) -> None:
-        """Register this slot on ``block`` and install its hooks on the site module."""
-        slots = block._modules.get(SLOT_ATTR)
-        if not isinstance(slots, BlockSlots):
-            slots = BlockSlots().train(block.training)
-            setattr(block, SLOT_ATTR, slots)
-        slots[self.position] = self.train(block.training)
-        module = block._modules[self.site_name]
-        module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        module.register_forward_hook(self._post_hook, with_kwargs=True)
+    def _hooked(self, holder: nn.Module) -> list[tuple[nn.Module, str]]:
+        """``(module, "pre" | "post")`` for every hook this slot installs."""
+        hooks = [(holder.get_submodule(self.input_name), "pre")]
+        if self.output_name:
+            hooks.append((holder.get_submodule(self.output_name), "post"))
+        return hooks
 
-    def detach(self, block: nn.Module) -> None:
-        """Remove this slot and its hooks, leaving the block and site module as they were."""
-        module = block._modules[self.site_name]
-        # Hooks are found by identity, not by stored handles: a deep-copied model holds copies of
-        # the handles that would point at the original model's hook dictionaries.
-        for hooks_attr, extra_attrs in (
-            ("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
-            ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
-        ):
-            hooks = getattr(module, hooks_attr)
-            for key in [k for k, fn in hooks.items() if getattr(fn, "__self__", None) is self]:
-                del hooks[key]
-                for extra in extra_attrs:
-                    getattr(module, extra, {}).pop(key, None)
-        slots = block._modules[SLOT_ATTR]
-        del slots[self.position]
+    def attach(self, holder: nn.Module) -> None:
+        """Register this slot on ``holder`` and install its hooks on the site's modules."""
+        slots = holder._modules.get(SLOT_ATTR)
+        if not isinstance(slots, BlockSlots):
+            slots = BlockSlots().train(holder.training)
+            setattr(holder, SLOT_ATTR, slots)
+        slots[self.key] = self.train(holder.training)
+        for module, kind in self._hooked(holder):
+            if kind == "pre":
+                module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            else:
+                module.register_forward_hook(self._post_hook, with_kwargs=True)
+
+    def detach(self, holder: nn.Module) -> None:
+        """Remove this slot and its hooks, leaving the holder and site modules as they were."""
+        for module, _ in self._hooked(holder):
+            # Hooks are found by identity, not by stored handles: a deep-copied model holds
+            # copies of the handles that would point at the original model's hook dictionaries.
+            for hooks_attr, extra_attrs in (
+                ("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
+                ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+            ):
+                hooks = getattr(module, hooks_attr)
+                for key in [k for k, fn in hooks.items() if getattr(fn, "__self__", None) is self]:
+                    del hooks[key]
+                    for extra in extra_attrs:
+                        getattr(module, extra, {}).pop(key, None)
+        slots = holder._modules[SLOT_ATTR]
+        del slots[self.key]
         if len(slots) == 0:
-            delattr(block, SLOT_ATTR)
+            delattr(holder, SLOT_ATTR)
 
     # -- running -------------------------------------------------------------------------------
+
+    def _adapt(self, adapter: Adapter, x: Tensor) -> Tensor:
+        """``adapter`` on the channel axis of ``x`` (last, or 1 for channels-first inputs)."""
+        axis = self.site.axis
+        if axis == -1 or axis == x.dim() - 1:
+            return adapter(x)
+        return adapter(x.movedim(axis, -1)).movedim(-1, axis)
 
     def _run(self, x: Tensor, want_input: bool, out: Any = None) -> Tensor | None:
         """Adapted ``x`` (input adapters) or the term to add to the output (output adapters).
@@ -109,15 +133,14 @@ class AdapterSlot(nn.ModuleDict):
             if adapter is None:
                 return None
             if want_input:
-                return adapter(x)
-            return adapter(x if adapter.placement == "parallel" else out)
+                return self._adapt(adapter, x)
+            return self._adapt(adapter, x if adapter.placement == "parallel" else out)
         batch, groups = self.routing
         rows = x.shape[0]
         if rows % batch:
             raise ValueError(
-                f"mixed batch of {batch} task names, but the module at block {self.block} "
-                f"({self.position}) received {rows} rows: the leading dimension must be a "
-                "multiple of the batch size"
+                f"mixed batch of {batch} task names, but the module at {self.site.path} "
+                f"received {rows} rows: the leading dimension must be a multiple of the batch size"
             )
         per_sample = rows // batch
         result: Tensor | None = None
@@ -132,11 +155,11 @@ class AdapterSlot(nn.ModuleDict):
                 idx = (idx[:, None] * per_sample + offsets).reshape(-1)
             if want_input:
                 base = x if result is None else result
-                result = base.index_copy(0, idx, adapter(x.index_select(0, idx)))
+                result = base.index_copy(0, idx, self._adapt(adapter, x.index_select(0, idx)))
             else:
                 src = x if adapter.placement == "parallel" else out
                 base = torch.zeros_like(out) if result is None else result
-                result = base.index_copy(0, idx, adapter(src.index_select(0, idx)))
+                result = base.index_copy(0, idx, self._adapt(adapter, src.index_select(0, idx)))
         return result
 
     def _get(self, name: str | None, want_input: bool) -> Adapter | None:
@@ -145,31 +168,39 @@ class AdapterSlot(nn.ModuleDict):
         adapter = self[name]
         return adapter if adapter.transforms_input == want_input else None
 
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        x = args[0] if args else kwargs.get(self.target.input_name)
-        if self.target.qkv_inputs:
-            key = args[1] if len(args) > 1 else kwargs.get("key")
-            value = args[2] if len(args) > 2 else kwargs.get("value")
-            if key is not x or value is not x:
-                raise ValueError(
-                    f"arc_peft adapts self-attention only: {type(module).__name__} at block "
-                    f"{self.block} was called with distinct query/key/value tensors"
-                )
+    def _input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Tensor:
+        values = []
+        for kind, where in self.site.arg_keys:
+            if kind == "arg":
+                values.append(args[where] if where < len(args) else None)
+            else:
+                values.append(kwargs.get(where))
+        x = values[0]
         if not isinstance(x, Tensor):
             raise TypeError(
-                f"{type(module).__name__} at block {self.block} was called without its input "
-                f"tensor (expected it first or as {self.target.input_name}=)"
+                f"{type(module).__name__} at {self.site.path} was called without its input "
+                f"tensor where the probe found it ({self.site.arg_keys[0]})"
             )
+        if any(v is not x for v in values[1:]):
+            raise ValueError(
+                f"arc_peft adapts self-attention only: {type(module).__name__} at "
+                f"{self.site.path} was called with distinct query/key/value tensors"
+            )
+        return x
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        x = self._input(module, args, kwargs)
+        if self.output_name and self.output_name != self.input_name:
+            self.pending = x  # the output adapter at the site's far end reads it
         new = self._run(x, want_input=True)
         if new is None:
             return None
         args, kwargs = list(args), dict(kwargs)
-        names = ("query", "key", "value") if self.target.qkv_inputs else (self.target.input_name,)
-        for i, name in enumerate(names):
-            if i < len(args):
-                args[i] = new
+        for kind, where in self.site.arg_keys:
+            if kind == "arg":
+                args[where] = new
             else:
-                kwargs[name] = new
+                kwargs[where] = new
         return tuple(args), kwargs
 
     def _post_hook(
@@ -177,9 +208,34 @@ class AdapterSlot(nn.ModuleDict):
     ) -> Any:
         if not isinstance(output, Tensor):
             return None  # tuple-returning modules are attention sites: only input adapters there
-        x = args[0] if args else kwargs[self.target.input_name]
+        if self.output_name != self.input_name:
+            x, self.pending = self.pending, None
+            if x is None:
+                return None
+        else:
+            x = self._input(module, args, kwargs)
         delta = self._run(x, want_input=False, out=output)
         return None if delta is None else output + delta
+
+
+def _relative(path: str, holder_path: str) -> str:
+    return path[len(holder_path) + 1 :] if holder_path else path
+
+
+def holder_of(model: nn.Module, path: str) -> tuple[str, nn.Module]:
+    """The nearest module above ``path`` that can hold slot state: not an ``nn.Sequential``
+    (it would run the slot as a layer) nor a ``ModuleList`` / ``ModuleDict`` (the model iterates
+    them)."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        holder_path = ".".join(parts[:cut])
+        holder = model.get_submodule(holder_path)
+        if not isinstance(holder, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return holder_path, holder
+    raise UnsupportedModelError(
+        f"cannot attach adapter state for {path}: every module above it is an nn.Sequential, "
+        "ModuleList or ModuleDict; wrap the model in an nn.Module first"
+    )
 
 
 def iter_slots(model: nn.Module) -> list[tuple[str, nn.Module, AdapterSlot]]:
@@ -190,6 +246,6 @@ def iter_slots(model: nn.Module) -> list[tuple[str, nn.Module, AdapterSlot]]:
         slots = block._modules.get(SLOT_ATTR)
         if isinstance(slots, BlockSlots):
             prefix = f"{path}.{SLOT_ATTR}" if path else SLOT_ATTR
-            for position, slot in slots.items():
-                found.append((f"{prefix}.{position}", block, slot))
+            for key, slot in slots.items():
+                found.append((f"{prefix}.{key}", block, slot))
     return found

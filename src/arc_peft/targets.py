@@ -1,17 +1,11 @@
-"""Where adapters attach: a registry of attention / MLP module types and how to read their input.
+"""The registry: per-module-type knowledge that the probe cannot infer. Two uses:
 
-A *site* is a module of a registered type. A *block* is a module that directly holds exactly one
-attention site and one MLP site (``blocks.3`` holding ``attn`` and ``mlp``); only sites inside
-blocks are adapted, so an ``Mlp`` used elsewhere (an attention-pooling head, say) is left alone.
-Block ``i`` is the ``i``-th such block in ``model.named_modules()`` order.
-
-To support a new architecture, register its attention and MLP classes once::
-
-    arc_peft.register_target(MyAttention, position="attn")
-    arc_peft.register_target(MyMlp, position="mlp", width=lambda m: m.fc_in.in_features)
-
-Exact-merge support (:func:`arc_peft.merge_adapter`) needs a ``merge`` function as well; see
-:class:`Target`.
+* **Exact merge rules** for layouts the generic fold cannot see through (a key bias kept in a
+  separate ``q_bias`` / ``v_bias`` pair, cosine attention, a functional that pads): the built-in
+  entries below. They never decide *where* adapters go.
+* **Overrides** from users: ``arc_peft.register_target(MyAttention, position="attn")`` makes
+  every module of that type a site of that position, whatever discovery concluded. Prefer the
+  per-call ``target_modules`` / ``exclude_modules`` config fields to choose among sites.
 """
 
 from __future__ import annotations
@@ -25,7 +19,7 @@ from torch import Tensor, nn
 
 from .errors import MergeError
 
-__all__ = ["Block", "Target", "find_blocks", "get_target", "register_target", "registered_targets"]
+__all__ = ["Target", "get_target", "register_target", "registered_targets"]
 
 # A merge function receives the adapted module and the ARC adapter's affine map ``x -> x @ M + b``
 # and returns ``{parameter or buffer name (relative to the module): new tensor}`` without changing
@@ -35,43 +29,28 @@ MergeFn = Callable[[nn.Module, Tensor, Tensor], "dict[str, Tensor]"]
 
 @dataclass(frozen=True)
 class Target:
-    """How arc_peft adapts one module type.
+    """What arc_peft knows about one module type.
 
     Attributes:
         module_type: The attention or MLP class (matched exactly, not by ``isinstance``: a subclass
             may compute differently and must be registered on its own).
         position: ``"attn"`` or ``"mlp"``.
-        width: Returns the module's input width ``D``.
-        input_name: Name of the forward argument holding the input, used when it is passed by
-            keyword (the first positional argument otherwise).
-        qkv_inputs: ``True`` for ``nn.MultiheadAttention``-style modules called as
-            ``(query, key, value)``: all three must be the same tensor (self-attention) and all
-            three receive the adapted input.
-        merge: Folds an ARC adapter into the module's input linear layers (``None``: no exact
-            merge is known for this type).
-        source: Where the type comes from, for the supported-models table.
+        width: Returns the module's input width ``D``; ``None``: read it from the probe.
+        merge: Folds an ARC adapter into the module's input layers (``None``: the generic fold).
+        source: Where the type comes from (``"user"`` for user registrations).
+        override: Every module of this type is a site of ``position`` (user registrations);
+            ``False`` for built-in entries, which only carry a merge rule.
     """
 
     module_type: type
     position: str
-    width: Callable[[nn.Module], int]
-    input_name: str = "x"
-    qkv_inputs: bool = False
+    width: Callable[[nn.Module], int] | None = None
     merge: MergeFn | None = None
     source: str = "user"
+    override: bool = True
 
 
 _REGISTRY: dict[type, Target] = {}
-
-
-def _first_linear_width(module: nn.Module) -> int:
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            return sub.in_features
-    raise ValueError(
-        f"cannot infer the input width of {type(module).__qualname__}: it holds no nn.Linear. "
-        "Pass width=... to arc_peft.register_target."
-    )
 
 
 def register_target(
@@ -79,22 +58,21 @@ def register_target(
     position: str,
     width: Callable[[nn.Module], int] | None = None,
     *,
-    qkv_inputs: bool = False,
     merge: MergeFn | None = None,
     source: str = "user",
     replace: bool = False,
 ) -> Target:
-    """Teach arc_peft a new attention or MLP module type.
+    """Make every module of ``module_type`` an adapter site of ``position`` (an override of
+    discovery, for modules the probe does not recognise), optionally with an exact merge rule.
 
     Args:
         module_type: The class to adapt (an ``nn.Module`` subclass).
         position: ``"attn"`` or ``"mlp"``.
-        width: Returns the input width; default: ``in_features`` of the first ``nn.Linear`` inside.
-        qkv_inputs: The module is called as ``(query, key, value, ...)`` like
-            ``nn.MultiheadAttention``.
+        width: Returns the input width; default: read from the probe forward.
         merge: Optional exact-merge function (see :data:`MergeFn`).
         source: A label for the supported-models table.
-        replace: Allow overriding an existing registration.
+        replace: Allow overriding an existing registration (built-in merge rules included).
+            Takes effect at the next :func:`arc_peft.inject_arc`, not on adapters already there.
 
     Returns:
         The registered :class:`Target`.
@@ -105,74 +83,27 @@ def register_target(
         raise ValueError(
             f"register_target position={position!r} is invalid: expected 'attn' or 'mlp'"
         )
+    _ensure_builtins()
     if module_type in _REGISTRY and not replace:
         raise ValueError(
             f"{module_type.__qualname__} is already registered (position "
             f"{_REGISTRY[module_type].position!r}); pass replace=True to override it"
         )
-    params = list(inspect.signature(module_type.forward).parameters)
-    input_name = params[1] if len(params) > 1 else "x"
-    target = Target(
-        module_type=module_type,
-        position=position,
-        width=width or _first_linear_width,
-        input_name=input_name,
-        qkv_inputs=qkv_inputs,
-        merge=merge,
-        source=source,
-    )
+    target = Target(module_type, position, width, merge, source, override=source == "user")
     _REGISTRY[module_type] = target
     return target
 
 
 def get_target(module: nn.Module) -> Target | None:
     """The registered :class:`Target` for ``module``'s exact type, or ``None``."""
+    _ensure_builtins()
     return _REGISTRY.get(type(module))
 
 
 def registered_targets() -> list[Target]:
     """Every registered target, in registration order."""
+    _ensure_builtins()
     return list(_REGISTRY.values())
-
-
-@dataclass(frozen=True)
-class Block:
-    """A transformer block: ``module`` (at ``path``) holds the sites ``sites[position]``."""
-
-    path: str
-    module: nn.Module
-    sites: dict[str, str]  # position -> attribute name of the site module in the block
-
-    def site(self, position: str) -> nn.Module:
-        return self.module._modules[self.sites[position]]
-
-
-def find_blocks(model: nn.Module) -> list[Block]:
-    """The transformer blocks of ``model``, in module order."""
-    blocks = []
-    for path, module in model.named_modules():
-        if isinstance(module, nn.Sequential):
-            continue  # a Sequential runs every child it holds: no room for adapter state there
-        found: dict[str, list[str]] = {"attn": [], "mlp": []}
-        for name, child in module.named_children():
-            target = get_target(child)
-            if target is not None:
-                found[target.position].append(name)
-        if len(found["attn"]) == 1 and len(found["mlp"]) == 1:
-            blocks.append(Block(path, module, {p: names[0] for p, names in found.items()}))
-    return blocks
-
-
-def describe_candidates(model: nn.Module, limit: int = 8) -> str:
-    """Module types that look like attention or MLP layers, for the unsupported-model error."""
-    names: dict[str, None] = {}
-    for module in model.modules():
-        name = type(module).__name__
-        lowered = name.lower()
-        if any(key in lowered for key in ("attn", "attention", "mlp", "ffn", "feedforward", "glu")):
-            names[f"{type(module).__module__}.{type(module).__qualname__}"] = None
-    listed = list(names)[:limit]
-    return ", ".join(listed) if listed else "none"
 
 
 # -- exact merges for the built-in targets --------------------------------------------------------
@@ -430,47 +361,37 @@ def _merge_first_linear(module: nn.Module, M: Tensor, b: Tensor) -> dict[str, Te
     return _fold(module, M, b, [("0.weight", [_Rows("hidden", bias=_bias_of(module, "0"))])])
 
 
-def _register_builtins() -> None:
+_BUILTINS_DONE = False
+
+
+def _ensure_builtins() -> None:
+    """Register the built-in merge rules on first use, not at ``import arc_peft``: importing the
+    timm and torchvision modules that define these classes costs seconds."""
+    global _BUILTINS_DONE
+    if _BUILTINS_DONE:
+        return
+    _BUILTINS_DONE = True
     from timm.layers import Attention, GluMlp, Mlp, SwiGLU
     from timm.models.beit import Attention as BeitAttention
     from timm.models.eva import EvaAttention
     from timm.models.swin_transformer import WindowAttention
     from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
 
-    def qkv_width(m: nn.Module) -> int:
-        return m.qkv.in_features
-
-    def eva_width(m: nn.Module) -> int:  # fused qkv, or separate q/k/v projections (EVA-02 base)
-        return (m.qkv if m.qkv is not None else m.q_proj).in_features
-
-    def fc1_width(m: nn.Module) -> int:
-        return m.fc1.in_features
-
-    def first_width(m: nn.Module) -> int:  # torchvision MLPs are nn.Sequential(Linear, ...)
-        return m[0].in_features
+    def builtin(cls: type, position: str, merge: MergeFn, source: str) -> None:
+        _REGISTRY[cls] = Target(cls, position, None, merge, source, override=False)
 
     for cls, merge in (
         (Attention, _merge_timm_attention),
         (BeitAttention, _merge_beit_attention),
         (WindowAttention, _merge_window_attention),
         (WindowAttentionV2, _merge_swinv2_attention),
+        (EvaAttention, _merge_eva_attention),
     ):
-        register_target(cls, "attn", qkv_width, merge=merge, source="timm")
-    register_target(EvaAttention, "attn", eva_width, merge=_merge_eva_attention, source="timm")
+        builtin(cls, "attn", merge, "timm")
     for cls in (Mlp, GluMlp):
-        register_target(cls, "mlp", fc1_width, merge=_merge_fc1, source="timm")
-    register_target(
-        SwiGLU, "mlp", lambda m: m.fc1_g.in_features, merge=_merge_swiglu, source="timm"
-    )
-
-    register_target(
-        torch.nn.MultiheadAttention,
-        "attn",
-        lambda m: m.embed_dim,
-        qkv_inputs=True,
-        merge=_merge_multihead_attention,
-        source="torch",
-    )
+        builtin(cls, "mlp", _merge_fc1, "timm")
+    builtin(SwiGLU, "mlp", _merge_swiglu, "timm")
+    builtin(nn.MultiheadAttention, "attn", _merge_multihead_attention, "torch")
     try:  # torchvision is optional for users (timm depends on it, but keep the core importable).
         from torchvision.models.swin_transformer import (
             ShiftedWindowAttention,
@@ -480,16 +401,10 @@ def _register_builtins() -> None:
         from torchvision.ops import MLP
     except ImportError:  # pragma: no cover - exercised only without torchvision
         return
-    for cls, merge in (
-        (ShiftedWindowAttention, _merge_tv_window_attention),
-        (ShiftedWindowAttentionV2, _merge_tv_window_attention_v2),
-    ):
-        register_target(cls, "attn", qkv_width, merge=merge, source="torchvision")
+    builtin(ShiftedWindowAttention, "attn", _merge_tv_window_attention, "torchvision")
+    builtin(ShiftedWindowAttentionV2, "attn", _merge_tv_window_attention_v2, "torchvision")
     for cls in (MLPBlock, MLP):
-        register_target(cls, "mlp", first_width, merge=_merge_first_linear, source="torchvision")
-
-
-_register_builtins()
+        builtin(cls, "mlp", _merge_first_linear, "torchvision")
 
 
 # -- the supported-models table (docs/models.md is generated from this) ----------------------------

@@ -1,0 +1,526 @@
+"""Finding where adapters go, on architectures nobody registered: sites from one recorded forward.
+
+The structure every vision transformer shares, read off a :class:`~arc_peft.probe.Recording`:
+
+* **Attention** is an op that mixes tokens by their content: ``scaled_dot_product_attention``,
+  ``multi_head_attention_forward``, or a product of two activations (``q @ kᵀ``, ``attn @ v``).
+  Its *input* is the latest tensor that the queries, keys and values are all computed from
+  through a learned layer. When no such tensor exists (the queries are a learned latent, or come
+  from another stream) it is attention pooling or cross-attention: left out, and said so.
+* The attention **site** is the outermost module called with that input, so the adapter sits on
+  the branch (after the block's norm, before the projections) exactly as in the paper.
+* An **MLP** is what follows the attention inside the same block: a linear / 1×1 layer from width
+  ``D`` through a nonlinearity to a layer that maps back to ``D``. Its site reads its input at
+  the outermost module called with the first layer's input and adds its output at the outermost
+  module returning the last layer's output: one module (timm ``Mlp``) or two (Hugging Face
+  ``intermediate`` / ``output``).
+* The **channel axis** comes from the layer that reads the input: last for a linear, 1 for a
+  convolution (channels-first hybrids).
+* A **block** is a run of attention sites followed by the MLP sites after them.
+
+Registered targets (:func:`arc_peft.register_target`) are the override: a module of a registered
+type is a site of that position whatever the probe concluded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import UnsupportedModelError
+from .probe import Recording, record
+from .targets import get_target
+from .zoo import example_input
+
+__all__ = ["LeftOut", "Site", "SitePlan", "discover"]
+
+_MATMULS = {"matmul", "bmm", "einsum", "baddbmm"}
+_ATTENTION = {"scaled_dot_product_attention", "multi_head_attention_forward"}
+_LAYERS = {"linear", "conv1d", "conv2d", "conv3d"}
+# Ops that move or select tokens but leave each token's channel vector as it is: a per-token map
+# of the channels (ARC, its merged form) commutes with them.
+SHAPE_OPS = {
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "unsqueeze",
+    "squeeze", "getitem", "movedim", "__get__", "to", "type_as", "float", "clone", "expand",
+    "chunk", "split", "unbind", "narrow", "select", "roll", "index_select", "view_as",
+    "reshape_as", "flip", "tensor_split", "swapaxes", "mT",
+}  # fmt: skip
+# For *placing* an adapter on a module's input, zero padding is transparent as well: the padded
+# tokens are not adapted, exactly as if the adapter ran inside just before the layers. (For
+# merging it is not: a merged bias would reach the padded tokens; see fold.py.)
+PLACEMENT_OPS = SHAPE_OPS | {"pad"}
+_NONLINEAR = {
+    "gelu", "relu", "relu_", "silu", "silu_", "sigmoid", "tanh", "hardswish", "hardswish_",
+    "hardsigmoid", "leaky_relu", "elu", "mish", "softplus", "glu", "relu6", "hardtanh",
+    "hardtanh_", "erf", "softmax", "star_relu", "squared_relu", "abs", "quick_gelu",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place an adapter attaches.
+
+    Attributes:
+        position: ``"attn"`` or ``"mlp"``.
+        path: The module whose input the adapter reads (and, for ARC, replaces).
+        output_path: The module whose output receives an output adapter's (AdaptMLP's) term;
+            usually ``path`` itself, a later sibling for two-ended MLPs.
+        width: Channels ``D`` of the input.
+        axis: The channel axis of the input: ``-1`` (tokens, channels last) or ``1``
+            (channels first, ``N, C, H, W``).
+        arg_keys: Where the input sits in the module's call: ``("arg", i)`` / ``("kw", name)``;
+            several when the same tensor is passed more than once (``attn(x, x, x)``).
+        block: Index of the block (a run of attention sites and the MLPs after them).
+        kind: The module class, for messages.
+    """
+
+    position: str
+    path: str
+    output_path: str
+    width: int
+    axis: int
+    arg_keys: tuple[tuple[str, Any], ...]
+    block: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """An attention module that gets no adapter, and why."""
+
+    path: str
+    kind: str
+    reason: str
+    on_purpose: bool  # pooling / cross-attention / excluded by the user: not an error
+
+
+@dataclass
+class SitePlan:
+    """Everything discovery found in a model."""
+
+    sites: list[Site]
+    left_out: list[LeftOut] = field(default_factory=list)
+    num_blocks: int = 0
+
+    def summary(self) -> str:
+        """One line per position and a line per module left out, for messages and docs."""
+        lines = []
+        for position in ("attn", "mlp"):
+            chosen = [s for s in self.sites if s.position == position]
+            kinds = sorted({s.kind for s in chosen})
+            label = "attention" if position == "attn" else "MLP"
+            lines.append(f"{label} sites: {len(chosen)} ({', '.join(kinds) or 'none'})")
+        for item in self.left_out:
+            lines.append(f"left out: {item.path} ({item.kind}): {item.reason}")
+        return "\n".join(lines)
+
+
+def _kind(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _Finder:
+    def __init__(self, rec: Recording) -> None:
+        self.rec = rec
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def call_of_tensor(self, tid: int, around: int) -> int | None:
+        """The innermost call enclosing op-context ``around`` whose main input is ``tid``, or
+        reaches it through shape ops (and zero padding) only; failing that, the one module call
+        that reads ``tid`` as its input (a ``qkv`` linear called inside the attention).
+
+        Innermost, because in a post-norm block the attention's input is the residual stream,
+        which is also the input of the block and of the stage around it."""
+        best = None
+        for call in self.rec.enclosing(around):
+            main = self.rec.calls[call].main_input
+            if main is not None and (main == tid or tid in self.shape_closure(main, True)):
+                best = call
+                break
+        if best is None:
+            readers = {
+                c.index for c in self.rec.calls if c.main_input == tid and c.start <= around
+            }
+            if len(readers) == 1 and len(self.readers(tid)) == 1:
+                best = readers.pop()
+        return best
+
+    def shape_closure(self, tid: int, placement: bool = False) -> set[int]:
+        """``tid`` and everything computed from it by shape ops alone."""
+        allowed = PLACEMENT_OPS if placement else SHAPE_OPS
+        seen, todo = {tid}, [tid]
+        while todo:
+            for index in self.rec.consumers.get(todo.pop(), ()):
+                op = self.rec.ops[index]
+                if op.name in allowed and not op.params:
+                    for out in op.outputs:
+                        if out not in seen:
+                            seen.add(out)
+                            todo.append(out)
+        return seen
+
+    def readers(self, tid: int, stop: int | None = None, placement: bool = False) -> list[int]:
+        """Indices of the ops that read ``tid`` (through shape ops) and are not shape ops."""
+        allowed = PLACEMENT_OPS if placement else SHAPE_OPS
+        found = []
+        for t in self.shape_closure(tid, placement):
+            for index in self.rec.consumers.get(t, ()):
+                op = self.rec.ops[index]
+                if stop is not None and index >= stop:
+                    continue
+                if not (op.name in allowed and not op.params):
+                    found.append(index)
+        return sorted(set(found))
+
+    def layer_width(self, index: int) -> tuple[int, str] | None:
+        """``(input channels, "linear" | "conv" | "mha")`` of a reading layer op."""
+        op = self.rec.ops[index]
+        if op.name == "multi_head_attention_forward":
+            return self.rec.shapes[op.inputs[0]][-1], "mha"
+        if op.name not in _LAYERS or not op.params:
+            return None
+        weight = op.params[0][1]
+        if op.name == "linear":
+            return int(weight.shape[1]), "linear"
+        groups = op.args[6] if len(op.args) > 6 else op.kwargs.get("groups", 1)
+        return int(weight.shape[1]) * int(groups), "conv"
+
+    def axis_of(self, tid: int, width: int, layer: str, direct: bool) -> int | None:
+        shape = self.rec.shapes[tid]
+        if len(shape) < 2:
+            return None
+        first, last = (len(shape) > 2 and shape[1] == width), shape[-1] == width
+        if direct:
+            order = (-1, 1) if layer in ("linear", "mha") else (1, -1)
+        else:
+            order = (1, -1)
+        for axis in order:
+            if (axis == -1 and last) or (axis == 1 and first):
+                return axis
+        return None
+
+    def input_layout(self, tid: int, stop: int) -> tuple[int, int] | None:
+        """``(width, channel axis)`` of an input from the first layer reading it."""
+        direct = {i for i in self.rec.consumers.get(tid, ())}
+        for index in self.readers(tid, stop, placement=True):
+            found = self.layer_width(index)
+            if found is None:
+                continue
+            width, layer = found
+            axis = self.axis_of(tid, width, layer, index in direct)
+            if axis is not None:
+                return width, axis
+        return None
+
+    # -- attention ---------------------------------------------------------------------------
+
+    def is_attention(self, index: int) -> bool:
+        op = self.rec.ops[index]
+        if op.name in _ATTENTION:
+            return True
+        if op.name in _MATMULS and not op.params and len(op.inputs) >= 2:
+            a, b = op.inputs[-2], op.inputs[-1]
+            fi = self.rec.from_input
+            return a in fi and b in fi and len(self.rec.shapes[a]) >= 3
+        return False
+
+    def attention_input(self, index: int) -> int | None:
+        """The latest tensor every operand of attention op ``index`` is computed from through a
+        learned layer, or ``None`` (pooling / cross-attention)."""
+        op = self.rec.ops[index]
+        operands = op.inputs[:3] if op.name in _ATTENTION else op.inputs[-2:]
+        operands = [t for t in operands if t in self.rec.from_input]
+        if len(operands) < (3 if op.name in _ATTENTION else 2):
+            return None
+        for call in self.rec.enclosing(op.call):
+            main = self.rec.calls[call].main_input
+            floor = (main - 1) if main is not None else -1
+            common = set.intersection(*(self.rec.ancestors(t, floor) for t in operands))
+            for candidate in sorted(common & self.rec.from_input, reverse=True):
+                through = self.rec.descendants(candidate, stop=index)
+                ok = all(
+                    (t == candidate and bool(op.params)) or through.get(t, False)
+                    for t in operands
+                )
+                if ok:
+                    return candidate
+        return None
+
+    # -- MLPs --------------------------------------------------------------------------------
+
+    def mlp_after(self, layer: int, end: int, block: int) -> int | None:
+        """The op that closes an MLP opened by layer op ``layer``: reached through a
+        nonlinearity, mapping back to the first layer's input width, inside call ``block``."""
+        rec = self.rec
+        first = rec.ops[layer]
+        found = self.layer_width(layer)
+        if found is None:
+            return None
+        width = found[0]
+        start = first.outputs[0]
+        flags = {start: False}
+        todo = [start]
+        best = None
+        while todo:
+            current = todo.pop()
+            for index in rec.consumers.get(current, ()):
+                if index >= end or not rec.contains(block, rec.ops[index].call):
+                    continue
+                op = rec.ops[index]
+                flag = flags[current] or op.name in _NONLINEAR or (
+                    op.name == "mul" and len(op.inputs) == 2
+                )
+                if (
+                    flag
+                    and op.name in _LAYERS
+                    and op.params
+                    and int(op.params[0][1].shape[0]) == width
+                    and (best is None or index < best)
+                ):
+                    best = index
+                    continue
+                for out in op.outputs:
+                    if out not in flags or (flag and not flags[out]):
+                        flags[out] = flag
+                        todo.append(out)
+        return best
+
+
+def _paths_match(path: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def discover(model: nn.Module, example: Any = None) -> SitePlan:
+    """Run one probe forward of ``model`` and return every adapter site it has.
+
+    Args:
+        model: The backbone.
+        example: An input to probe with (a tensor, a tuple of arguments or a dict of keyword
+            arguments); default: an image batch of the size the model says it takes.
+
+    Raises:
+        UnsupportedModelError: the probe forward failed, or the model has no self-attention.
+    """
+    if example is None:
+        example = example_input(model)
+    try:
+        rec = record(model, example)
+    except Exception as exc:
+        shape = tuple(example.shape) if hasattr(example, "shape") else type(example).__name__
+        raise UnsupportedModelError(
+            f"arc_peft could not run a probe forward of {type(model).__name__} on an input of "
+            f"shape {shape} ({type(exc).__name__}: {exc}). Pass example_input=... (a tensor, a "
+            "tuple of arguments or a dict of keyword arguments the model accepts)"
+        ) from exc
+    return _plan(model, rec)
+
+
+def _plan(model: nn.Module, rec: Recording) -> SitePlan:
+    finder = _Finder(rec)
+    # -- attention sites ----------------------------------------------------------------------
+    attn_calls: dict[int, int] = {}  # module id -> call index of its first attention call
+    attn_input: dict[int, int] = {}  # module id -> tid of the input it is adapted at
+    left: dict[int, LeftOut] = {}
+    for index, op in enumerate(rec.ops):
+        if not finder.is_attention(index):
+            continue
+        if any(rec.contains(c, op.call) for c in attn_calls.values()):
+            continue  # inside a site already found (q @ k then attn @ v)
+        x = finder.attention_input(index)
+        call = finder.call_of_tensor(x, op.call) if x is not None else None
+        if call is None or call == 0:
+            owner = rec.calls[op.call]
+            if id(owner.module) not in left:
+                reason = (
+                    "attention pooling or cross-attention (its queries do not come from the "
+                    "same input as its keys and values)"
+                    if x is None
+                    else "its query/key/value input is computed inline by the model itself, "
+                    "not passed to a module"
+                )
+                left[id(owner.module)] = LeftOut(owner.path, _kind(owner.module), reason, x is None)
+            continue
+        module = rec.calls[call].module
+        attn_calls.setdefault(id(module), call)
+        attn_input.setdefault(id(module), x)
+    # Left-out pooling modules that turned out to hold a site are not left out.
+    for key in list(left):
+        mod_call = next(c for c in rec.calls if id(c.module) == key)
+        if any(rec.contains(c, mod_call.index) or rec.contains(mod_call.index, c)
+               for c in attn_calls.values()) and key not in attn_calls:
+            inside = any(rec.contains(c, mod_call.index) for c in attn_calls.values())
+            if inside:
+                del left[key]
+
+    # Registered targets override the probe.
+    order: list[tuple[int, str, int]] = []  # (call index, position, tid of input)
+    forced: dict[int, str] = {}
+    for call in rec.calls:
+        target = get_target(call.module)
+        if target is not None and target.override and id(call.module) not in forced:
+            forced[id(call.module)] = target.position
+            if call.main_input is not None:
+                order.append((call.index, target.position, call.main_input))
+    for key, call in attn_calls.items():
+        if key not in forced:
+            order.append((call, "attn", attn_input[key]))
+    order.sort()
+
+    # -- blocks and MLP sites -----------------------------------------------------------------
+    layer_ops = [i for i, op in enumerate(rec.ops) if op.name in _LAYERS and op.params]
+    attn_sites = [(c, x) for c, p, x in order if p == "attn"]
+    runs: list[int] = []  # run index per attention site
+    for n, (call, _) in enumerate(attn_sites):
+        if n == 0:
+            runs.append(0)
+            continue
+        prev_end = rec.calls[attn_sites[n - 1][0]].end
+        between = any(prev_end <= i < rec.calls[call].start for i in layer_ops)
+        runs.append(runs[-1] + 1 if between else runs[-1])
+    found_mlps: list[tuple[int, int, int, int]] = []  # (start op, I call, O call, run)
+    registered_mlps = [(c, x) for c, p, x in order if p == "mlp"]
+    if True:
+        for n, (call, _) in enumerate(attn_sites):
+            end = rec.calls[attn_sites[n + 1][0]].start if n + 1 < len(attn_sites) else len(rec.ops)
+            earlier = [c for m, (c, _) in enumerate(attn_sites) if runs[m] < runs[n]]
+            cursor = rec.calls[call].end
+            for layer in layer_ops:
+                if layer < cursor or layer >= end:
+                    continue
+                block = rec.lca(call, rec.ops[layer].call)
+                if block == 0 or any(rec.contains(block, c) for c in earlier):
+                    continue
+                closing = finder.mlp_after(layer, end, block)
+                if closing is None:
+                    continue
+                if rec.lca(rec.ops[layer].call, rec.ops[closing].call) not in _inside(rec, block):
+                    continue
+                first = rec.ops[layer]
+                x = first.inputs[0]
+                in_call = _end_call(finder, x, first.call, block, call)
+                out_call = _out_call(finder, rec.ops[closing], block, in_call)
+                if in_call is not None:
+                    found_mlps.append((layer, in_call, out_call, runs[n]))
+                cursor = closing + 1
+    # -- assemble -----------------------------------------------------------------------------
+    sites: list[Site] = []
+    run_of_attn = {c: runs[n] for n, (c, _) in enumerate(attn_sites)}
+    for call, position, x in order:
+        c = rec.calls[call]
+        target = get_target(c.module)
+        layout = finder.input_layout(x, c.end)
+        if target is not None and target.override and target.width is not None:
+            width = int(target.width(c.module))
+            axis = layout[1] if layout and layout[0] == width else -1
+        elif layout is None:
+            left[id(c.module)] = LeftOut(
+                c.path, _kind(c.module), "no linear or convolution layer reads its input", False
+            )
+            continue
+        else:
+            width, axis = layout
+        if position == "attn":
+            block = run_of_attn.get(call, 0)
+        else:
+            block = max([r for a, r in run_of_attn.items() if a < call], default=0)
+        keys = tuple(k for k, t in c.inputs if t == x) or (c.inputs[0][0],)
+        sites.append(Site(position, c.path, c.path, width, axis, keys, block, _kind(c.module)))
+    forced_runs = {
+        max([r for a, r in run_of_attn.items() if a < c], default=0) for c, _ in registered_mlps
+    }
+    for start, in_call, out_call, run in found_mlps:
+        if run in forced_runs:
+            continue  # a registered MLP type overrides what the probe found in its block
+        c = rec.calls[in_call]
+        x = c.main_input
+        layout = finder.input_layout(x, rec.calls[in_call].end if out_call == in_call else len(rec.ops))
+        if layout is None:
+            continue
+        width, axis = layout
+        keys = tuple(k for k, t in c.inputs if t == x)
+        out_path = rec.calls[out_call].path if out_call is not None else ""
+        sites.append(Site("mlp", c.path, out_path, width, axis, keys, run, _kind(c.module)))
+    # One site per module (a module called several times is adapted once).
+    unique: dict[str, Site] = {}
+    for site in sites:
+        unique.setdefault(site.path, site)
+    sites = sorted(unique.values(), key=lambda s: (s.block, s.position != "attn"))
+    sites = _renumber(sites)
+    # Attention modules of a discovered type that never ran cannot be placed: say so.
+    site_paths = {s.path for s in sites}
+    kinds = {type(rec.calls[c].module) for c, p, _ in order if p == "attn"}
+    ran = {id(c.module) for c in rec.calls}
+    for path, module in model.named_modules():
+        if type(module) in kinds and id(module) not in ran and path not in site_paths:
+            left[id(module)] = LeftOut(
+                path, _kind(module), "it was not called by the probe forward", False
+            )
+    return SitePlan(sites, list(left.values()), len({s.block for s in sites}))
+
+
+def _inside(rec: Recording, block: int) -> set[int]:
+    return {c.index for c in rec.calls if rec.contains(block, c.index)}
+
+
+def _renumber(sites: list[Site]) -> list[Site]:
+    mapping: dict[int, int] = {}
+    out = []
+    for site in sites:
+        mapping.setdefault(site.block, len(mapping))
+        out.append(Site(**{**site.__dict__, "block": mapping[site.block]}))
+    return out
+
+
+def _end_call(finder: _Finder, x: int, around: int, block: int, attn: int) -> int | None:
+    """The outermost call inside ``block`` (not ``block``, not containing the attention site)
+    whose main input reaches ``x`` through shape ops."""
+    rec = finder.rec
+    best = None
+    for call in rec.enclosing(around):
+        if call == block:
+            break
+        if rec.contains(call, attn):
+            break
+        main = rec.calls[call].main_input
+        if main is not None and (main == x or x in finder.shape_closure(main)):
+            best = call
+    return best
+
+
+_PASS = SHAPE_OPS | {"dropout", "identity", "clone", "contiguous"}
+
+
+def _out_call(finder: _Finder, closing: Any, block: int, in_call: int | None) -> int | None:
+    """The outermost call inside ``block`` returning the closing layer's output (through
+    dropout and shape ops only) with the shape of the MLP's input."""
+    rec = finder.rec
+    reach = {closing.outputs[0]}
+    todo = [closing.outputs[0]]
+    while todo:
+        for index in rec.consumers.get(todo.pop(), ()):
+            op = rec.ops[index]
+            if op.name in _PASS and not op.params:
+                for out in op.outputs:
+                    if out not in reach:
+                        reach.add(out)
+                        todo.append(out)
+    best = None
+    for call in rec.enclosing(closing.call):
+        if call == block:
+            break
+        c = rec.calls[call]
+        if c.index != in_call and in_call is not None and rec.contains(call, in_call):
+            break
+        if c.outputs and c.outputs[0] in reach:
+            best = call
+    if best is not None and in_call is not None:
+        want = rec.shapes[rec.calls[in_call].main_input]
+        if rec.shapes[rec.calls[best].outputs[0]] != want:
+            return None
+    return best
