@@ -30,8 +30,8 @@ def randomise_adapters(model: nn.Module, seed: int = 0, std: float = 0.3) -> Non
 def site_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The output of every adapted attention / MLP module for input ``x``."""
     captured, handles = {}, []
-    for path, block, slot in iter_slots(model):
-        site = block._modules[slot.site_name]
+    for path, _, slot in iter_slots(model):
+        site = model.get_submodule(slot.site.output_path or slot.site.path)
 
         def hook(_m, _a, out, path=path):
             captured[path] = out[0] if isinstance(out, tuple) else out
@@ -311,7 +311,7 @@ def test_injecting_twice_is_a_clear_error_and_changes_nothing():
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "two words", "_private", "active", "routing", "target", "keys", "a.b", 3]
+    "bad", ["", "two words", "_private", "active", "routing", "site", "keys", "a.b", 3]
 )
 def test_bad_adapter_names(bad):
     model = build("vit")
@@ -369,34 +369,64 @@ def custom_targets():
         arc_peft.targets._REGISTRY.pop(cls, None)
 
 
-def test_unsupported_model_then_registration(custom_targets):
+def test_unregistered_custom_model_is_discovered(custom_targets):
+    # Nobody registered _Attn or _FF, and the root is an nn.Sequential: the probe still finds
+    # one attention and one MLP per block, and the slot state lives on each _Block.
     model = nn.Sequential(_Block(16), _Block(16))
-    with pytest.raises(UnsupportedModelError) as info:
-        arc_peft.inject_arc(model, ARCConfig(rank=2))
-    message = str(info.value)
-    assert "_Attn" in message and "register_target" in message
-    assert iter_slots(model) == []
-
-    arc_peft.register_target(_Attn, "attn")
-    arc_peft.register_target(_FF, "mlp")
-    with pytest.raises(ValueError, match="already registered"):
-        arc_peft.register_target(_FF, "mlp")
-    arc_peft.inject_arc(model, ARCConfig(rank=2))
-    assert [s.block for _, _, s in iter_slots(model)] == [0, 0, 1, 1]
-    assert iter_slots(model)[0][2].target.input_name == "tokens"
-    randomise_adapters(model)
     x = torch.randn(2, 3, 16)
+    with pytest.raises(UnsupportedModelError, match=r"probe forward .* example_input"):
+        arc_peft.inject_arc(model, ARCConfig(rank=2))  # a token input, not an image
+    arc_peft.inject_arc(model, ARCConfig(rank=2), example_input=x)
+    sites = [(s.site.path, s.position, s.block) for _, _, s in iter_slots(model)]
+    expected = [("0.mixer", "attn", 0), ("0.ff", "mlp", 0), ("1.mixer", "attn", 1), ("1.ff", "mlp", 1)]
+    assert sites == expected
+    randomise_adapters(model)
     with arc_peft.disable_adapter(model):
         plain = model(x)
     assert not torch.equal(model(x), plain)
+
+
+class _GatedMixer(nn.Module):
+    """Token mixing without attention ops: the probe cannot know it is an attention layer."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, tokens):
+        return self.proj(tokens) * tokens.mean(dim=1, keepdim=True)
+
+
+def test_register_target_overrides_discovery(custom_targets):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = _Block(16)
+            self.mixer = _GatedMixer(16)
+
+        def forward(self, x):
+            return self.mixer(self.block(x))
+
+    model, x = Net(), torch.randn(2, 3, 16)
+    assert [s.path for s in arc_peft.site_plan(model, x).sites] == ["block.mixer", "block.ff"]
+    arc_peft.register_target(_GatedMixer, "attn")
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            arc_peft.register_target(_GatedMixer, "attn")
+        arc_peft.inject_arc(model, ARCConfig(rank=2, positions=("attn",)), example_input=x)
+        paths = [s.site.path for _, _, s in iter_slots(model)]
+        assert sorted(paths) == ["block.mixer", "mixer"]
+    finally:
+        arc_peft.targets._REGISTRY.pop(_GatedMixer, None)
 
 
 def test_unsupported_torchvision_cnn():
     import torchvision
 
     model = torchvision.models.resnet18(weights=None)
-    with pytest.raises(UnsupportedModelError, match="no supported transformer block"):
+    with pytest.raises(UnsupportedModelError, match="no self-attention found in ResNet"):
         arc_peft.inject_arc(model, ARCConfig())
+    assert iter_slots(model) == []
 
 
 def test_register_target_validates():

@@ -290,15 +290,78 @@ def test_non_finite_result_is_refused():
     refuse(model, "non-finite")
 
 
-def test_site_without_merge_function_is_refused():
-    import dataclasses
+class _PadFirst(nn.Module):
+    """An attention that zero-pads its input with an extra token before the projections."""
 
-    model = named(adapted("vit"), "vit")
-    for _, _, slot in iter_slots(model):
-        if slot.position == "mlp":
-            slot.target = dataclasses.replace(slot.target, merge=None)
-    err = refuse(model, "no merge function")
-    assert "blocks.0.arc_peft.mlp" in str(err) and "Mlp at blocks.0.mlp" in str(err)
+    def __init__(self, dim):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(torch.nn.functional.pad(x, (0, 0, 1, 0))).chunk(3, dim=-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+class _ConvAttention(nn.Module):
+    """Channels-first attention: 1×1 convolutions read an N, C, H, W input."""
+
+    def __init__(self, dim, key_bias=True):
+        super().__init__()
+        self.q, self.k = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1, bias=key_bias)
+        self.v, self.proj = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        q, k, v = (f(x).flatten(2).transpose(1, 2) for f in (self.q, self.k, self.v))
+        out = torch.softmax(q @ k.transpose(1, 2), -1) @ v
+        return self.proj(out.transpose(1, 2).reshape(n, c, h, w))
+
+
+class _Wrap(nn.Module):
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.attn = attention
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def _merge_case(attention: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    model = _Wrap(attention).eval()
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=2, positions=("attn",)), example_input=x)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in arc_peft.adapter_parameters(model).values():
+            param.copy_(torch.randn(param.shape, generator=g))
+    return model, model(x)
+
+
+def test_generic_fold_merges_unregistered_channels_first_attention():
+    x = torch.randn(2, 8, 3, 3)
+    model, expected = _merge_case(_ConvAttention(8), x)
+    assert iter_slots(model)[0][2].site.axis == 1
+    arc_peft.merge_adapter(model)
+    torch.testing.assert_close(model(x), expected, **TOL)
+    assert arc_peft.adapter_configs(model) == {}
+
+
+def test_generic_fold_drops_a_key_offset_only_where_softmax_ignores_it():
+    x = torch.randn(2, 8, 3, 3)
+    model, expected = _merge_case(_ConvAttention(8, key_bias=False), x)
+    arc_peft.merge_adapter(model)  # the dropped key offset is constant per query: exact
+    torch.testing.assert_close(model(x), expected, **TOL)
+
+
+def test_generic_fold_refuses_padding_before_the_layers():
+    # Padded tokens are zeros unmerged but would become b merged: refused, naming the op.
+    x = torch.randn(2, 5, 8)
+    model, expected = _merge_case(_PadFirst(8), x)
+    before = snapshot(model)
+    with pytest.raises(arc_peft.MergeError, match="a pad op reads the adapted input") as info:
+        arc_peft.merge_adapter(model)
+    assert "arc_peft.attn" in str(info.value) and "_PadFirst at attn" in str(info.value)
+    assert_same_state(model, before)
+    assert same(model(x), expected)
 
 
 def test_other_adapters_block_the_merge():

@@ -28,6 +28,8 @@ DEFAULT_ADAPTER = "default"
 # Where the last discovery result is kept: a plain attribute (not a module, not in the state
 # dict), so saving and merging do not probe again.
 _PLAN_ATTR = "_arc_peft_plan"
+# The user's example input, when given: merge_adapter probes again with it.
+EXAMPLE_ATTR = "_arc_peft_example"
 
 
 def _check_name(name: str) -> None:
@@ -77,6 +79,8 @@ def site_plan(model: nn.Module, example_input: Any = None, refresh: bool = False
         for slot, was in zip(slots, previous, strict=True):
             slot.disabled = was
     model.__dict__[_PLAN_ATTR] = plan
+    if example_input is not None:
+        model.__dict__[EXAMPLE_ATTR] = example_input
     return plan
 
 

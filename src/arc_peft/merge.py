@@ -19,11 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from .errors import MergeError
-from .inject import adapter_configs, delete_adapter
+from .fold import check_fold, generic_fold
+from .inject import EXAMPLE_ATTR, adapter_configs, delete_adapter
 from .modules import ARC, Adapter
 from .multitask import active_adapter
+from .probe import Recording, record
 from .slots import AdapterSlot, iter_slots
 from .targets import PADS_INPUT, get_target, get_tensor
+from .zoo import example_input
 
 __all__ = ["merge_adapter", "unmerge_adapter"]
 
@@ -55,6 +58,21 @@ def _fold_device(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device if tensor.device.type != "mps" else torch.device("cpu")
     return torch.device("cpu")
+
+
+def _record_sites(model: nn.Module, slots: list) -> Recording:
+    """One probe forward with every adapter bypassed, keeping each site's arguments for the
+    float64 check of its fold."""
+    sites = [model.get_submodule(slot.site.path) for _, _, slot in slots]
+    example = model.__dict__.get(EXAMPLE_ATTR)
+    previous = [slot.disabled for _, _, slot in slots]
+    for _, _, slot in slots:
+        slot.disabled = True
+    try:
+        return record(model, example if example is not None else example_input(model), sites)
+    finally:
+        for (_, _, slot), was in zip(slots, previous, strict=True):
+            slot.disabled = was
 
 
 def merge_adapter(
@@ -126,6 +144,7 @@ def merge_adapter(
         )
 
     module_paths = {id(module): path for path, module in model.named_modules()}
+    rec = None  # the probe recording, made once the first ARC site needs it
     planned: list[tuple[str, Tensor, Tensor]] = []  # (qualified name, tensor, new value)
     claimed: dict[int, str] = {}
     for slot_path, _, slot in slots:
@@ -141,12 +160,6 @@ def merge_adapter(
             )
         target = get_target(site)
         fold = target.merge if target is not None else None
-        if fold is None:
-            raise MergeError(
-                f"cannot merge adapter {name!r} at {where}: no merge function is registered for "
-                f"{type(site).__qualname__}; pass merge= to arc_peft.register_target(..., "
-                "replace=True) if its input feeds only linear layers"
-            )
         M, b = _affine(adapter, _fold_device(site))
         if getattr(fold, PADS_INPUT, False) and bool(b.any()) and not assume_no_window_padding:
             raise MergeError(
@@ -156,9 +169,12 @@ def merge_adapter(
                 "here) merged. If your inputs never need padding, pass "
                 "assume_no_window_padding=True"
             )
+        if rec is None:
+            rec = _record_sites(model, slots)
         try:
             with torch.no_grad():
-                new_values = fold(site, M, b)
+                new_values = fold(site, M, b) if fold is not None else generic_fold(rec, site, M, b)
+                check_fold(rec, site, M, b, new_values, slot.site.axis, slot.places)
         except MergeError as err:
             raise MergeError(f"cannot merge adapter {name!r} at {where}: {err}") from err
         for tensor_name, value in new_values.items():

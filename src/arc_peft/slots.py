@@ -12,6 +12,7 @@ itself: torchvision's MLPs are ``nn.Sequential``, which would run any child it i
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ class AdapterSlot(nn.ModuleDict):
     disabled: bool = False
     routing: tuple[int, list[tuple[str, Tensor]]] | None = None
     pending: Tensor | None = None
+    places: tuple[tuple[int | None, str | None], ...] = ()
 
     def __init__(self, site: Site, holder_path: str) -> None:
         super().__init__()
@@ -87,6 +89,8 @@ class AdapterSlot(nn.ModuleDict):
             slots = BlockSlots().train(holder.training)
             setattr(holder, SLOT_ATTR, slots)
         slots[self.key] = self.train(holder.training)
+        # Resolved once here, not per call: the hooks run on every forward.
+        self.places = tuple(self._places(holder.get_submodule(self.input_name)))
         for module, kind in self._hooked(holder):
             if kind == "pre":
                 module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
@@ -168,13 +172,32 @@ class AdapterSlot(nn.ModuleDict):
         adapter = self[name]
         return adapter if adapter.transforms_input == want_input else None
 
-    def _input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Tensor:
-        values = []
+    def _places(self, module: nn.Module) -> list[tuple[int | None, str | None]]:
+        """``(position, keyword)`` of every place the input may be passed: the probe saw one
+        of the two, the signature gives the other (``attn(x)`` and ``attn(x=x)`` both work)."""
+        try:
+            names = [
+                p.name
+                for p in inspect.signature(module.forward).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        except (TypeError, ValueError):
+            names = []
+        places = []
         for kind, where in self.site.arg_keys:
             if kind == "arg":
-                values.append(args[where] if where < len(args) else None)
+                places.append((where, names[where] if where < len(names) else None))
             else:
-                values.append(kwargs.get(where))
+                places.append((names.index(where) if where in names else None, where))
+        return places
+
+    def _input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Tensor:
+        values = []
+        for index, keyword in self.places:
+            if index is not None and index < len(args):
+                values.append(args[index])
+            else:
+                values.append(kwargs.get(keyword) if keyword is not None else None)
         x = values[0]
         if not isinstance(x, Tensor):
             raise TypeError(
@@ -196,11 +219,11 @@ class AdapterSlot(nn.ModuleDict):
         if new is None:
             return None
         args, kwargs = list(args), dict(kwargs)
-        for kind, where in self.site.arg_keys:
-            if kind == "arg":
-                args[where] = new
-            else:
-                kwargs[where] = new
+        for index, keyword in self.places:
+            if index is not None and index < len(args):
+                args[index] = new
+            elif keyword is not None:
+                kwargs[keyword] = new
         return tuple(args), kwargs
 
     def _post_hook(
