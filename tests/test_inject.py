@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -11,6 +12,8 @@ from arc_peft import AdaptMLPConfig, ARCConfig, UnsupportedModelError
 from arc_peft.slots import iter_slots
 
 from models import MATRIX, build, inputs
+
+_TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 METHODS = {
     "arc": ARCConfig(rank=4),
@@ -459,3 +462,49 @@ def test_new_adapters_follow_the_models_mode():
     model.train()
     arc_peft.inject_arc(model, ARCConfig(rank=4), name="second")
     assert all(m.training for m in model.modules())
+
+
+def test_site_selection_by_module_path_patterns():
+    model = build("vit")
+    config = ARCConfig(rank=2, target_modules=("blocks.*.attn",), exclude_modules=("blocks.0.*",))
+    arc_peft.inject_arc(model, config)
+    assert [s.site.path for _, _, s in iter_slots(model)] == ["blocks.1.attn"]
+    counts = arc_peft.count_parameters(model)
+    assert counts.sites == {"attn": 1} and "sites adapted: attn 1" in str(counts)
+    with pytest.raises(ValueError, match="match no site"):
+        arc_peft.inject_arc(build("vit"), ARCConfig(target_modules=("head*",)))
+    with pytest.raises(ValueError, match="target_modules"):
+        ARCConfig(target_modules=())
+
+
+class _TwoAttention(nn.Module):
+    """Holds an attention module that its forward never calls: the probe cannot place it."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = _Block(16), _Block(16)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_attention_left_out_is_an_error_unless_partial_is_allowed():
+    model, x = _TwoAttention(), torch.randn(2, 3, 16)
+    with pytest.raises(UnsupportedModelError, match=r"unused\.mixer .*not called by the probe"):
+        arc_peft.inject_arc(model, ARCConfig(rank=2), example_input=x)
+    assert iter_slots(model) == []
+    with pytest.warns(UserWarning, match="unused.mixer"):
+        arc_peft.inject_arc(model, ARCConfig(rank=2, allow_partial=True), example_input=x)
+    assert [s.site.path for _, _, s in iter_slots(model)] == ["used.mixer", "used.ff"]
+
+
+def test_attention_pooling_is_left_out_on_purpose():
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=3, global_pool="map", **_TINY
+    ).eval()
+    plan = arc_peft.site_plan(model)
+    pooled = [item for item in plan.left_out if item.path == "attn_pool"]
+    assert pooled and pooled[0].on_purpose and "pooling" in pooled[0].reason
+    arc_peft.inject_arc(model, ARCConfig(rank=2))  # no error: left out on purpose
+    paths = [s.site.path for _, _, s in iter_slots(model)]
+    assert paths == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]

@@ -66,7 +66,8 @@ def test_count_summary_line():
     assert counts.head == 32 * 5 + 5
     text = str(counts)
     pct = 100 * counts.trainable / counts.total
-    assert text.startswith(f"trainable {counts.trainable / 1e6:.2f}M of {counts.total / 1e6:.1f}M")
+    assert text.startswith(f"trainable {counts.trainable} of {counts.total / 1e3:.3g}K")
+    assert text.endswith("| sites adapted: attn 2, mlp 2")
     assert f"({pct:.2f}%)" in text and f"adapters {counts.adapter:,}" in text
     owners = [k for k in counts.breakdown if k.endswith("blocks.0.arc_peft.attn.default")]
     assert counts.breakdown[owners[0]] == 32 * 4 + 4 + 32  # the owner carries the shared U

@@ -119,6 +119,7 @@ class ParameterCounts:
         head: Parameters of the classifier head.
         breakdown: Adapter parameters per adapter module path (a shared ARC projection is
             counted at its owner).
+        sites: Adapted sites per position (``{"attn": 12, "mlp": 12}``), any adapter.
     """
 
     total: int
@@ -126,13 +127,24 @@ class ParameterCounts:
     adapter: int
     head: int
     breakdown: dict[str, int] = field(default_factory=dict, repr=False)
+    sites: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable / self.total if self.total else 0.0
+        where = ", ".join(f"{p} {n}" for p, n in self.sites.items())
         return (
-            f"trainable {self.trainable / 1e6:.2f}M of {self.total / 1e6:.1f}M ({pct:.2f}%) | "
+            f"trainable {_human(self.trainable)} of {_human(self.total)} ({pct:.2f}%) | "
             f"adapters {self.adapter:,} | head {self.head:,}"
+            + (f" | sites adapted: {where}" if where else "")
         )
+
+
+def _human(count: int) -> str:
+    """``5,530,000 -> "5.53M"``, ``32,487 -> "32.5K"``: three significant digits, any size."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3g}{unit}"
+    return str(count)
 
 
 def count_parameters(model: nn.Module) -> ParameterCounts:
@@ -146,10 +158,14 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
     }
     head = get_head(model)
     head_count = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    sites: dict[str, int] = {}
+    for _, _, slot in iter_slots(model):
+        sites[slot.position] = sites.get(slot.position, 0) + 1
     return ParameterCounts(
         total=total,
         trainable=trainable,
         adapter=sum(breakdown.values()),
         head=head_count,
         breakdown=breakdown,
+        sites=sites,
     )
