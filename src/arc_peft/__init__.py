@@ -10,8 +10,8 @@ The public API is a handful of verbs on a whole model::
 """
 
 from .config import AdapterConfig, AdaptMLPConfig, ARCConfig, config_from_dict
-from .errors import AdapterFileError, MergeError, UnsupportedModelError
 from .discover import LeftOut, Site, SitePlan
+from .errors import AdapterFileError, MergeError, UnsupportedModelError
 from .inject import adapter_configs, delete_adapter, inject_arc, remove_arc, site_plan
 from .io import AdapterInfo, load_adapter, read_adapter_info, save_adapter
 from .merge import merge_adapter, unmerge_adapter
@@ -31,8 +31,8 @@ __all__ = [
     "AdapterConfig",
     "AdapterFileError",
     "AdapterInfo",
-    "MergeError",
     "LeftOut",
+    "MergeError",
     "ParameterCounts",
     "Site",
     "SitePlan",

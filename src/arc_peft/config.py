@@ -55,7 +55,9 @@ def _normalise_patterns(cls: type, field: str, value: Any, allow_none: bool) -> 
         value = (value,)
     if not isinstance(value, Sequence) or not all(isinstance(p, str) and p for p in value):
         expected = "None or " if allow_none else ""
-        _fail(cls, field, value, f"{expected}a sequence of glob patterns such as ('blocks.*.attn',)")
+        _fail(
+            cls, field, value, f"{expected}a sequence of glob patterns such as ('blocks.*.attn',)"
+        )
     if allow_none and len(value) == 0:
         _fail(cls, field, value, "None (every site) or at least one pattern")
     return tuple(value)
@@ -65,7 +67,9 @@ def _check_selection(self: Any) -> None:
     cls = type(self)
     object.__setattr__(self, "blocks", _normalise_blocks(cls, self.blocks))
     object.__setattr__(
-        self, "target_modules", _normalise_patterns(cls, "target_modules", self.target_modules, True)
+        self,
+        "target_modules",
+        _normalise_patterns(cls, "target_modules", self.target_modules, True),
     )
     object.__setattr__(
         self,

@@ -37,9 +37,7 @@ def _site_call(rec: Recording, module: nn.Module):
     raise MergeError("the probe forward did not call this module, so its fold cannot be checked")
 
 
-def generic_fold(
-    rec: Recording, module: nn.Module, M: Tensor, b: Tensor
-) -> dict[str, Tensor]:
+def generic_fold(rec: Recording, module: nn.Module, M: Tensor, b: Tensor) -> dict[str, Tensor]:
     """New values (``{name relative to module: tensor}``, float64) of the layers that read
     ``module``'s input, with the adapter ``x -> x·M + b`` folded in. Changes nothing."""
     call = _site_call(rec, module)
@@ -69,9 +67,7 @@ def generic_fold(
         w64 = weight.detach().to(device=M.device, dtype=torch.float64)
         flat = w64.reshape(w64.shape[0], w64.shape[1], -1)
         if flat.shape[1] != M.shape[0]:
-            raise MergeError(
-                f"{weight_name} reads {flat.shape[1]} channels, expected {M.shape[0]}"
-            )
+            raise MergeError(f"{weight_name} reads {flat.shape[1]} channels, expected {M.shape[0]}")
         out[weight_name] = torch.einsum("oit,ji->ojt", flat, M).reshape(w64.shape)
         offset = torch.einsum("oit,i->o", flat, b)
         bias = op.params[1][1] if len(op.params) > 1 else None
@@ -136,8 +132,10 @@ def check_fold(
         a, k = with_input(lambda x: _apply_affine(x, M, b, axis))
         expected = replica(*a, **k)
         for name, value in new_values.items():
-            target = replica.get_parameter(name) if _is_param(replica, name) else (
-                replica.get_buffer(name)
+            target = (
+                replica.get_parameter(name)
+                if _is_param(replica, name)
+                else (replica.get_buffer(name))
             )
             target.copy_(value.to(target.device, target.dtype))
         a, k = with_input(lambda x: x)

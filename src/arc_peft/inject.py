@@ -12,7 +12,7 @@ from .config import AdapterConfig, AdaptMLPConfig, ARCConfig
 from .discover import Site, SitePlan, discover
 from .errors import UnsupportedModelError
 from .modules import ARC, Adapter, AdaptMLP
-from .slots import SLOT_ATTR, AdapterSlot, holder_of, iter_slots
+from .slots import AdapterSlot, holder_of, iter_slots
 
 __all__ = [
     "DEFAULT_ADAPTER",

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .modules import Adapter
 from .discover import Site
 from .errors import UnsupportedModelError
+from .modules import Adapter
 
 __all__ = ["SLOT_ATTR", "AdapterSlot", "BlockSlots", "holder_of", "iter_slots"]
 

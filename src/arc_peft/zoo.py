@@ -20,24 +20,45 @@ _DEFAULT = (3, 224, 224)
 def _pair(value: Any) -> tuple[int, int] | None:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
         return int(value[0]), int(value[1])
     return None
 
 
+def _hf_configs(model: nn.Module) -> list[Any]:
+    """Hugging Face ``transformers``: the model's ``config`` and, for a composite model (CLIP,
+    SigLIP, a vision-language model), its ``vision_config`` first: that is the image tower's."""
+    config = getattr(model, "config", None)
+    if config is None or isinstance(config, (dict, str, int, float)):
+        return []
+    vision = getattr(config, "vision_config", None)
+    return [c for c in (vision, config) if c is not None and not isinstance(c, (str, int, float))]
+
+
+def _config_value(config: Any, key: str) -> Any:
+    if isinstance(config, dict):  # a sub-config left as a plain dict
+        return config.get(key)
+    return getattr(config, key, None)
+
+
 def _size_candidates(model: nn.Module) -> list[Any]:
-    """Image sizes the model declares, most specific first."""
+    """Image sizes ``model`` itself declares, most specific first."""
     found: list[Any] = []
     patch_embed = getattr(model, "patch_embed", None)  # timm: the size the model was built with
     if patch_embed is not None:
         found.append(getattr(patch_embed, "img_size", None))
-    for owner in (model, getattr(model, "visual", None)):  # torchvision ViT, open_clip towers
-        if owner is not None:
+    # torchvision ViT (``image_size``); open_clip towers (``image_size``, on the tower or on a
+    # whole CLIP / CoCa model's ``visual``).
+    for owner in (model, getattr(model, "visual", None)):
+        if isinstance(owner, nn.Module):
             found.append(getattr(owner, "image_size", None))
             found.append(getattr(owner, "img_size", None))
-    config = getattr(model, "config", None)  # Hugging Face transformers
-    config = getattr(config, "vision_config", None) or config
-    found.append(getattr(config, "image_size", None))
+    for config in _hf_configs(model):  # Hugging Face ``config.image_size`` (int or (H, W))
+        found.append(_config_value(config, "image_size"))
     for attr in ("pretrained_cfg", "default_cfg"):  # timm's (3, H, W)
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
@@ -45,13 +66,24 @@ def _size_candidates(model: nn.Module) -> list[Any]:
     return found
 
 
+def _declared_size(model: nn.Module) -> tuple[int, int] | None:
+    """The size the model declares; failing that, the one its first declaring submodule does (a
+    user's wrapper around a timm / transformers / open_clip backbone)."""
+    for _, module in model.named_modules():
+        for candidate in _size_candidates(module):
+            size = _pair(candidate)
+            if size is not None:
+                return size
+    return None
+
+
 def _channels(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    config = getattr(config, "vision_config", None) or config
-    channels = getattr(config, "num_channels", None)
-    if isinstance(channels, int) and channels > 0:
-        return channels
-    for module in model.modules():
+    for _, module in model.named_modules():  # Hugging Face ``config.num_channels``
+        for config in _hf_configs(module):
+            channels = _config_value(config, "num_channels")
+            if isinstance(channels, int) and not isinstance(channels, bool) and channels > 0:
+                return channels
+    for module in model.modules():  # timm, torchvision, open_clip: the stem's convolution
         if isinstance(module, (nn.Conv2d, nn.Conv1d)):
             return int(module.in_channels)
     return _DEFAULT[0]
@@ -60,11 +92,8 @@ def _channels(model: nn.Module) -> int:
 def image_layout(model: nn.Module) -> tuple[int, int, int]:
     """``(channels, height, width)`` of the images ``model`` takes (``(3, 224, 224)`` when it
     does not say)."""
-    for candidate in _size_candidates(model):
-        size = _pair(candidate)
-        if size is not None:
-            return (_channels(model), *size)
-    return (_channels(model), *_DEFAULT[1:])
+    size = _declared_size(model)
+    return (_channels(model), *(size or _DEFAULT[1:]))
 
 
 def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
