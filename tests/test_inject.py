@@ -381,7 +381,12 @@ def test_unregistered_custom_model_is_discovered(custom_targets):
         arc_peft.inject_arc(model, ARCConfig(rank=2))  # a token input, not an image
     arc_peft.inject_arc(model, ARCConfig(rank=2), example_input=x)
     sites = [(s.site.path, s.position, s.block) for _, _, s in iter_slots(model)]
-    expected = [("0.mixer", "attn", 0), ("0.ff", "mlp", 0), ("1.mixer", "attn", 1), ("1.ff", "mlp", 1)]
+    expected = [
+        ("0.mixer", "attn", 0),
+        ("0.ff", "mlp", 0),
+        ("1.mixer", "attn", 1),
+        ("1.ff", "mlp", 1),
+    ]
     assert sites == expected
     randomise_adapters(model)
     with arc_peft.disable_adapter(model):

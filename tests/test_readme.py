@@ -22,10 +22,8 @@ def test_usage_example_runs_as_written(tmp_path, monkeypatch, capsys):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     printed = capsys.readouterr().out
-    assert (
-        "trainable 173K of 86M (0.20%) | adapters 96,432 | head 76,900 | sites adapted: attn 12, mlp 12"
-        in printed
-    )
+    summary = "trainable 173K of 86M (0.20%) | adapters 96,432 | head 76,900"
+    assert f"{summary} | sites adapted: attn 12, mlp 12" in printed
     model = namespace["model"]
     assert arc_peft.adapter_configs(model) == {}  # merged: a plain backbone again
     assert (tmp_path / "task.safetensors").is_file()
