@@ -41,6 +41,9 @@ __all__ = ["LeftOut", "Site", "SitePlan", "discover"]
 _MATMULS = {"matmul", "bmm", "einsum", "baddbmm"}
 _ATTENTION = {"scaled_dot_product_attention", "multi_head_attention_forward"}
 _LAYERS = {"linear", "conv1d", "conv2d", "conv3d"}
+# Parameterised ops that mix channels: what "through a learned layer" means for the queries, keys
+# and values (a norm's affine, a learned bias or scale is parameterised too, but is no projection).
+_PROJECTIONS = _LAYERS | _MATMULS | {"addmm", "mm", "multi_head_attention_forward"}
 # Ops that move or select tokens but leave each token's channel vector as it is: a per-token map
 # of the channels (ARC, its merged form) commutes with them.
 SHAPE_OPS = {
@@ -145,10 +148,19 @@ class _Finder:
                 break
         if best is None:
             readers = {
-                c.index for c in self.rec.calls if c.main_input == tid and c.start <= around
+                c.index
+                for c in self.rec.calls
+                if c.main_input == tid and self.rec.contains(around, c.index)
             }
             if len(readers) == 1 and len(self.readers(tid)) == 1:
-                best = readers.pop()
+                reader = readers.pop()
+                # it projects the input itself (a qkv linear), not just normalises it
+                if any(
+                    self.projects(self.rec.ops[i])
+                    and self.rec.contains(reader, self.rec.ops[i].call)
+                    for i in self.readers(tid)
+                ):
+                    best = reader
         return best
 
     def shape_closure(self, tid: int, placement: bool = False) -> set[int]:
@@ -196,10 +208,10 @@ class _Finder:
         if len(shape) < 2:
             return None
         first, last = (len(shape) > 2 and shape[1] == width), shape[-1] == width
-        if direct:
-            order = (-1, 1) if layer in ("linear", "mha") else (1, -1)
-        else:
-            order = (1, -1)
+        # A layer reading the input directly says where its channels are; through reshapes
+        # (channels-first input flattened for a linear) prefer the channels-first axis.
+        channels_last = direct and layer in ("linear", "mha")
+        order = (-1, 1) if channels_last else (1, -1)
         for axis in order:
             if (axis == -1 and last) or (axis == 1 and first):
                 return axis
@@ -230,29 +242,65 @@ class _Finder:
             return a in fi and b in fi and len(self.rec.shapes[a]) >= 3
         return False
 
-    def attention_input(self, index: int) -> int | None:
-        """The latest tensor every operand of attention op ``index`` is computed from through a
-        learned layer, or ``None`` (pooling / cross-attention)."""
+    def attention_inputs(self, index: int) -> list[int]:
+        """The tensors every operand of attention op ``index`` is computed from through a learned
+        projection, latest first, within the innermost enclosing call that has any; empty for
+        pooling / cross-attention."""
         op = self.rec.ops[index]
         operands = op.inputs[:3] if op.name in _ATTENTION else op.inputs[-2:]
         operands = [t for t in operands if t in self.rec.from_input]
         if len(operands) < (3 if op.name in _ATTENTION else 2):
-            return None
+            return []
         for call in self.rec.enclosing(op.call):
             main = self.rec.calls[call].main_input
             floor = (main - 1) if main is not None else -1
             common = set.intersection(*(self.rec.ancestors(t, floor) for t in operands))
+            found = []
             for candidate in sorted(common & self.rec.from_input, reverse=True):
-                through = self.rec.descendants(candidate, stop=index)
+                through = self.rec.descendants(candidate, stop=index, learned=self.projects)
                 ok = all(
-                    (t == candidate and bool(op.params)) or through.get(t, False)
-                    for t in operands
+                    (t == candidate and bool(op.params)) or through.get(t, False) for t in operands
                 )
                 if ok:
-                    return candidate
-        return None
+                    found.append(candidate)
+            if found:
+                return found
+            # Queries from another stream of the same image (a global query passed in), keys and
+            # values from this call's input: self-attention over that input.
+            keys = operands[1:]
+            if main is not None and all(
+                self.rec.descendants(main, stop=index, learned=self.projects).get(t, False)
+                for t in keys
+            ):
+                return [main]
+        return []
+
+    def attention_site(self, index: int) -> tuple[int | None, int | None]:
+        """``(input tid, site call)`` of attention op ``index``: the latest common input of its
+        operands that a module takes (see :meth:`call_of_tensor`); ``(None, None)`` for pooling
+        and cross-attention, ``(tid, None)`` when no module takes any such input."""
+        candidates = self.attention_inputs(index)
+        around = self.rec.ops[index].call
+        for x in candidates:
+            call = self.call_of_tensor(x, around)
+            if call is not None and call != 0:
+                return x, call
+        return (candidates[0] if candidates else None), None
 
     # -- MLPs --------------------------------------------------------------------------------
+
+    def projects(self, op: Any) -> bool:
+        """Whether parameterised op ``op`` is a learned projection: it mixes channels."""
+        return op.name in _PROJECTIONS and (op.name not in _LAYERS or self.mixes_channels(op.index))
+
+    def mixes_channels(self, index: int) -> bool:
+        """Whether layer op ``index`` mixes channels: a linear or an ungrouped convolution (a
+        depthwise convolution mixes tokens, as a positional encoding or local mixer does)."""
+        op = self.rec.ops[index]
+        if op.name == "linear":
+            return True
+        groups = op.args[6] if len(op.args) > 6 else op.kwargs.get("groups", 1)
+        return int(groups) == 1
 
     def mlp_after(self, layer: int, end: int, block: int) -> int | None:
         """The op that closes an MLP opened by layer op ``layer``: reached through a
@@ -273,13 +321,16 @@ class _Finder:
                 if index >= end or not rec.contains(block, rec.ops[index].call):
                     continue
                 op = rec.ops[index]
-                flag = flags[current] or op.name in _NONLINEAR or (
-                    op.name == "mul" and len(op.inputs) == 2
+                flag = (
+                    flags[current]
+                    or op.name in _NONLINEAR
+                    or (op.name == "mul" and len(op.inputs) == 2)
                 )
                 if (
                     flag
                     and op.name in _LAYERS
                     and op.params
+                    and self.mixes_channels(index)
                     and int(op.params[0][1].shape[0]) == width
                     and (best is None or index < best)
                 ):
@@ -332,8 +383,7 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
             continue
         if any(rec.contains(c, op.call) for c in attn_calls.values()):
             continue  # inside a site already found (q @ k then attn @ v)
-        x = finder.attention_input(index)
-        call = finder.call_of_tensor(x, op.call) if x is not None else None
+        x, call = finder.attention_site(index)
         if call is None or call == 0:
             owner = rec.calls[op.call]
             if id(owner.module) not in left:
@@ -352,8 +402,13 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
     # Left-out pooling modules that turned out to hold a site are not left out.
     for key in list(left):
         mod_call = next(c for c in rec.calls if id(c.module) == key)
-        if any(rec.contains(c, mod_call.index) or rec.contains(mod_call.index, c)
-               for c in attn_calls.values()) and key not in attn_calls:
+        if (
+            any(
+                rec.contains(c, mod_call.index) or rec.contains(mod_call.index, c)
+                for c in attn_calls.values()
+            )
+            and key not in attn_calls
+        ):
             inside = any(rec.contains(c, mod_call.index) for c in attn_calls.values())
             if inside:
                 del left[key]
@@ -388,13 +443,16 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
     if True:
         for n, (call, _) in enumerate(attn_sites):
             end = rec.calls[attn_sites[n + 1][0]].start if n + 1 < len(attn_sites) else len(rec.ops)
-            earlier = [c for m, (c, _) in enumerate(attn_sites) if runs[m] < runs[n]]
+            # The MLP's block holds no attention of another run (before or after it).
+            others = [c for m, (c, _) in enumerate(attn_sites) if runs[m] != runs[n]]
             cursor = rec.calls[call].end
             for layer in layer_ops:
                 if layer < cursor or layer >= end:
                     continue
                 block = rec.lca(call, rec.ops[layer].call)
-                if block == 0 or any(rec.contains(block, c) for c in earlier):
+                if block == 0 or any(rec.contains(block, c) for c in others):
+                    continue
+                if not finder.mixes_channels(layer):
                     continue
                 closing = finder.mlp_after(layer, end, block)
                 if closing is None:
@@ -403,7 +461,7 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
                     continue
                 first = rec.ops[layer]
                 x = first.inputs[0]
-                in_call = _end_call(finder, x, first.call, block, call)
+                in_call = _mlp_input_call(finder, x, first.call, block, call, end)
                 out_call = _out_call(finder, rec.ops[closing], block, in_call)
                 if in_call is not None:
                     found_mlps.append((layer, in_call, out_call, runs[n]))
@@ -413,6 +471,7 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
     run_of_attn = {c: runs[n] for n, (c, _) in enumerate(attn_sites)}
     for call, position, x in order:
         c = rec.calls[call]
+        x = c.main_input  # the tensor the hook sees (the site's input reaches the layers from it)
         target = get_target(c.module)
         layout = finder.input_layout(x, c.end)
         if target is not None and target.override and target.width is not None:
@@ -434,12 +493,14 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
     forced_runs = {
         max([r for a, r in run_of_attn.items() if a < c], default=0) for c, _ in registered_mlps
     }
-    for start, in_call, out_call, run in found_mlps:
+    for _start, in_call, out_call, run in found_mlps:
         if run in forced_runs:
             continue  # a registered MLP type overrides what the probe found in its block
         c = rec.calls[in_call]
         x = c.main_input
-        layout = finder.input_layout(x, rec.calls[in_call].end if out_call == in_call else len(rec.ops))
+        layout = finder.input_layout(
+            x, rec.calls[in_call].end if out_call == in_call else len(rec.ops)
+        )
         if layout is None:
             continue
         width, axis = layout
@@ -475,6 +536,34 @@ def _renumber(sites: list[Site]) -> list[Site]:
         mapping.setdefault(site.block, len(mapping))
         out.append(Site(**{**site.__dict__, "block": mapping[site.block]}))
     return out
+
+
+def _mlp_input_call(
+    finder: _Finder, x: int, around: int, block: int, attn: int, end: int
+) -> int | None:
+    """The call an MLP whose first layer reads ``x`` is adapted at: the outermost one taking
+    ``x`` that holds every projection reading it (``w0(x)``, ``w1(x)`` of a gated MLP); failing
+    that, the same for the tensor ``x`` was computed from by a per-token op (a norm inside the
+    MLP module)."""
+    rec = finder.rec
+    t: int | None = x
+    while t is not None:
+        call = _end_call(finder, t, around, block, attn)
+        if call is not None:
+            layers = [
+                i for i in finder.readers(t, end) if finder.projects(rec.ops[i])
+            ]
+            if all(rec.contains(call, rec.ops[i].call) for i in layers):
+                return call
+        producer = rec.producer.get(t)
+        if producer is None:
+            return None
+        op = rec.ops[producer]
+        sources = [i for i in op.inputs if i in rec.from_input]
+        if finder.projects(op) or len(sources) != 1 or op.name in _NONLINEAR:
+            return None
+        t = sources[0]
+    return None
 
 
 def _end_call(finder: _Finder, x: int, around: int, block: int, attn: int) -> int | None:

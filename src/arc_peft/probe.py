@@ -14,7 +14,7 @@ op that reads one is a *parameterised* op.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,7 +162,9 @@ class Recording:
         index = len(self.calls)
         parent = self._stack[-1] if self._stack else None
         depth = self.calls[parent].depth + 1 if parent is not None else 0
-        call = Call(index, self.paths.get(id(module), "?"), module, parent, depth, inputs, len(self.ops))
+        call = Call(
+            index, self.paths.get(id(module), "?"), module, parent, depth, inputs, len(self.ops)
+        )
         if id(module) in self.keep:
             call.captured = (args, dict(kwargs))
         self.calls.append(call)
@@ -215,9 +217,12 @@ class Recording:
                     todo.append(parent)
         return seen
 
-    def descendants(self, tid: int, stop: int | None = None) -> dict[int, bool]:
+    def descendants(
+        self, tid: int, stop: int | None = None, learned: Callable[[Op], bool] | None = None
+    ) -> dict[int, bool]:
         """Tensors computed from ``tid`` by ops before index ``stop``; the value says whether the
-        path went through a parameterised op."""
+        path went through a parameterised op (one for which ``learned(op)`` holds, when given: a
+        norm's affine or a learned bias is parameterised too, but does not mix channels)."""
         through: dict[int, bool] = {tid: False}
         todo = [tid]
         while todo:
@@ -226,7 +231,7 @@ class Recording:
                 if stop is not None and index >= stop:
                     continue
                 op = self.ops[index]
-                flag = through[current] or bool(op.params)
+                flag = through[current] or (bool(op.params) and (learned is None or learned(op)))
                 for out in op.outputs:
                     if out not in through or (flag and not through[out]):
                         through[out] = flag
@@ -246,9 +251,7 @@ class _Mode(TorchFunctionMode):
         return out
 
 
-def record(
-    model: nn.Module, example: Any, keep: Iterable[nn.Module] = ()
-) -> Recording:
+def record(model: nn.Module, example: Any, keep: Iterable[nn.Module] = ()) -> Recording:
     """Run ``model`` once on ``example`` (a tensor, a tuple of arguments or a dict of keyword
     arguments) in eval mode without gradients, and return the :class:`Recording`.
 
@@ -261,9 +264,7 @@ def record(
     try:
         for module in model.modules():
             handles.append(module.register_forward_pre_hook(recording.pre_hook, with_kwargs=True))
-            handles.append(
-                module.register_forward_hook(recording.post_hook, with_kwargs=True)
-            )
+            handles.append(module.register_forward_hook(recording.post_hook, with_kwargs=True))
         model.eval()
         args, kwargs = _as_call(example)
         with torch.no_grad(), _Mode(recording):

@@ -1,0 +1,475 @@
+"""Which timm / torchvision vision transformers arc_peft adapts, checked by building them.
+
+For every model, randomly initialised (never downloaded):
+
+1. ``arc_peft.site_plan(model, refresh=True)``: the attention / MLP sites and what is left out;
+2. ``inject_arc(copy, ARCConfig(rank=4))`` and one forward with every adapter made non-zero:
+   each adapter must run, and the output must change.
+
+A model "has attention" when its probe forward issues an attention op (SDPA,
+``multi_head_attention_forward`` or a product of two activations): that is found with a forward
+on the ``meta`` device, which costs no arithmetic. A family is a timm model module
+(``timm.models.<family>``); its representative is its smallest entrypoint (fewest parameters)
+that has attention.
+
+Usage::
+
+    python scripts/coverage.py                 # one model per family, writes docs/models.md
+    python scripts/coverage.py --all           # every entrypoint with attention (long: run it in
+                                               # the background); results in --out, resumable
+    python scripts/coverage.py --only cait xcit # some families only, printed, no docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import arc_peft  # noqa: E402
+from arc_peft import discover as _discover  # noqa: E402
+from arc_peft.modules import Adapter  # noqa: E402
+
+DOCS = ROOT / "docs" / "models.md"
+CACHE = Path(os.environ.get("ARC_PEFT_COVERAGE_CACHE", "/tmp/arc_peft_coverage"))
+BEGIN = "<!-- BEGIN coverage (generated: python scripts/coverage.py) -->"
+END = "<!-- END coverage -->"
+TIMEOUT = 20  # seconds per model (build + probe + inject + forward)
+REAL_LIMIT = 120e6  # parameters: larger models are checked on the meta device (no output check)
+
+TORCHVISION = [
+    "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "swin_t", "swin_s", "swin_b",
+    "swin_v2_t", "swin_v2_s", "swin_v2_b", "maxvit_t",
+]  # fmt: skip
+
+
+class Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    def handler(signum, frame):
+        raise Timeout(f"took more than {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# -- building -------------------------------------------------------------------------------------
+
+
+def families() -> dict[str, list[str]]:
+    """timm entrypoints grouped by model module."""
+    import timm
+    from timm.models import model_entrypoint
+
+    found: dict[str, list[str]] = defaultdict(list)
+    for name in timm.list_models():
+        found[model_entrypoint(name).__module__.rsplit(".", 1)[-1]].append(name)
+    return dict(sorted(found.items()))
+
+
+def build(name: str, device: str = "cpu", **kwargs: Any) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.device(device):
+        if name.startswith("torchvision."):
+            import torchvision.models as tvm
+
+            model = getattr(tvm, name.split(".", 1)[1])(weights=None, **kwargs)
+        else:
+            import timm
+
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    return model.eval()
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class _Capture:
+    """Keeps the Recording of the probe that ``site_plan`` runs (so it is not run twice)."""
+
+    def __init__(self) -> None:
+        self.last = None
+
+    def __enter__(self):
+        self.original = _discover.record
+
+        def capture(*args, **kwargs):
+            self.last = self.original(*args, **kwargs)
+            return self.last
+
+        _discover.record = capture
+        return self
+
+    def __exit__(self, *exc):
+        _discover.record = self.original
+
+
+def attention_owners(rec) -> list[str]:
+    """Paths of the innermost modules issuing attention ops (independent of site discovery)."""
+    finder = _discover._Finder(rec)
+    owners = []
+    for index in range(len(rec.ops)):
+        if finder.is_attention(index):
+            path = rec.calls[rec.ops[index].call].path
+            if path not in owners:
+                owners.append(path)
+    # q @ k and attn @ v issued by one module count once; nested owners count at the outermost
+    return [p for p in owners if not any(p.startswith(o + ".") for o in owners if o != p)]
+
+
+def census(name: str) -> dict:
+    """Parameters and number of attention ops of ``name``, from a meta-device forward."""
+    from arc_peft.probe import record
+    from arc_peft.zoo import example_input
+
+    out: dict[str, Any] = {"entrypoint": name}
+    try:
+        with time_limit(TIMEOUT):
+            model = build(name, "meta")
+            out["params"] = num_params(model)
+            rec = record(model, example_input(model))
+            finder = _discover._Finder(rec)
+            out["attn_ops"] = sum(finder.is_attention(i) for i in range(len(rec.ops)))
+    except Exception as exc:
+        out["meta_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return out
+
+
+# -- checking -------------------------------------------------------------------------------------
+
+
+def check(name: str, device: str = "cpu", **kwargs: Any) -> dict:
+    """Plan, inject and run ``name``; the row of the coverage table."""
+    row: dict[str, Any] = {"entrypoint": name, "device": device}
+    if kwargs:
+        row["kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    start = time.time()
+    try:
+        with time_limit(TIMEOUT):
+            model = build(name, device, **kwargs)
+            row["params"] = num_params(model)
+            with _Capture() as cap:
+                t = time.time()
+                plan = arc_peft.site_plan(model, refresh=True)
+                row["plan_s"] = round(time.time() - t, 3)
+            rec = cap.last
+            owners = attention_owners(rec)
+            row["attn_modules"] = len(owners)
+            row["attn"] = sum(s.position == "attn" for s in plan.sites)
+            row["mlp"] = sum(s.position == "mlp" for s in plan.sites)
+            row["blocks"] = plan.num_blocks
+            row["attn_kinds"] = sorted(
+                {s.kind.rsplit(".", 1)[-1] for s in plan.sites if s.position == "attn"}
+            )
+            row["mlp_kinds"] = sorted(
+                {s.kind.rsplit(".", 1)[-1] for s in plan.sites if s.position == "mlp"}
+            )
+            row["left_out"] = [
+                {"path": i.path, "kind": i.kind.rsplit(".", 1)[-1], "reason": i.reason,
+                 "on_purpose": i.on_purpose}
+                for i in plan.left_out
+            ]  # fmt: skip
+            # every attention module is either a site's owner or left out on purpose
+            covered = set()
+            site_paths = [s.path for s in plan.sites if s.position == "attn"]
+            for o in owners:
+                for sp in site_paths:
+                    if o == sp or o.startswith(sp + ".") or sp.startswith(o + ".") or sp == "":
+                        covered.add(o)
+                for item in plan.left_out:
+                    if item.on_purpose and (o == item.path or o.startswith(item.path + ".")):
+                        covered.add(o)
+            row["uncovered"] = [o for o in owners if o not in covered]
+            adapted = copy.deepcopy(model)
+            arc_peft.inject_arc(adapted, arc_peft.ARCConfig(rank=4))
+            adapters = [m for m in adapted.modules() if isinstance(m, Adapter)]
+            row["adapters"] = len(adapters)
+            called = set()
+            handles = [
+                m.register_forward_hook(lambda mod, a, o: called.add(id(mod))) for m in adapters
+            ]
+            g = torch.Generator().manual_seed(1)
+            for m in adapters:
+                for p in m.parameters(recurse=False):
+                    with torch.no_grad():
+                        p.copy_(torch.randn(p.shape, generator=g).to(p))
+            x = arc_peft.zoo.example_input(model, batch=2)
+            # the features, not the logits: some heads start at zero (Hiera)
+            features = hasattr(model, "forward_features")
+            with torch.no_grad():
+                y = adapted.forward_features(x) if features else adapted(x)
+            for h in handles:
+                h.remove()
+            row["adapters_run"] = len(called)
+            if device != "meta":
+                with torch.no_grad():
+                    y0 = model.forward_features(x) if features else model(x)
+                y, y0 = _first(y), _first(y0)
+                # relative: a layer scale of 1e-5 (FastViT) makes the change small, not zero
+                diff = (y.float() - y0.float()).abs().max().item()
+                row["rel_change"] = diff / max(y0.float().abs().max().item(), 1e-12)
+                row["changed"] = row["rel_change"] > 1e-6
+                row["finite"] = bool(torch.isfinite(y).all())
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        row["trace"] = traceback.format_exc()[-1500:]
+    row["seconds"] = round(time.time() - start, 2)
+    row["ok"] = ok(row)
+    return row
+
+
+def _first(y: Any) -> torch.Tensor:
+    if isinstance(y, torch.Tensor):
+        return y
+    if isinstance(y, dict):
+        y = list(y.values())
+    if hasattr(y, "last_hidden_state"):
+        return y.last_hidden_state
+    return _first(y[0])
+
+
+def ok(row: dict) -> bool:
+    """Fully adapted: no error, every attention module adapted (or pooling, on purpose), every
+    adapter ran and (on a real device) changed the output."""
+    if "error" in row or not row.get("attn"):
+        return False
+    if any(not i["on_purpose"] for i in row.get("left_out", ())) or row.get("uncovered"):
+        return False
+    if row.get("adapters_run") != row.get("adapters"):
+        return False
+    return row.get("changed", True) and row.get("finite", True)
+
+
+# -- driving --------------------------------------------------------------------------------------
+
+
+def load_census(names: list[str], workers: int) -> dict[str, dict]:
+    CACHE.mkdir(exist_ok=True)
+    path = CACHE / "census.jsonl"
+    done: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            item = json.loads(line)
+            done[item["entrypoint"]] = item
+    todo = [n for n in names if n not in done]
+    if todo:
+        print(f"census: {len(todo)} entrypoints on the meta device", file=sys.stderr)
+        for item in _map(census, todo, workers):
+            done[item["entrypoint"]] = item
+            with path.open("a") as f:
+                f.write(json.dumps(item) + "\n")
+    return done
+
+
+def _map(fn, items, workers):
+    if workers <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(workers, maxtasksperchild=20) as pool:
+        yield from pool.imap_unordered(fn, items)
+
+
+def _check_auto(name: str) -> dict:
+    """Real device when small enough (output check), meta device otherwise."""
+    info = census(name)
+    device = "cpu" if info.get("params", 0) <= REAL_LIMIT else "meta"
+    row = check(name, device)
+    if device == "meta" and "error" in row:  # some models need real data (data-dependent ops)
+        row2 = check(name, "cpu")
+        if "error" not in row2:
+            row = row2
+    return row
+
+
+def family_rows(fams: dict[str, list[str]], census_: dict[str, dict]) -> list[dict]:
+    rows = []
+    for family, names in fams.items():
+        with_attn = [census_[n] for n in names if census_.get(n, {}).get("attn_ops")]
+        failed_meta = [n for n in names if "meta_error" in census_.get(n, {})]
+        if not with_attn:
+            if failed_meta and len(failed_meta) == len(names):
+                print(f"{family}: no entrypoint ran on meta: {census_[names[0]]}", file=sys.stderr)
+            continue
+        smallest = min(with_attn, key=lambda c: c.get("params", 0))
+        print(f"{family}: {smallest['entrypoint']}", file=sys.stderr, flush=True)
+        row = _check_auto(smallest["entrypoint"])
+        row["family"] = family
+        row["entrypoints"] = len(names)
+        row["entrypoints_attn"] = len(with_attn)
+        rows.append(row)
+        print(f"  ok={row['ok']} attn={row.get('attn')} mlp={row.get('mlp')} "
+              f"{row.get('error', '')} {row.get('uncovered', '')}", file=sys.stderr, flush=True)  # fmt: skip
+    for name in TORCHVISION:
+        row = _check_auto("torchvision." + name)
+        row["family"] = "torchvision"
+        rows.append(row)
+        print(f"torchvision.{name}: ok={row['ok']} {row.get('error', '')}", file=sys.stderr)
+    return rows
+
+
+def _cell_left(row: dict) -> str:
+    items = row.get("left_out", [])
+    if not items:
+        return ""
+    grouped: dict[tuple, int] = defaultdict(int)
+    for i in items:
+        grouped[(i["kind"], i["reason"], i["on_purpose"])] += 1
+    return "; ".join(
+        f"{n}× `{k}`{' (on purpose)' if p else ''}: {r}" for (k, r, p), n in grouped.items()
+    )
+
+
+def markdown(rows: list[dict], all_summary: str | None) -> str:
+    import timm
+    import torchvision
+
+    fam = [r for r in rows if r["family"] != "torchvision"]
+    tv = [r for r in rows if r["family"] == "torchvision"]
+    n_ok = sum(r["ok"] for r in fam)
+    lines = [
+        "## Coverage: every timm family with attention",
+        "",
+        "*Generated by `scripts/coverage.py`: do not edit by hand. Rerun with",
+        "`python scripts/coverage.py` (one model per family, a few minutes on a CPU; it rewrites",
+        "this section) after `python scripts/coverage.py --all` (every entrypoint, hours; results",
+        "cached in `$ARC_PEFT_COVERAGE_CACHE`, default `/tmp/arc_peft_coverage`).*",
+        "",
+        "arc_peft finds adapter sites by probing one forward pass (see [Concepts](concepts.md)),",
+        "so it adapts architectures nobody registered. This page is the evidence: every timm",
+        "model family whose forward issues self-attention, built randomly initialised",
+        f"(timm {timm.__version__}, torchvision {torchvision.__version__}, torch",
+        f"{torch.__version__}), with `arc_peft.site_plan`, then `inject_arc(ARCConfig(rank=4))`",
+        "and one forward with every adapter non-zero. **OK** means: no error, every module",
+        "issuing attention ops is an attention site (or attention pooling, left out on purpose),",
+        "every adapter ran, and the output changed.",
+        "",
+        f"**timm families with attention: {n_ok} / {len(fam)} fully adapted** (the smallest",
+        "entrypoint of each family that has attention).",
+        "",
+    ]
+    if all_summary:
+        lines += [all_summary, ""]
+    lines += [
+        "| Family | Entrypoint | Params | OK | Attention sites | MLP sites | Left out / error |",
+        "|---|---|---:|:-:|---:|---:|---|",
+    ]
+    for r in fam + tv:
+        note = r.get("error", "") or _cell_left(r)
+        if r.get("uncovered"):
+            note += f" not adapted: {', '.join(r['uncovered'][:3])}"
+        if r.get("device") == "meta":
+            note += " (checked on the meta device: no output check)"
+        note = note.replace("|", "\\|").replace("\n", " ")
+        params = f"{r['params'] / 1e6:.1f}M" if "params" in r else ""
+        kinds = ", ".join(r.get("attn_kinds", []))
+        mkinds = ", ".join(r.get("mlp_kinds", []))
+        lines.append(
+            f"| {r['family']} | `{r['entrypoint']}` | {params} | {'yes' if r['ok'] else '**no**'} "
+            f"| {r.get('attn', '')} ({kinds}) | {r.get('mlp', '')} ({mkinds}) | {note} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def all_summary_text(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    if not rows:
+        return None
+    n_ok = sum(r["ok"] for r in rows)
+    bad = [r for r in rows if not r["ok"]]
+    text = (
+        f"**Every timm entrypoint with attention (`--all`): {n_ok} / {len(rows)} adapted "
+        f"({100 * n_ok / len(rows):.1f} %).**"
+    )
+    if bad:
+        text += " Not adapted: " + ", ".join(
+            f"`{r['entrypoint']}` ({(r.get('error') or 'partial')[:80]})" for r in bad[:40]
+        )
+        if len(bad) > 40:
+            text += f" and {len(bad) - 40} more"
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--all", action="store_true", help="check every entrypoint with attention")
+    parser.add_argument("--only", nargs="*", help="families (or entrypoints) to check")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default=str(CACHE / "all.jsonl"))
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1 if args.workers > 1 else torch.get_num_threads())
+    fams = families()
+    if args.only:
+        picked = {f: n for f, n in fams.items() if f in args.only}
+        names = [n for ns in fams.values() for n in ns if n in args.only]
+        cen = load_census([n for ns in picked.values() for n in ns], args.workers)
+        for name in names:
+            print(json.dumps(_check_auto(name), indent=1))
+        for row in family_rows(picked, cen):
+            row.pop("trace", None) if row["ok"] else None
+            print(json.dumps(row, indent=1))
+        return
+    all_names = [n for ns in fams.values() for n in ns]
+    cen = load_census(all_names, args.workers)
+    if args.all:
+        out = Path(args.out)
+        out.parent.mkdir(exist_ok=True)
+        done = set()
+        if out.exists():
+            done = {json.loads(line)["entrypoint"] for line in out.read_text().splitlines()}
+        todo = [n for n in all_names if cen[n].get("attn_ops") and n not in done]
+        print(f"--all: {len(todo)} entrypoints to check", file=sys.stderr)
+        for row in _map(_check_auto, todo, args.workers):
+            row.pop("trace", None)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{row['entrypoint']}: ok={row['ok']} {row.get('error', '')[:100]}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        print(all_summary_text(out))
+        return
+    rows = family_rows(fams, cen)
+    (CACHE / "families.json").write_text(json.dumps(rows, indent=1))
+    if not args.no_docs:
+        section = markdown(rows, all_summary_text(Path(args.out)))
+        page = DOCS.read_text()
+        if BEGIN in page:
+            head, rest = page.split(BEGIN, 1)
+            tail = rest.split(END, 1)[1]
+        else:
+            head, tail = page.rstrip("\n") + "\n\n", ""
+        DOCS.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
+        print(f"wrote {DOCS}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TIMM_FUSED_ATTN", "1")
+    main()
