@@ -80,17 +80,7 @@ def _check_selection(self: Any) -> None:
         _fail(cls, "allow_partial", self.allow_partial, "True or False")
 
 
-_SELECTION_DOC = """
-        blocks: Block indices to adapt (negative counts from the end, e.g. ``(-2, -1)`` for the
-            last two); ``None`` adapts every block. A block is a run of attention sites and
-            the MLP sites after them (one transformer block in a ViT).
-        target_modules: Glob patterns (``fnmatch``, matched against the whole module path, e.g.
-            ``("blocks.*.attn",)`` or ``("*.mlp",)``): adapt only the sites whose module path
-            matches one; ``None`` adapts every site.
-        exclude_modules: Glob patterns of site module paths to leave out.
-        allow_partial: Adapt what can be adapted when some attention module cannot be (the
-            error then becomes a warning). Sites chosen away by ``blocks``, ``target_modules``
-            or ``exclude_modules``, attention pooling and cross-attention are never an error."""
+
 
 
 class _JSONMixin:
@@ -143,7 +133,16 @@ class ARCConfig(_JSONMixin):
         init: ``"paper"`` — the official initialisation (attention scales zero, MLP scales
             xavier-uniform, so only the attention adapter starts as an identity);
             ``"identity"`` — every scale zero, so the adapted model equals the backbone at init.
-        {selection}
+        blocks: Block indices to adapt (negative counts from the end, e.g. ``(-2, -1)`` for the
+            last two); ``None`` adapts every block. A block is a run of attention sites and
+            the MLP sites after them (one transformer block in a ViT).
+        target_modules: Glob patterns (``fnmatch``, matched against the whole module path, e.g.
+            ``("blocks.*.attn",)`` or ``("*.mlp",)``): adapt only the sites whose module path
+            matches one; ``None`` adapts every site.
+        exclude_modules: Glob patterns of site module paths to leave out.
+        allow_partial: Adapt what can be adapted when some attention module cannot be (the
+            error then becomes a warning). Sites chosen away by ``blocks``, ``target_modules``
+            or ``exclude_modules``, attention pooling and cross-attention are never an error.
     """
 
     rank: int = 50
@@ -192,7 +191,16 @@ class AdaptMLPConfig(_JSONMixin):
             is added to the MLP's) or ``"sequential"`` (the adapter sees the MLP's output).
         layernorm: ``None`` (official default), ``"in"`` (LayerNorm on the adapter's input) or
             ``"out"`` (on its output, before scaling).
-        {selection}
+        blocks: Block indices to adapt (negative counts from the end, e.g. ``(-2, -1)`` for the
+            last two); ``None`` adapts every block. A block is a run of attention sites and
+            the MLP sites after them (one transformer block in a ViT).
+        target_modules: Glob patterns (``fnmatch``, matched against the whole module path, e.g.
+            ``("blocks.*.attn",)`` or ``("*.mlp",)``): adapt only the sites whose module path
+            matches one; ``None`` adapts every site.
+        exclude_modules: Glob patterns of site module paths to leave out.
+        allow_partial: Adapt what can be adapted when some attention module cannot be (the
+            error then becomes a warning). Sites chosen away by ``blocks``, ``target_modules``
+            or ``exclude_modules``, attention pooling and cross-attention are never an error.
     """
 
     bottleneck: int = 64
@@ -225,9 +233,6 @@ class AdaptMLPConfig(_JSONMixin):
             _fail(cls, "layernorm", self.layernorm, "None, 'in' or 'out'")
         _check_selection(self)
 
-
-for _cls in (ARCConfig, AdaptMLPConfig):  # the selection fields are documented once, above
-    _cls.__doc__ = (_cls.__doc__ or "").replace("        {selection}", _SELECTION_DOC.strip("\n"))
 
 AdapterConfig = Union[ARCConfig, AdaptMLPConfig]  # noqa: UP007 - a runtime alias
 
