@@ -48,7 +48,7 @@ DOCS = ROOT / "docs" / "models.md"
 CACHE = Path(os.environ.get("ARC_PEFT_COVERAGE_CACHE", "/tmp/arc_peft_coverage"))
 BEGIN = "<!-- BEGIN coverage (generated: python scripts/coverage.py) -->"
 END = "<!-- END coverage -->"
-TIMEOUT = 20  # seconds per model (build + probe + inject + forward)
+TIMEOUT = 40  # seconds per model (build + probe + inject + forward)
 REAL_LIMIT = 120e6  # parameters: larger models are checked on the meta device (no output check)
 
 TORCHVISION = [
@@ -203,6 +203,12 @@ def check(name: str, device: str = "cpu", **kwargs: Any) -> dict:
                     if item.on_purpose and (o == item.path or o.startswith(item.path + ".")):
                         covered.add(o)
             row["uncovered"] = [o for o in owners if o not in covered]
+            if device != "meta":
+                # zero-initialised branches (res-post-norm weights, head) hide any change
+                with torch.no_grad():
+                    for p in model.parameters():
+                        if p.is_floating_point() and p.numel() and not p.any():
+                            p.normal_(0, 0.02)
             adapted = copy.deepcopy(model)
             arc_peft.inject_arc(adapted, arc_peft.ARCConfig(rank=4))
             adapters = [m for m in adapted.modules() if isinstance(m, Adapter)]

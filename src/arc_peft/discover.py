@@ -220,14 +220,36 @@ class _Finder:
     def input_layout(self, tid: int, stop: int) -> tuple[int, int] | None:
         """``(width, channel axis)`` of an input from the first layer reading it."""
         direct = {i for i in self.rec.consumers.get(tid, ())}
+        norms = []
         for index in self.readers(tid, stop, placement=True):
             found = self.layer_width(index)
             if found is None:
+                if "norm" in self.rec.ops[index].name:
+                    norms.append(index)
                 continue
             width, layer = found
             axis = self.axis_of(tid, width, layer, index in direct)
             if axis is not None:
                 return width, axis
+        # split into channel groups before the layers (one projection per head): the layer's
+        # kind says the axis, the input's size on it the width
+        shape = self.rec.shapes[tid]
+        for index in self.readers(tid, stop, placement=True):
+            found = self.layer_width(index)
+            if found is None or len(shape) < 3:
+                continue
+            width, layer = found
+            axis = -1 if layer in ("linear", "mha") else 1
+            if shape[axis] % width == 0 and shape[axis] > width:
+                return shape[axis], axis
+        # normalised inside the module before its first layer: the layer reading the norm's
+        # output (same shape) says
+        for index in norms:
+            out = self.rec.ops[index].outputs[0]
+            if self.rec.shapes[out] == self.rec.shapes[tid]:
+                found = self.input_layout(out, stop)
+                if found is not None:
+                    return found
         return None
 
     # -- attention ---------------------------------------------------------------------------
@@ -443,14 +465,19 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
     if True:
         for n, (call, _) in enumerate(attn_sites):
             end = rec.calls[attn_sites[n + 1][0]].start if n + 1 < len(attn_sites) else len(rec.ops)
-            # The MLP's block holds no attention of another run (before or after it).
+            earlier = [c for m, (c, _) in enumerate(attn_sites) if runs[m] < runs[n]]
             others = [c for m, (c, _) in enumerate(attn_sites) if runs[m] != runs[n]]
             cursor = rec.calls[call].end
             for layer in layer_ops:
                 if layer < cursor or layer >= end:
                     continue
                 block = rec.lca(call, rec.ops[layer].call)
-                if block == 0 or any(rec.contains(block, c) for c in others):
+                if block == 0 or any(rec.contains(block, c) for c in earlier):
+                    continue
+                # nor does the part of the block the layer is in: then the layer belongs to
+                # a later block of its own (the next stage's conv blocks before its attention)
+                part = _child_toward(rec, block, rec.ops[layer].call)
+                if any(rec.contains(part, c) for c in others):
                     continue
                 if not finder.mixes_channels(layer):
                     continue
@@ -523,6 +550,13 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
                 path, _kind(module), "it was not called by the probe forward", False
             )
     return SitePlan(sites, list(left.values()), len({s.block for s in sites}))
+
+
+def _child_toward(rec: Recording, outer: int, inner: int) -> int:
+    """The call directly inside ``outer`` on the way to ``inner`` (``inner`` if none)."""
+    while rec.calls[inner].parent is not None and rec.calls[inner].parent != outer:
+        inner = rec.calls[inner].parent
+    return inner
 
 
 def _inside(rec: Recording, block: int) -> set[int]:

@@ -1,0 +1,132 @@
+"""Site discovery on architectures nobody registered: one small model each of diverse timm
+families, checked against what is known about them independently of discovery (the module types
+that are attention in that family), and a slow sweep over every family (scripts/coverage.py)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import arc_peft
+from arc_peft.modules import Adapter
+
+timm = pytest.importorskip("timm")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# entrypoint -> (tiny kwargs, attention module class names, MLP sites expected)
+CASES = {
+    # channels-first hybrid: attention only in the last stage, Conv MLPs
+    "fastvit_sa12": (dict(img_size=64), ("Attention",), 2),
+    "efficientformerv2_s0": (dict(img_size=64), ("Attention2d", "Attention2dDownsample"), 4),
+    # parallel blocks: three attention + MLP sites per block (the MLPs shared: one module)
+    "coat_lite_tiny": (dict(img_size=64), ("FactorAttnConvRelPosEnc",), 8),
+    # cross-attention fusion: adapted, attention-only sites
+    "crossvit_tiny_240": ({}, ("Attention", "CrossAttention"), None),
+    "cait_xxs24_224": (dict(img_size=32, depth=2, depth_token_only=1), ("TalkingHeadAttn", "ClassAttn"), 3),
+    "xcit_nano_12_p16_224": (dict(img_size=32, depth=2, cls_attn_layers=1), ("XCA", "ClassAttn"), 3),
+    "maxvit_pico_rw_256": (dict(img_size=64, depths=(1, 1, 1, 1)), ("AttentionCl",), 8),
+    "pvt_v2_b0": (dict(depths=(1, 1, 1, 1)), ("Attention",), 4),
+    "levit_128s": (dict(img_size=64), ("Attention", "AttentionDownsample"), None),
+    "vit_base_patch16_rope_224": (
+        dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+        ("AttentionRope",),
+        2,
+    ),
+    # inner (pixel) and outer (patch) attention per block; the outer MLP is not found yet
+    "tnt_s_patch16_224": (dict(img_size=32, depth=2), ("Attention",), None),
+}
+
+
+def _build(name: str, kwargs: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs).eval()
+    except TypeError:  # a family that does not take some tiny kwarg: its smallest default
+        return timm.create_model(name, pretrained=False).eval()
+
+
+def _example(kwargs: dict) -> torch.Tensor:
+    size = kwargs.get("img_size", 224)
+    size = size if isinstance(size, tuple) else (size, size)
+    if not kwargs:
+        size = (240, 240)
+    return torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+
+
+def _attention_modules(model: torch.nn.Module, names: tuple[str, ...]) -> set[str]:
+    return {p for p, m in model.named_modules() if type(m).__name__ in names}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_family_fully_adapted(name: str) -> None:
+    kwargs, attn_types, mlps = CASES[name]
+    model = _build(name, kwargs)
+    x = _example(kwargs)
+    plan = arc_peft.site_plan(model, example_input=x[:1], refresh=True)
+    expected = _attention_modules(model, attn_types)
+    assert expected, f"{name}: no module of {attn_types}: the test's premise is stale"
+    attn = {s.path for s in plan.sites if s.position == "attn"}
+    # every attention module is a site, or holds the one site of its input projection
+    for path in expected:
+        assert any(a == path or a.startswith(path + ".") for a in attn), (
+            f"{name}: {path} is not adapted\n{plan.summary()}"
+        )
+    assert len(attn) == len(expected), plan.summary()
+    assert not [i for i in plan.left_out if not i.on_purpose], plan.summary()
+    n_mlp = sum(s.position == "mlp" for s in plan.sites)
+    if mlps is not None:
+        assert n_mlp == mlps, plan.summary()
+    # a non-zero adapter at every site runs and changes the features
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised branches would hide the change
+            if p.is_floating_point() and not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    adapted = copy.deepcopy(model)
+    arc_peft.inject_arc(adapted, arc_peft.ARCConfig(rank=4), example_input=x[:1])
+    adapters = [m for m in adapted.modules() if isinstance(m, Adapter)]
+    assert len(adapters) == len(plan.sites)
+    ran: set[int] = set()
+    hooks = [m.register_forward_hook(lambda m, a, o: ran.add(id(m))) for m in adapters]
+    with torch.no_grad():
+        for m in adapters:
+            for p in m.parameters(recurse=False):
+                p.copy_(torch.randn(p.shape, generator=g))
+        y0, y = model.forward_features(x), adapted.forward_features(x)
+    for h in hooks:
+        h.remove()
+    assert len(ran) == len(adapters), f"{name}: {len(adapters) - len(ran)} adapters never ran"
+    y0, y = (t[0] if isinstance(t, (list, tuple)) else t for t in (y0, y))
+    assert torch.isfinite(y).all()
+    assert (y - y0).abs().max() > 1e-6 * y0.abs().max(), f"{name}: the adapters change nothing"
+
+
+def test_attention_pooling_left_out_on_purpose() -> None:
+    model = timm.create_model(
+        "vit_base_patch16_siglip_224", pretrained=False, img_size=32, patch_size=8,
+        embed_dim=32, depth=1, num_heads=2,
+    ).eval()  # fmt: skip
+    plan = arc_peft.site_plan(model, refresh=True)
+    pooled = [i for i in plan.left_out if i.path.startswith("attn_pool")]
+    assert pooled and all(i.on_purpose for i in pooled), plan.summary()
+    assert [s.path for s in plan.sites] == ["blocks.0.attn", "blocks.0.mlp"]
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))  # no error
+
+
+@pytest.mark.slow
+def test_every_timm_family_with_attention() -> None:
+    spec = importlib.util.spec_from_file_location("coverage_script", ROOT / "scripts" / "coverage.py")
+    coverage = importlib.util.module_from_spec(spec)
+    sys.modules["coverage_script"] = coverage
+    spec.loader.exec_module(coverage)
+    fams = coverage.families()
+    census = coverage.load_census([n for ns in fams.values() for n in ns], workers=2)
+    rows = coverage.family_rows(fams, census)
+    bad = [(r["family"], r["entrypoint"], r.get("error") or r.get("left_out")) for r in rows if not r["ok"]]
+    assert not bad, bad
