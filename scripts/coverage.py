@@ -329,8 +329,9 @@ def family_rows(fams: dict[str, list[str]], census_: dict[str, dict]) -> list[di
         row["entrypoints"] = len(names)
         row["entrypoints_attn"] = len(with_attn)
         rows.append(row)
-        print(f"  ok={row['ok']} attn={row.get('attn')} mlp={row.get('mlp')} "
-              f"{row.get('error', '')} {row.get('uncovered', '')}", file=sys.stderr, flush=True)  # fmt: skip
+        detail = f"{row.get('error', '')} {row.get('uncovered', '')}"
+        print(f"  ok={row['ok']} attn={row.get('attn')} mlp={row.get('mlp')} {detail}",
+              file=sys.stderr, flush=True)  # fmt: skip
     for name in TORCHVISION:
         row = _check_auto("torchvision." + name)
         row["family"] = "torchvision"

@@ -28,8 +28,16 @@ CASES = {
     "coat_lite_tiny": (dict(img_size=64), ("FactorAttnConvRelPosEnc",), 8),
     # cross-attention fusion: adapted, attention-only sites
     "crossvit_tiny_240": ({}, ("Attention", "CrossAttention"), None),
-    "cait_xxs24_224": (dict(img_size=32, depth=2, depth_token_only=1), ("TalkingHeadAttn", "ClassAttn"), 3),
-    "xcit_nano_12_p16_224": (dict(img_size=32, depth=2, cls_attn_layers=1), ("XCA", "ClassAttn"), 3),
+    "cait_xxs24_224": (
+        dict(img_size=32, depth=2, depth_token_only=1),
+        ("TalkingHeadAttn", "ClassAttn"),
+        3,
+    ),
+    "xcit_nano_12_p16_224": (
+        dict(img_size=32, depth=2, cls_attn_layers=1),
+        ("XCA", "ClassAttn"),
+        3,
+    ),
     "maxvit_pico_rw_256": (dict(img_size=64, depths=(1, 1, 1, 1)), ("AttentionCl",), 8),
     "pvt_v2_b0": (dict(depths=(1, 1, 1, 1)), ("Attention",), 4),
     "levit_128s": (dict(img_size=64), ("Attention", "AttentionDownsample"), None),
@@ -74,9 +82,9 @@ def test_family_fully_adapted(name: str) -> None:
     attn = {s.path for s in plan.sites if s.position == "attn"}
     # every attention module is a site, or holds the one site of its input projection
     for path in expected:
-        assert any(a == path or a.startswith(path + ".") for a in attn), (
-            f"{name}: {path} is not adapted\n{plan.summary()}"
-        )
+        assert any(
+            a == path or a.startswith(path + ".") for a in attn
+        ), f"{name}: {path} is not adapted\n{plan.summary()}"
     assert len(attn) == len(expected), plan.summary()
     assert not [i for i in plan.left_out if not i.on_purpose], plan.summary()
     n_mlp = sum(s.position == "mlp" for s in plan.sites)
@@ -121,12 +129,18 @@ def test_attention_pooling_left_out_on_purpose() -> None:
 
 @pytest.mark.slow
 def test_every_timm_family_with_attention() -> None:
-    spec = importlib.util.spec_from_file_location("coverage_script", ROOT / "scripts" / "coverage.py")
+    spec = importlib.util.spec_from_file_location(
+        "coverage_script", ROOT / "scripts" / "coverage.py"
+    )
     coverage = importlib.util.module_from_spec(spec)
     sys.modules["coverage_script"] = coverage
     spec.loader.exec_module(coverage)
     fams = coverage.families()
     census = coverage.load_census([n for ns in fams.values() for n in ns], workers=2)
     rows = coverage.family_rows(fams, census)
-    bad = [(r["family"], r["entrypoint"], r.get("error") or r.get("left_out")) for r in rows if not r["ok"]]
+    bad = [
+        (r["family"], r["entrypoint"], r.get("error") or r.get("left_out"))
+        for r in rows
+        if not r["ok"]
+    ]
     assert not bad, bad

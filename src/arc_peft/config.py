@@ -80,9 +80,6 @@ def _check_selection(self: Any) -> None:
         _fail(cls, "allow_partial", self.allow_partial, "True or False")
 
 
-
-
-
 class _JSONMixin:
     """Shared (de)serialisation: adapter files store a config as JSON with a ``method`` tag."""
 

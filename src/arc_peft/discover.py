@@ -421,19 +421,12 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
         module = rec.calls[call].module
         attn_calls.setdefault(id(module), call)
         attn_input.setdefault(id(module), x)
-    # Left-out pooling modules that turned out to hold a site are not left out.
+    # An op that looked like pooling inside a module already adapted (a sub-product of its own
+    # attention) is part of that site, not a module left out.
     for key in list(left):
-        mod_call = next(c for c in rec.calls if id(c.module) == key)
-        if (
-            any(
-                rec.contains(c, mod_call.index) or rec.contains(mod_call.index, c)
-                for c in attn_calls.values()
-            )
-            and key not in attn_calls
-        ):
-            inside = any(rec.contains(c, mod_call.index) for c in attn_calls.values())
-            if inside:
-                del left[key]
+        owner = next(c.index for c in rec.calls if id(c.module) == key)
+        if key not in attn_calls and any(rec.contains(c, owner) for c in attn_calls.values()):
+            del left[key]
 
     # Registered targets override the probe.
     order: list[tuple[int, str, int]] = []  # (call index, position, tid of input)
@@ -462,37 +455,36 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
         runs.append(runs[-1] + 1 if between else runs[-1])
     found_mlps: list[tuple[int, int, int, int]] = []  # (start op, I call, O call, run)
     registered_mlps = [(c, x) for c, p, x in order if p == "mlp"]
-    if True:
-        for n, (call, _) in enumerate(attn_sites):
-            end = rec.calls[attn_sites[n + 1][0]].start if n + 1 < len(attn_sites) else len(rec.ops)
-            earlier = [c for m, (c, _) in enumerate(attn_sites) if runs[m] < runs[n]]
-            others = [c for m, (c, _) in enumerate(attn_sites) if runs[m] != runs[n]]
-            cursor = rec.calls[call].end
-            for layer in layer_ops:
-                if layer < cursor or layer >= end:
-                    continue
-                block = rec.lca(call, rec.ops[layer].call)
-                if block == 0 or any(rec.contains(block, c) for c in earlier):
-                    continue
-                # nor does the part of the block the layer is in: then the layer belongs to
-                # a later block of its own (the next stage's conv blocks before its attention)
-                part = _child_toward(rec, block, rec.ops[layer].call)
-                if any(rec.contains(part, c) for c in others):
-                    continue
-                if not finder.mixes_channels(layer):
-                    continue
-                closing = finder.mlp_after(layer, end, block)
-                if closing is None:
-                    continue
-                if rec.lca(rec.ops[layer].call, rec.ops[closing].call) not in _inside(rec, block):
-                    continue
-                first = rec.ops[layer]
-                x = first.inputs[0]
-                in_call = _mlp_input_call(finder, x, first.call, block, call, end)
-                out_call = _out_call(finder, rec.ops[closing], block, in_call)
-                if in_call is not None:
-                    found_mlps.append((layer, in_call, out_call, runs[n]))
-                cursor = closing + 1
+    for n, (call, _) in enumerate(attn_sites):
+        end = rec.calls[attn_sites[n + 1][0]].start if n + 1 < len(attn_sites) else len(rec.ops)
+        earlier = [c for m, (c, _) in enumerate(attn_sites) if runs[m] < runs[n]]
+        others = [c for m, (c, _) in enumerate(attn_sites) if runs[m] != runs[n]]
+        cursor = rec.calls[call].end
+        for layer in layer_ops:
+            if layer < cursor or layer >= end:
+                continue
+            block = rec.lca(call, rec.ops[layer].call)
+            if block == 0 or any(rec.contains(block, c) for c in earlier):
+                continue
+            # nor does the part of the block the layer is in: then the layer belongs to
+            # a later block of its own (the next stage's conv blocks before its attention)
+            part = _child_toward(rec, block, rec.ops[layer].call)
+            if any(rec.contains(part, c) for c in others):
+                continue
+            if not finder.mixes_channels(layer):
+                continue
+            closing = finder.mlp_after(layer, end, block)
+            if closing is None:
+                continue
+            if rec.lca(rec.ops[layer].call, rec.ops[closing].call) not in _inside(rec, block):
+                continue
+            first = rec.ops[layer]
+            x = first.inputs[0]
+            in_call = _mlp_input_call(finder, x, first.call, block, call, end)
+            out_call = _out_call(finder, rec.ops[closing], block, in_call)
+            if in_call is not None:
+                found_mlps.append((layer, in_call, out_call, runs[n]))
+            cursor = closing + 1
     # -- assemble -----------------------------------------------------------------------------
     sites: list[Site] = []
     run_of_attn = {c: runs[n] for n, (c, _) in enumerate(attn_sites)}
@@ -584,9 +576,7 @@ def _mlp_input_call(
     while t is not None:
         call = _end_call(finder, t, around, block, attn)
         if call is not None:
-            layers = [
-                i for i in finder.readers(t, end) if finder.projects(rec.ops[i])
-            ]
+            layers = [i for i in finder.readers(t, end) if finder.projects(rec.ops[i])]
             if all(rec.contains(call, rec.ops[i].call) for i in layers):
                 return call
         producer = rec.producer.get(t)

@@ -5,9 +5,12 @@ Why hooks rather than a wrapper module: the adapted module keeps its place and i
 names (``blocks.0.attn.qkv.weight`` stays ``blocks.0.attn.qkv.weight``), so a plain backbone
 checkpoint loads into an adapted model and a merged model is exactly the plain backbone.
 
-The slots live on the *block* that holds the site, under ``<block>.arc_peft.<position>``, so an
-adapter parameter is named e.g. ``blocks.0.arc_peft.attn.default.scale``. (Not on the site
-itself: torchvision's MLPs are ``nn.Sequential``, which would run any child it is given.)
+A slot lives on the nearest module above its site that is not a container, under
+``<holder>.arc_peft.<site path relative to it, dots as dashes>``, so an adapter parameter is named
+e.g. ``blocks.0.arc_peft.attn.default.scale``. (Not on the site itself: torchvision's MLPs are
+``nn.Sequential``, which would run any child it is given; nor on a ``ModuleList`` the model
+iterates.) A site may have two ends: the input is read at one module, an output adapter's term
+added at another (Hugging Face ``intermediate`` / ``output``).
 """
 
 from __future__ import annotations
