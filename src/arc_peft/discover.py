@@ -79,6 +79,9 @@ class Site:
             several when the same tensor is passed more than once (``attn(x, x, x)``).
         block: Index of the block (a run of attention sites and the MLPs after them).
         kind: The module class, for messages.
+        batch_axis: The axis of the input that holds the samples: ``0``, or ``1`` for
+            sequence-first inputs (``nn.MultiheadAttention(batch_first=False)``: ``L, N, E``).
+            A mixed-task batch routes samples along it.
     """
 
     position: str
@@ -89,6 +92,7 @@ class Site:
     arg_keys: tuple[tuple[str, Any], ...]
     block: int
     kind: str
+    batch_axis: int = 0
 
 
 @dataclass(frozen=True)
@@ -217,15 +221,21 @@ class _Finder:
                 return axis
         return None
 
-    def input_layout(self, tid: int, stop: int) -> tuple[int, int] | None:
+    def input_layout(
+        self, tid: int, stop: int, seen: set[int] | None = None
+    ) -> tuple[int, int] | None:
         """``(width, channel axis)`` of an input from the first layer reading it."""
+        seen = set() if seen is None else seen
+        seen.add(tid)
         direct = {i for i in self.rec.consumers.get(tid, ())}
-        norms = []
+        same_shape = []  # per-element / per-token ops before the layers: a norm, a clamp
         for index in self.readers(tid, stop, placement=True):
             found = self.layer_width(index)
             if found is None:
-                if "norm" in self.rec.ops[index].name:
-                    norms.append(index)
+                op = self.rec.ops[index]
+                shapes = {self.rec.shapes.get(t) for t in op.inputs[:1] + op.outputs[:1]}
+                if op.outputs and len(shapes) == 1:
+                    same_shape.append(op.outputs[0])
                 continue
             width, layer = found
             axis = self.axis_of(tid, width, layer, index in direct)
@@ -242,36 +252,84 @@ class _Finder:
             axis = -1 if layer in ("linear", "mha") else 1
             if shape[axis] % width == 0 and shape[axis] > width:
                 return shape[axis], axis
-        # normalised inside the module before its first layer: the layer reading the norm's
-        # output (same shape) says
-        for index in norms:
-            out = self.rec.ops[index].outputs[0]
-            if self.rec.shapes[out] == self.rec.shapes[tid]:
-                found = self.input_layout(out, stop)
-                if found is not None:
-                    return found
+        # normalised (or clamped) inside the module before its first layer: the layer reading
+        # that output says; when that reads a slice of the channels (SHViT's partial attention),
+        # the input's size on the channel axis is the width
+        for out in same_shape:
+            if out not in seen:
+                found = self.input_layout(out, stop, seen)
+                if found is None:
+                    continue
+                width, axis = found
+                inner = self.rec.shapes[out]
+                if len(inner) == len(shape) and shape[axis] > width:
+                    others = [d for n, d in enumerate(shape) if n != axis % len(shape)]
+                    if others == [d for n, d in enumerate(inner) if n != axis % len(inner)]:
+                        return shape[axis], axis
+                return found
         return None
 
     # -- attention ---------------------------------------------------------------------------
 
     def is_attention(self, index: int) -> bool:
+        return bool(self.operands(index))
+
+    def operands(self, index: int) -> list[int]:
+        """The activations attention op ``index`` combines (queries, keys, values); empty when
+        the op is no attention."""
         op = self.rec.ops[index]
+        fi = self.rec.from_input
         if op.name in _ATTENTION:
-            return True
+            return list(op.inputs[:3])
         if op.name in _MATMULS and not op.params and len(op.inputs) >= 2:
             a, b = op.inputs[-2], op.inputs[-1]
-            fi = self.rec.from_input
-            return a in fi and b in fi and len(self.rec.shapes[a]) >= 3
-        return False
+            return [a, b] if a in fi and b in fi and len(self.rec.shapes[a]) >= 3 else []
+        if op.name == "sum" and op.inputs and not op.params:
+            return self.separable(index)
+        return []
+
+    def separable(self, index: int) -> list[int]:
+        """Separable (linear-cost) attention, MobileViTv2's: ``sum(softmax(q) * k)`` over the
+        tokens, with ``q`` and ``k`` activations: ``[scores, keys]``."""
+        rec = self.rec
+        total = rec.ops[index]
+        mul = rec.producer.get(total.inputs[0])
+        if mul is None or rec.ops[mul].name != "mul" or len(rec.ops[mul].inputs) != 2:
+            return []
+        pair = list(rec.ops[mul].inputs)
+        if not all(t in rec.from_input for t in pair):
+            return []
+        for t in pair:
+            source = self._through_pass(t)
+            soft = rec.producer.get(source)
+            if soft is None or rec.ops[soft].name != "softmax":
+                continue
+            rank = len(rec.shapes[total.inputs[0]])
+            dims = {_dim(rec.ops[soft], rank), _dim(total, rank)}
+            if len(dims) == 1 and None not in dims:
+                return pair
+        return []
+
+    def _through_pass(self, tid: int) -> int:
+        """``tid``, followed back through dropout and shape ops to where it was computed."""
+        while True:
+            producer = self.rec.producer.get(tid)
+            if producer is None:
+                return tid
+            op = self.rec.ops[producer]
+            if op.name not in ("dropout", "contiguous", "clone") or not op.inputs:
+                return tid
+            tid = op.inputs[0]
 
     def attention_inputs(self, index: int) -> list[int]:
         """The tensors every operand of attention op ``index`` is computed from through a learned
         projection, latest first, within the innermost enclosing call that has any; empty for
         pooling / cross-attention."""
         op = self.rec.ops[index]
-        operands = op.inputs[:3] if op.name in _ATTENTION else op.inputs[-2:]
+        operands = self.operands(index)
+        wanted = len(operands)
         operands = [t for t in operands if t in self.rec.from_input]
-        if len(operands) < (3 if op.name in _ATTENTION else 2):
+        if not operands or len(operands) < wanted:
             return []
         for call in self.rec.enclosing(op.call):
             main = self.rec.calls[call].main_input
@@ -363,6 +421,14 @@ class _Finder:
                         flags[out] = flag
                         todo.append(out)
         return best
+
+
+def _dim(op: Any, rank: int) -> int | None:
+    """The (non-negative) ``dim`` argument of a softmax / sum op, ``None`` if not one int."""
+    dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    return dim % rank if isinstance(dim, int) else None
 
 
 def _paths_match(path: str, patterns: Sequence[str]) -> bool:
@@ -464,7 +530,12 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
             if layer < cursor or layer >= end:
                 continue
             block = rec.lca(call, rec.ops[layer].call)
-            if block == 0 or any(rec.contains(block, c) for c in earlier):
+            # The layer's block must not hold earlier blocks (then it is a stage, and the layer
+            # a later conv stage's); attention modules it calls directly are runs of one block
+            # (TNT's inner and outer attention, each with its MLP).
+            if block == 0 or any(
+                rec.contains(block, c) and rec.calls[c].parent != block for c in earlier
+            ):
                 continue
             # nor does the part of the block the layer is in: then the layer belongs to
             # a later block of its own (the next stage's conv blocks before its attention)
@@ -508,7 +579,12 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
         else:
             block = max([r for a, r in run_of_attn.items() if a < call], default=0)
         keys = tuple(k for k, t in c.inputs if t == x) or (c.inputs[0][0],)
-        sites.append(Site(position, c.path, c.path, width, axis, keys, block, _kind(c.module)))
+        sites.append(
+            Site(
+                position, c.path, c.path, width, axis, keys, block, _kind(c.module),
+                _batch_axis(rec, x, axis),
+            )
+        )  # fmt: skip
     forced_runs = {
         max([r for a, r in run_of_attn.items() if a < c], default=0) for c, _ in registered_mlps
     }
@@ -525,7 +601,12 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
         width, axis = layout
         keys = tuple(k for k, t in c.inputs if t == x)
         out_path = rec.calls[out_call].path if out_call is not None else ""
-        sites.append(Site("mlp", c.path, out_path, width, axis, keys, run, _kind(c.module)))
+        sites.append(
+            Site(
+                "mlp", c.path, out_path, width, axis, keys, run, _kind(c.module),
+                _batch_axis(rec, x, axis),
+            )
+        )  # fmt: skip
     # One site per module (a module called several times is adapted once).
     unique: dict[str, Site] = {}
     for site in sites:
@@ -542,6 +623,25 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
                 path, _kind(module), "it was not called by the probe forward", False
             )
     return SitePlan(sites, list(left.values()), len({s.block for s in sites}))
+
+
+def _batch_axis(rec: Recording, tid: int, channel_axis: int) -> int:
+    """Which axis of tensor ``tid`` holds the probe's samples: ``1`` for a sequence-first
+    ``(L, N, D)`` input, else ``0`` (``N, ...``, or sample-major windows ``N * k, ...``).
+
+    Read from the sizes: the axis of the probe batch's size, where the other leading axis does
+    not have it."""
+    model_input = rec.calls[0].main_input if rec.calls else None
+    shape = rec.shapes.get(tid, ())
+    if model_input is None or len(shape) < 3 or channel_axis % len(shape) == 1:
+        return 0
+    batch = rec.shapes[model_input][0] if rec.shapes[model_input] else 1
+    first, second = shape[0], shape[1]
+    if second == batch and first % batch != 0:
+        return 1
+    if batch == 1 and second == 1 and first != 1:
+        return 1
+    return 0
 
 
 def _child_toward(rec: Recording, outer: int, inner: int) -> int:
@@ -568,33 +668,43 @@ def _mlp_input_call(
     finder: _Finder, x: int, around: int, block: int, attn: int, end: int
 ) -> int | None:
     """The call an MLP whose first layer reads ``x`` is adapted at: the outermost one taking
-    ``x`` that holds every projection reading it (``w0(x)``, ``w1(x)`` of a gated MLP); failing
-    that, the same for the tensor ``x`` was computed from by a per-token op (a norm inside the
-    MLP module)."""
+    ``x`` that holds every projection reading it (``w0(x)``, ``w1(x)`` of a gated MLP), or
+    taking a tensor ``x`` was computed from by per-token ops (a norm inside the MLP module, a
+    clamp inside each projection module)."""
     rec = finder.rec
+    best = None
     t: int | None = x
     while t is not None:
-        call = _end_call(finder, t, around, block, attn)
-        if call is not None:
-            layers = [i for i in finder.readers(t, end) if finder.projects(rec.ops[i])]
-            if all(rec.contains(call, rec.ops[i].call) for i in layers):
-                return call
+        readers = finder.readers(t, end)
+        layers = [i for i in readers if finder.projects(rec.ops[i])]
+        for call in _end_calls(finder, t, around, block, attn):
+            inside = [i for i in readers if rec.contains(call, rec.ops[i].call)]
+            # a call that also adds its input back (``x + mlp(x)``) holds the skip connection:
+            # an adapter on its input would change the residual stream, not the branch
+            skip = any(
+                sum(u in rec.from_input for u in rec.ops[i].inputs) > 1
+                for i in inside
+                if not finder.projects(rec.ops[i])
+            )
+            if not skip and all(rec.contains(call, rec.ops[i].call) for i in layers):
+                best = call
+                break
         producer = rec.producer.get(t)
         if producer is None:
-            return None
+            break
         op = rec.ops[producer]
         sources = [i for i in op.inputs if i in rec.from_input]
         if finder.projects(op) or len(sources) != 1 or op.name in _NONLINEAR:
-            return None
+            break
         t = sources[0]
-    return None
+    return best
 
 
-def _end_call(finder: _Finder, x: int, around: int, block: int, attn: int) -> int | None:
-    """The outermost call inside ``block`` (not ``block``, not containing the attention site)
-    whose main input reaches ``x`` through shape ops."""
+def _end_calls(finder: _Finder, x: int, around: int, block: int, attn: int) -> list[int]:
+    """The calls inside ``block`` (not ``block``, not containing the attention site) whose main
+    input reaches ``x`` through shape ops, outermost first."""
     rec = finder.rec
-    best = None
+    found = []
     for call in rec.enclosing(around):
         if call == block:
             break
@@ -602,11 +712,12 @@ def _end_call(finder: _Finder, x: int, around: int, block: int, attn: int) -> in
             break
         main = rec.calls[call].main_input
         if main is not None and (main == x or x in finder.shape_closure(main)):
-            best = call
-    return best
+            found.append(call)
+    return found[::-1]
 
 
-_PASS = SHAPE_OPS | {"dropout", "identity", "clone", "contiguous"}
+# a clamp of the output, even by buffers (Gemma4 clippable linears), is part of the layer
+_PASS = SHAPE_OPS | {"dropout", "identity", "clone", "contiguous", "clamp"}
 
 
 def _out_call(finder: _Finder, closing: Any, block: int, in_call: int | None) -> int | None:
@@ -618,7 +729,7 @@ def _out_call(finder: _Finder, closing: Any, block: int, in_call: int | None) ->
     while todo:
         for index in rec.consumers.get(todo.pop(), ()):
             op = rec.ops[index]
-            if op.name in _PASS and not op.params:
+            if op.name in _PASS and (not op.params or op.name == "clamp"):
                 for out in op.outputs:
                     if out not in reach:
                         reach.add(out)
