@@ -48,8 +48,15 @@ CASES = {
     ),
     # clamped projections (its "clippable" linears) and a gated MLP
     "gemma4_vit_167m": (
-        dict(img_size=48, embed_dim=32, depth=2, num_heads=2, head_dim=16,
-             intermediate_size=64, use_clipped_linears=True),
+        dict(
+            img_size=48,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            head_dim=16,
+            intermediate_size=64,
+            use_clipped_linears=True,
+        ),
         ("Gemma4Attention",),
         2,
     ),  # fmt: skip
