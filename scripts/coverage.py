@@ -243,12 +243,27 @@ def check(name: str, device: str = "cpu", **kwargs: Any) -> dict:
                 row["rel_change"] = diff / max(y0.float().abs().max().item(), 1e-12)
                 row["changed"] = row["rel_change"] > 1e-6
                 row["finite"] = bool(torch.isfinite(y).all())
+                row["merge"] = merge_status(adapted, x, y, features)
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         row["trace"] = traceback.format_exc()[-1500:]
     row["seconds"] = round(time.time() - start, 2)
     row["ok"] = ok(row)
     return row
+
+
+def merge_status(adapted: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, features: bool) -> str:
+    """``"exact"`` when merging the (non-zero) ARC adapter reproduces the adapted output,
+    ``"refused: <reason>"`` when the merge says it cannot, ``"WRONG ..."`` otherwise (a bug)."""
+    try:
+        arc_peft.merge_adapter(adapted)
+    except arc_peft.MergeError as exc:
+        reason = str(exc).split(": ", 1)[-1]
+        return f"refused: {reason[:160]}"
+    with torch.no_grad():
+        merged = _first(adapted.forward_features(x) if features else adapted(x))
+    err = (merged.float() - y.float()).abs().max().item() / max(y.float().abs().max().item(), 1e-12)
+    return "exact" if err < 1e-4 else f"WRONG: merged output differs by {err:.1e} (relative)"
 
 
 def _first(y: Any) -> torch.Tensor:
@@ -389,8 +404,9 @@ def markdown(rows: list[dict], all_summary: str | None) -> str:
     if all_summary:
         lines += [all_summary, ""]
     lines += [
-        "| Family | Entrypoint | Params | OK | Attention sites | MLP sites | Left out / error |",
-        "|---|---|---:|:-:|---:|---:|---|",
+        "| Family | Entrypoint | Params | OK | Attention sites | MLP sites | ARC merge "
+        "| Left out / error |",
+        "|---|---|---:|:-:|---:|---:|---|---|",
     ]
     for r in fam + tv:
         note = r.get("error", "") or _cell_left(r)
@@ -402,9 +418,10 @@ def markdown(rows: list[dict], all_summary: str | None) -> str:
         params = f"{r['params'] / 1e6:.1f}M" if "params" in r else ""
         kinds = ", ".join(r.get("attn_kinds", []))
         mkinds = ", ".join(r.get("mlp_kinds", []))
+        merge = r.get("merge", "not checked (meta device)").replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| {r['family']} | `{r['entrypoint']}` | {params} | {'yes' if r['ok'] else '**no**'} "
-            f"| {r.get('attn', '')} ({kinds}) | {r.get('mlp', '')} ({mkinds}) | {note} |"
+            f"| {r.get('attn', '')} ({kinds}) | {r.get('mlp', '')} ({mkinds}) | {merge} | {note} |"
         )
     lines.append("")
     return "\n".join(lines)

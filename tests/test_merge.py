@@ -352,6 +352,20 @@ def test_generic_fold_drops_a_key_offset_only_where_softmax_ignores_it():
     torch.testing.assert_close(model(x), expected, **TOL)
 
 
+class _TrainReturnsNone(_ConvAttention):
+    """timm's LeViT attention overrides ``train`` and returns ``None`` (no ``.eval()`` chain)."""
+
+    def train(self, mode=True):
+        super().train(mode)
+
+
+def test_generic_fold_does_not_chain_train_or_eval():
+    x = torch.randn(2, 8, 3, 3)
+    model, expected = _merge_case(_TrainReturnsNone(8), x)
+    arc_peft.merge_adapter(model)
+    torch.testing.assert_close(model(x), expected, **TOL)
+
+
 def test_generic_fold_refuses_padding_before_the_layers():
     # Padded tokens are zeros unmerged but would become b merged: refused, naming the op.
     x = torch.randn(2, 5, 8)

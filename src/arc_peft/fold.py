@@ -107,7 +107,10 @@ def check_fold(
         return value
 
     args64, kwargs64 = tree_map(to64, args), tree_map(to64, kwargs)
-    replica = copy.deepcopy(module).to(device=M.device, dtype=torch.float64).eval()
+    replica = copy.deepcopy(module)
+    # not chained: some modules' train() returns None (timm LeViT's attention)
+    replica.to(device=M.device, dtype=torch.float64)
+    replica.eval()
     for sub in replica.modules():  # the adapters' own hooks must not run in the check
         sub._forward_pre_hooks.clear()
         sub._forward_hooks.clear()
