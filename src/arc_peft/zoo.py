@@ -59,7 +59,14 @@ def _size_candidates(model: nn.Module) -> list[Any]:
             found.append(getattr(owner, "img_size", None))
     for config in _hf_configs(model):  # Hugging Face ``config.image_size`` (int or (H, W))
         found.append(_config_value(config, "image_size"))
-    for attr in ("pretrained_cfg", "default_cfg"):  # timm's (3, H, W)
+    return found
+
+
+def _cfg_size(model: nn.Module) -> list[Any]:
+    """timm's ``pretrained_cfg`` (3, H, W): the weights' size, which a model built with another
+    ``img_size`` does not take, so only a fallback."""
+    found = []
+    for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
             found.append(tuple(cfg["input_size"])[-2:])
@@ -67,13 +74,15 @@ def _size_candidates(model: nn.Module) -> list[Any]:
 
 
 def _declared_size(model: nn.Module) -> tuple[int, int] | None:
-    """The size the model declares; failing that, the one its first declaring submodule does (a
-    user's wrapper around a timm / transformers / open_clip backbone)."""
-    for _, module in model.named_modules():
-        for candidate in _size_candidates(module):
-            size = _pair(candidate)
-            if size is not None:
-                return size
+    """The size the model was built for, from itself or its first declaring submodule (CoaT's
+    ``patch_embed1``, a user's wrapper around a timm / transformers / open_clip backbone);
+    failing that, the size its pretrained configuration names."""
+    for candidates in (_size_candidates, _cfg_size):
+        for _, module in model.named_modules():
+            for candidate in candidates(module):
+                size = _pair(candidate)
+                if size is not None:
+                    return size
     return None
 
 
