@@ -225,7 +225,7 @@ def check(name: str, device: str = "cpu", **kwargs: Any) -> dict:
             for m in adapters:
                 for p in m.parameters(recurse=False):
                     with torch.no_grad():
-                        p.copy_(0.05 * torch.randn(p.shape, generator=g).to(p))
+                        p.copy_(0.3 * torch.randn(p.shape, generator=g).to(p))
             x = arc_peft.zoo.example_input(model, batch=2)
             # the features, not the logits: some heads start at zero (Hiera)
             features = hasattr(model, "forward_features")
@@ -343,9 +343,14 @@ def family_rows(
             if failed_meta and len(failed_meta) == len(names):
                 print(f"{family}: no entrypoint ran on meta: {census_[names[0]]}", file=sys.stderr)
             continue
-        smallest = min(with_attn, key=lambda c: c.get("params", 0))
-        print(f"{family}: {smallest['entrypoint']}", file=sys.stderr, flush=True)
-        row = _check_auto(smallest["entrypoint"])
+        # the smallest entrypoint with self-attention (not only an attention-pooling head)
+        for candidate in sorted(with_attn, key=lambda c: c.get("params", 0))[:5]:
+            print(f"{family}: {candidate['entrypoint']}", file=sys.stderr, flush=True)
+            row = _check_auto(candidate["entrypoint"])
+            if not pooling_only(row):
+                break
+        if pooling_only(row):
+            continue
         row["family"] = family
         row["entrypoints"] = len(names)
         row["entrypoints_attn"] = len(with_attn)
@@ -427,10 +432,19 @@ def markdown(rows: list[dict], all_summary: str | None) -> str:
     return "\n".join(lines)
 
 
+def pooling_only(row: dict) -> bool:
+    """The model's only attention is attention pooling (a ResNet's CLIP pool, left out on
+    purpose): no self-attention to adapt, so not counted."""
+    items = row.get("left_out", [])
+    return row.get("attn") == 0 and bool(items) and all(i["on_purpose"] for i in items)
+
+
 def all_summary_text(path: Path) -> str | None:
     if not path.exists():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines()]
+    pooling = [r["entrypoint"] for r in rows if pooling_only(r)]
+    rows = [r for r in rows if not pooling_only(r)]
     if not rows:
         return None
     n_ok = sum(r["ok"] for r in rows)
@@ -439,6 +453,12 @@ def all_summary_text(path: Path) -> str | None:
         f"**Every timm entrypoint with attention (`--all`): {n_ok} / {len(rows)} adapted "
         f"({100 * n_ok / len(rows):.1f} %).**"
     )
+    if pooling:
+        text += (
+            f" Not counted: {len(pooling)} whose only attention is attention pooling, left out"
+            f" on purpose ({', '.join(f'`{p}`' for p in pooling[:8])}"
+            f"{' ...' if len(pooling) > 8 else ''})."
+        )
     if bad:
         text += " Not adapted: " + ", ".join(
             f"`{r['entrypoint']}` ({(r.get('error') or 'partial')[:80]})" for r in bad[:40]
@@ -449,13 +469,19 @@ def all_summary_text(path: Path) -> str | None:
 
 
 def main() -> None:
+    global REAL_LIMIT
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--all", action="store_true", help="check every entrypoint with attention")
     parser.add_argument("--only", nargs="*", help="families (or entrypoints) to check")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(CACHE / "all.jsonl"))
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument(
+        "--real-limit", type=float, default=120e6,
+        help="models with more parameters are checked on the meta device (no output check)",
+    )  # fmt: skip
     args = parser.parse_args()
+    REAL_LIMIT = args.real_limit
     torch.set_num_threads(1 if args.workers > 1 else torch.get_num_threads())
     fams = families()
     if args.only:
