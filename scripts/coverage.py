@@ -42,13 +42,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import arc_peft  # noqa: E402
 from arc_peft import discover as _discover  # noqa: E402
+from arc_peft.graph import Finder  # noqa: E402
 from arc_peft.modules import Adapter  # noqa: E402
 
 DOCS = ROOT / "docs" / "models.md"
 CACHE = Path(os.environ.get("ARC_PEFT_COVERAGE_CACHE", "/tmp/arc_peft_coverage"))
 BEGIN = "<!-- BEGIN coverage (generated: python scripts/coverage.py) -->"
 END = "<!-- END coverage -->"
-TIMEOUT = 40  # seconds per model (build + probe + inject + forward)
+TIMEOUT = 120  # seconds per model (build + probe + inject + forward), on a busy machine too
 REAL_LIMIT = 120e6  # parameters: larger models are checked on the meta device (no output check)
 
 TORCHVISION = [
@@ -129,7 +130,7 @@ class _Capture:
 
 def attention_owners(rec) -> list[str]:
     """Paths of the innermost modules issuing attention ops (independent of site discovery)."""
-    finder = _discover._Finder(rec)
+    finder = Finder(rec)
     owners = []
     for index in range(len(rec.ops)):
         if finder.is_attention(index):
@@ -153,7 +154,7 @@ def census(name: str) -> dict:
                 model = build(name, device)
                 out["params"] = num_params(model)
                 rec = record(model, example_input(model))
-                finder = _discover._Finder(rec)
+                finder = Finder(rec)
                 out["attn_ops"] = sum(finder.is_attention(i) for i in range(len(rec.ops)))
                 out.pop("meta_error", None)
                 return out

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from .discover import SHAPE_OPS, _Finder
 from .errors import MergeError
+from .graph import SHAPE_OPS, Finder
 from .probe import Recording
 
 __all__ = ["check_fold", "generic_fold"]
@@ -41,7 +41,7 @@ def generic_fold(rec: Recording, module: nn.Module, M: Tensor, b: Tensor) -> dic
     """New values (``{name relative to module: tensor}``, float64) of the layers that read
     ``module``'s input, with the adapter ``x -> x·M + b`` folded in. Changes nothing."""
     call = _site_call(rec, module)
-    finder = _Finder(rec)
+    finder = Finder(rec)
     names = {id(t): n for n, t in module.named_parameters()}
     out: dict[str, Tensor] = {}
     readers = [i for i in finder.readers(call.main_input, call.end) if i >= call.start]
