@@ -479,7 +479,7 @@ def _describe_keys(keys: set[str], limit: int = 5) -> str:
 
 
 def _match(
-    path: str, what: str, expected: dict[str, Tensor], found: dict[str, Any]
+    path: str, what: str, expected: dict[str, Tensor], found: dict[str, Any], versus: str = "model"
 ) -> list[tuple[str, Tensor]]:
     """Pair every expected tensor with the file's key, or raise naming what does not fit.
 
@@ -502,7 +502,8 @@ def _match(
         shape = list(source["shape"] if isinstance(source, dict) else source.shape)
         if shape != list(target.shape):
             raise bad(
-                path, f"shape mismatch for {key}: file {shape[:8]}, model {list(target.shape)}"
+                path,
+                f"shape mismatch for {key}: file {shape[:8]}, {versus} {list(target.shape)}",
             )
         pairs.append((key, target))
     return pairs
@@ -716,5 +717,6 @@ def _check_against_model(
             )
         _match(path, "adapter", _adapter_state(model, name), adapter_entries)
         return targets, False
-    _match(path, "adapter", _planned_state(path, model, config), adapter_entries)
+    planned = _planned_state(path, model, config)
+    _match(path, "adapter", planned, adapter_entries, versus=f"its own config {config}")
     return targets, True
