@@ -313,6 +313,10 @@ def read_tensors(path: str, handle: BinaryIO, header: Header) -> dict[str, Tenso
         tensors = safetensors.torch.load(prefix + data)
     except Exception as exc:  # the Rust reader raises its own SafetensorError type
         raise bad(path, f"corrupt safetensors data ({exc})") from None
-    if set(tensors) != set(header.entries):
-        raise bad(path, "corrupt: the tensors do not match the header")
+    # Checked again because the bytes were read twice: a writer changing the file in place in
+    # between must not slip other shapes past the checks made on the first header.
+    if set(tensors) != set(header.entries) or any(
+        list(t.shape) != header.entries[k]["shape"] for k, t in tensors.items()
+    ):
+        raise bad(path, "corrupt: the tensors do not match the header (changed while read?)")
     return tensors
