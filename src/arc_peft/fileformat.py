@@ -27,7 +27,7 @@ from .errors import AdapterFileError
 FORMAT_NAME = "arc_peft.adapter"
 FORMAT_VERSION = 1
 
-# Limits on what a reader accepts. A ViT-B/16 ARC file has a 5.3 KB header and 52 tensors; a
+# Limits on what a reader accepts. A ViT-B/16 ARC file has a 5.4 KB header and 52 tensors; a
 # 48-block model with AdaptMLP about 300 tensors. The limits are far above any real adapter but
 # keep a hostile header's parse well under a second (see "Limits" in docs/file-format.md).
 MAX_HEADER_BYTES = 4 * 1024 * 1024
