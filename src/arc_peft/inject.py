@@ -13,6 +13,7 @@ from .discover import Site, SitePlan, discover
 from .errors import UnsupportedModelError
 from .modules import ARC, Adapter, AdaptMLP
 from .slots import AdapterSlot, holder_of, iter_slots
+from .wrappers import check_injectable
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -33,12 +34,24 @@ EXAMPLE_ATTR = "_arc_peft_example"
 
 
 def _check_name(name: str) -> None:
-    reserved = not isinstance(name, str) or not name.isidentifier() or name.startswith("_")
-    if reserved or hasattr(AdapterSlot, name) or name in AdapterSlot.__annotations__:
+    """Adapter names become ``ModuleDict`` keys of every slot (and parts of parameter names), so a
+    name must not collide with anything an ``AdapterSlot`` instance has: class attributes,
+    methods, and the attributes ``nn.Module.__init__`` sets (``training``, ``_parameters``...)."""
+    valid = (
+        isinstance(name, str)
+        and name.replace("-", "_").isidentifier()
+        and not name.startswith(("_", "-"))
+    )
+    if not valid or name in _reserved_names():
         raise ValueError(
-            f"adapter name {name!r} is invalid: expected a Python identifier that does not start "
-            "with '_' and is not an attribute of AdapterSlot (e.g. 'default', 'cifar100')"
+            f"adapter name {name!r} is invalid: expected letters, digits, '_' and '-', not "
+            "starting with '_', '-' or a digit, and not an attribute of a module (e.g. "
+            "'default', 'cifar100', 'cifar-100'; not 'training', 'forward', 'active')"
         )
+
+
+def _reserved_names() -> set[str]:
+    return set(dir(AdapterSlot)) | set(AdapterSlot.__annotations__) | set(vars(nn.Module()))
 
 
 def _factory(module: nn.Module) -> dict:
@@ -152,68 +165,18 @@ def _check_partial(plan: SitePlan, config: AdapterConfig) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def inject_arc(
-    model: nn.Module,
-    config: ARCConfig | AdaptMLPConfig,
-    name: str = DEFAULT_ADAPTER,
-    *,
-    example_input: Any = None,
-) -> nn.Module:
-    """Add an ARC or AdaptMLP adapter to every attention / MLP site of ``model``, in place.
-
-    Sites are found by one probe forward (see :func:`site_plan`): every self-attention module
-    (any timm, torchvision, Hugging Face transformers or open_clip vision model) and the MLP
-    after it in its block. Attention pooling and cross-attention are left out on purpose; any
-    other attention module that cannot be adapted is an error (or, with
-    ``config.allow_partial``, a warning). Parameter names of the backbone do not change. The first
-    adapter injected into a model becomes the active one.
-
-    Args:
-        model: The backbone (e.g. from ``timm.create_model``).
-        config: :class:`ARCConfig` or :class:`AdaptMLPConfig`.
-        name: Name of this adapter; several named adapters can live on one backbone.
-        example_input: Input for the probe forward (a tensor, a tuple of arguments or a dict of
-            keyword arguments); default: a random image of the size the model declares.
-
-    Returns:
-        ``model`` itself.
-
-    Raises:
-        TypeError: ``config`` is not an adapter config.
-        ValueError: an adapter with this ``name`` already exists, or ``config.blocks`` /
-            ``target_modules`` select nothing that exists.
-        UnsupportedModelError: the model has no self-attention, or some attention module cannot
-            be adapted (the message names each and why). The model is unchanged.
-    """
-    if not isinstance(config, (ARCConfig, AdaptMLPConfig)):
-        raise TypeError(
-            f"inject_arc expects an ARCConfig or AdaptMLPConfig, got {type(config).__name__}"
-        )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"inject_arc expects an nn.Module, got {type(model).__name__}")
-    _check_name(name)
-    existing = adapter_configs(model)
-    if name in existing:
-        raise ValueError(
-            f"model already has an adapter named {name!r} ({type(existing[name]).__name__}): "
-            "remove it first (arc_peft.delete_adapter / remove_arc) or inject under another name"
-        )
-    plan = site_plan(model, example_input)
-    if not any(s.position == "attn" for s in plan.sites):
-        raise UnsupportedModelError(
-            f"no self-attention found in {type(model).__name__}: arc_peft adapts the attention "
-            "modules of vision transformers (and the MLPs after them). Probe result: "
-            + plan.summary().replace("\n", "; ")
-        )
-    _check_partial(plan, config)
-    chosen = _select(plan, config)
-
-    # Build every adapter before touching the model, so a failure leaves it unchanged.
+def _build_adapters(
+    model: nn.Module, chosen: list[Site], config: AdapterConfig, device: str | None = None
+) -> list[tuple[Site, Adapter]]:
+    """A new adapter for every chosen site, not yet attached (``device="meta"``: shapes only,
+    nothing allocated, which is how a file's claims are checked before anything is built)."""
     owners: dict[tuple[str, int], ARC] = {}
     planned: list[tuple[Site, Adapter]] = []
     for site in chosen:
         module = model.get_submodule(site.path)
         factory = _factory(module) or _factory(model)
+        if device is not None:
+            factory["device"] = device
         if isinstance(config, ARCConfig):
             paper_zero = site.position == "attn" or config.init == "identity"
             owner = owners.get((site.position, site.width))
@@ -239,6 +202,72 @@ def inject_arc(
         adapter.config = config
         adapter.train(module.training)  # a new layer follows the model's train/eval mode
         planned.append((site, adapter))
+    return planned
+
+
+def inject_arc(
+    model: nn.Module,
+    config: ARCConfig | AdaptMLPConfig,
+    name: str = DEFAULT_ADAPTER,
+    *,
+    example_input: Any = None,
+) -> nn.Module:
+    """Add an ARC or AdaptMLP adapter to every attention / MLP site of ``model``, in place.
+
+    Sites are found by one probe forward (see :func:`site_plan`): every self-attention module
+    (any timm, torchvision, Hugging Face transformers or open_clip vision model) and the MLP
+    after it in its block. Attention pooling and cross-attention are left out on purpose; any
+    other attention module that cannot be adapted is an error (or, with
+    ``config.allow_partial``, a warning). Parameter names of the backbone do not change. The first
+    adapter injected into a model becomes the active one.
+
+    Args:
+        model: The backbone (e.g. from ``timm.create_model``).
+        config: :class:`ARCConfig` or :class:`AdaptMLPConfig`.
+        name: Name of this adapter; several named adapters can live on one backbone. Letters,
+            digits, ``_`` and ``-`` (``"cifar-100"``), not an attribute of a module
+            (``"training"``).
+        example_input: Input for the probe forward (a tensor, a tuple of arguments or a dict of
+            keyword arguments); default: a random image of the size the model declares.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        TypeError: ``config`` is not an adapter config.
+        ValueError: ``name`` is invalid or already exists, ``config.blocks`` /
+            ``target_modules`` select nothing that exists, or ``model`` is a
+            ``torch.compile`` / DDP / ``DataParallel`` wrapper or FSDP-sharded (inject first,
+            then wrap: the wrapper would not see the new adapter).
+        UnsupportedModelError: the model has no self-attention, or some attention module cannot
+            be adapted (the message names each and why). The model is unchanged.
+    """
+    if not isinstance(config, (ARCConfig, AdaptMLPConfig)):
+        raise TypeError(
+            f"inject_arc expects an ARCConfig or AdaptMLPConfig, got {type(config).__name__}"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject_arc expects an nn.Module, got {type(model).__name__}")
+    _check_name(name)
+    check_injectable(model, "inject_arc")
+    existing = adapter_configs(model)
+    if name in existing:
+        raise ValueError(
+            f"model already has an adapter named {name!r} ({type(existing[name]).__name__}): "
+            "remove it first (arc_peft.delete_adapter / remove_arc) or inject under another name"
+        )
+    plan = site_plan(model, example_input)
+    if not any(s.position == "attn" for s in plan.sites):
+        raise UnsupportedModelError(
+            f"no self-attention found in {type(model).__name__}: arc_peft adapts the attention "
+            "modules of vision transformers (and the MLPs after them). Probe result: "
+            + plan.summary().replace("\n", "; ")
+        )
+    _check_partial(plan, config)
+    chosen = _select(plan, config)
+
+    # Build every adapter before touching the model, so a failure leaves it unchanged.
+    planned = _build_adapters(model, chosen, config)
     holders = {site.path: holder_of(model, site.path) for site, _ in planned}
 
     make_active = not existing or all(slot.active is None for _, _, slot in iter_slots(model))

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import math
 import os
-import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,19 +27,34 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from .config import AdapterConfig, config_from_dict
-from .errors import AdapterFileError
+from .atomic import write_atomic
+from .config import AdapterConfig
+from .fileformat import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    Contents,
+    Header,
+    bad,
+    check_metadata,
+    open_regular,
+    parse_metadata,
+    read_header,
+    read_tensors,
+)
 from .inject import (
     DEFAULT_ADAPTER,
+    _build_adapters,
     _check_name,
+    _select,
     adapter_configs,
     delete_adapter,
     inject_arc,
     site_plan,
 )
 from .multitask import active_adapter, set_active_adapter
-from .params import get_head
-from .slots import iter_slots
+from .params import TRAINED_ATTR, get_head
+from .slots import SLOT_ATTR, AdapterSlot, holder_of, iter_slots
+from .wrappers import check_injectable, full_tensor, is_sharded, original_class, unwrap
 
 __all__ = [
     "FORMAT_NAME",
@@ -49,17 +64,6 @@ __all__ = [
     "read_adapter_info",
     "save_adapter",
 ]
-
-FORMAT_NAME = "arc_peft.adapter"
-FORMAT_VERSION = 1
-
-# safetensors' own limit; a larger "header" means the file is not what it claims to be.
-_MAX_HEADER = 100 * 1024 * 1024
-_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-_REQUIRED_METADATA = ("format_version", "arc_peft_version", "method", "config", "backbone")
 
 
 # -- fingerprints ------------------------------------------------------------------------------
@@ -73,7 +77,7 @@ def _backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
     """
     plan = site_plan(model)
     widths = {p: [s.width for s in plan.sites if s.position == p] for p in ("attn", "mlp")}
-    cls = type(model)
+    cls = original_class(model)  # not FSDP's generated subclass
     return {
         "architecture": f"{cls.__module__}.{cls.__qualname__}",
         "num_blocks": plan.num_blocks,
@@ -112,20 +116,27 @@ def _adapter_state(model: nn.Module, name: str) -> dict[str, Tensor]:
     return state
 
 
+def _isfinite(flat: Tensor) -> Tensor:
+    try:
+        return torch.isfinite(flat)
+    except (NotImplementedError, RuntimeError):  # float8 has no isfinite kernel; upcasting is exact
+        return torch.isfinite(flat.float())
+
+
 def _first_non_finite(tensors: dict[str, Tensor]) -> str | None:
     """The first key holding a NaN or infinity, or ``None``.
 
     One check per dtype over all tensors concatenated: per-tensor checks cost a kernel launch
     each, which dominated save/load time for the ~50 small tensors of a ViT-B adapter.
     """
-    by_dtype: dict[torch.dtype, list[str]] = {}
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[str]] = {}
     for key, value in tensors.items():
         if value.is_floating_point():
-            by_dtype.setdefault(value.dtype, []).append(key)
+            by_dtype.setdefault((value.dtype, value.device), []).append(key)
     for keys in by_dtype.values():
         flat = torch.cat([tensors[k].detach().reshape(-1) for k in keys])
-        if not bool(torch.isfinite(flat).all()):
-            return next(k for k in keys if not bool(torch.isfinite(tensors[k]).all()))
+        if not bool(_isfinite(flat).all()):
+            return next(k for k in keys if not bool(_isfinite(tensors[k].detach()).all()))
     return None
 
 
@@ -206,36 +217,6 @@ def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
     return len(text).to_bytes(8, "little") + text + data
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
-
-    The temporary file lives in the destination folder (``os.replace`` is atomic only within
-    one file system) and is removed on any failure, including KeyboardInterrupt.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    # O_EXCL: never follow or reuse someone else's file; mode 0o666 lets the umask apply as for
-    # any ordinary file (mkstemp would force 0o600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable; not every platform can open a directory (Windows).
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def save_adapter(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -246,10 +227,15 @@ def save_adapter(
 
     Nothing else of the model is stored: a ViT-B/16 ARC adapter with a 100-class head is about
     0.69 MB. The write is atomic: a failure leaves an existing file at ``path`` untouched.
-    The same weights always give the same bytes.
+    The same weights always give the same bytes. Modules trained with
+    ``freeze_backbone(also=...)`` are stored too.
+
+    ``torch.compile``, DDP and ``DataParallel`` wrappers are looked through (the file holds the
+    plain model's keys). With FSDP2 (``fully_shard``) call it on every rank: the shards are
+    gathered (a collective) and rank 0 writes the file.
 
     Args:
-        model: A model holding the adapter.
+        model: A model holding the adapter (or a wrapper of one).
         path: Destination file (conventionally ``*.safetensors``).
         name: The adapter to save; default: the active adapter, or the only one if none is
             active.
@@ -257,31 +243,42 @@ def save_adapter(
 
     Raises:
         KeyError: the model has no adapter called ``name``.
-        ValueError: ``name`` is ``None`` and no single adapter can be chosen, or a weight is
-            NaN or infinite (such a file could not be loaded back).
+        ValueError: ``name`` is ``None`` and no single adapter can be chosen, a weight is NaN
+            or infinite (such a file could not be loaded back), or, after
+            :func:`arc_peft.freeze_backbone`, a parameter the file would not hold is trainable.
+        OSError: the file cannot be written.
     """
     from . import __version__  # here, not at import time: the package imports this module
 
+    model = unwrap(model)
     name = _resolve_name(model, name)
     config = adapter_configs(model)[name]
-    tensors = {k: v.detach() for k, v in _adapter_state(model, name).items()}
+    state = dict(_adapter_state(model, name))
     head_path, head_state = _head_state(model) if include_head else ("", {})
-    clash = sorted(set(tensors) & set(head_state))
+    trained_paths, trained_state = _trained_state(model, exclude=set(head_state))
+    clash = sorted(set(state) & (set(head_state) | set(trained_state)))
     if clash:
-        raise ValueError(f"save_adapter: head keys {clash} collide with adapter keys")
-    tensors.update({k: v.detach() for k, v in head_state.items()})
+        raise ValueError(f"save_adapter: head or trained keys {clash} collide with adapter keys")
+    _check_nothing_lost(model, head_state, trained_state)
+    state.update(head_state)
+    state.update(trained_state)
+    sharded = any(is_sharded(v) for v in state.values())
+    # FSDP2 shards: gather the whole tensors (a collective, so every rank is in this call).
+    tensors = {k: full_tensor(v.detach()) for k, v in state.items()}
     key = _first_non_finite(tensors)
     if key is not None:
         raise ValueError(
             f"save_adapter: {key} holds NaN or infinite values; the file could not be "
             "loaded back. Check the training run (learning rate, AMP overflow)."
         )
+    if sharded and torch.distributed.get_rank() != 0:
+        return  # every rank holds the same gathered tensors; one of them writes
     dtypes = sorted({_dtype_name(v.dtype) for v in tensors.values()})
-    head_meta = (
-        {"module": head_path, "shapes": {k: list(v.shape) for k, v in sorted(head_state.items())}}
-        if head_state
-        else None
-    )
+
+    def group(where: str, located: Any, keys: dict[str, Tensor]) -> dict[str, Any] | None:
+        shapes = {k: list(tensors[k].shape) for k in sorted(keys)}
+        return {where: located, "shapes": shapes} if keys else None
+
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -290,185 +287,66 @@ def save_adapter(
         "method": config.method,
         "config": config.to_json(),
         "backbone": json.dumps(_backbone_fingerprint(model), sort_keys=True),
-        "head": json.dumps(head_meta, sort_keys=True),
+        "head": json.dumps(group("module", head_path, head_state), sort_keys=True),
         "dtype": ",".join(dtypes),
     }
+    if trained_state:  # only then: files without trained modules keep their exact bytes
+        metadata["trained"] = json.dumps(
+            group("modules", trained_paths, trained_state), sort_keys=True
+        )
     # Own contiguous CPU copies: safetensors refuses views and tensors sharing storage.
     cpu = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    _write_atomic(os.fspath(path), _serialize(cpu, metadata))
+    write_atomic(os.fspath(path), _serialize(cpu, metadata))
 
 
-# -- reading -----------------------------------------------------------------------------------
+def _slot_tensor_ids(model: nn.Module) -> set[int]:
+    """Every parameter and buffer of every adapter (whichever is active)."""
+    return {
+        id(t) for _, _, slot in iter_slots(model) for t in slot.state_dict(keep_vars=True).values()
+    }
 
 
-@dataclass(frozen=True)
-class _Header:
-    metadata: dict[str, str]
-    entries: dict[str, dict[str, Any]]  # key -> {"dtype", "shape", "data_offsets"}
-    file_size: int
+def _trained_state(model: nn.Module, exclude: set[str]) -> tuple[list[str], dict[str, Tensor]]:
+    """``(module paths, {model key: tensor})`` of the backbone modules that
+    ``freeze_backbone(also=...)`` made trainable, without adapter tensors or keys in ``exclude``."""
+    paths = list(model.__dict__.get(TRAINED_ATTR, ()))
+    adapters = _slot_tensor_ids(model)
+    state: dict[str, Tensor] = {}
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(
+                f"save_adapter: freeze_backbone(also=...) made {path!r} trainable, but the model "
+                "no longer has such a module; call freeze_backbone again"
+            ) from None
+        prefix = f"{path}." if path else ""
+        for key, value in module.state_dict(keep_vars=True).items():
+            if id(value) not in adapters and f"{prefix}{key}" not in exclude:
+                state[f"{prefix}{key}"] = value
+    return paths, state
 
 
-def _bad(path: str, problem: str) -> AdapterFileError:
-    return AdapterFileError(f"{path}: {problem}")
-
-
-def _parse_header(path: str, head: bytes, file_size: int) -> tuple[_Header, int]:
-    """Validate the safetensors header in ``head`` (the file's first bytes, at least the header).
-
-    Returns the header and the offset where the tensor data starts.
-    """
-    if file_size == 0:
-        raise _bad(path, "the file is empty (truncated, or the save never finished)")
-    if file_size < 8:
-        raise _bad(path, f"only {file_size} bytes: truncated, or not a safetensors file")
-    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[8:9] != b"{"):
-        raise _bad(
-            path,
-            "not a safetensors file: it looks like a torch.save / pickle checkpoint. arc_peft "
-            "never unpickles files; save adapters with arc_peft.save_adapter",
+def _check_nothing_lost(
+    model: nn.Module, head_state: dict[str, Tensor], trained_state: dict[str, Tensor]
+) -> None:
+    """After ``freeze_backbone``, refuse to save if a parameter was made trainable behind its
+    back: the file would not reproduce the trained model. (Without ``freeze_backbone`` the whole
+    model is trainable by default and nothing can be inferred.)"""
+    if TRAINED_ATTR not in model.__dict__:
+        return
+    head = get_head(model)
+    stored = (*head_state.values(), *trained_state.values())
+    kept = _slot_tensor_ids(model) | {id(t) for t in stored}
+    kept |= {id(p) for p in head.parameters()} if head is not None else set()
+    lost = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in kept]
+    if lost:
+        more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
+        raise ValueError(
+            f"save_adapter: {', '.join(lost[:5])}{more} are trainable but would not be saved, "
+            "so the file could not reproduce the trained model. Name their modules in "
+            "freeze_backbone(model, also=[...]) (those are stored), or freeze them"
         )
-    size = int.from_bytes(head[:8], "little")
-    if size == 0 or size > _MAX_HEADER:
-        raise _bad(path, "not a safetensors file (its first 8 bytes are not a header length)")
-    if len(head) > 8 and head[8:9] != b"{":
-        raise _bad(path, "not a safetensors file (no JSON header after the length prefix)")
-    if 8 + size > file_size:
-        raise _bad(
-            path,
-            f"truncated or corrupt: the header needs {8 + size} bytes but the file has "
-            f"{file_size}. Re-save or re-download it.",
-        )
-    try:
-        header = json.loads(head[8 : 8 + size].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _bad(path, f"corrupt header (not valid JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise _bad(path, "corrupt header (expected a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise _bad(path, "corrupt header (__metadata__ must map strings to strings)")
-    data_size = file_size - 8 - size
-    spans = []
-    for key, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise _bad(path, f"corrupt header entry for {key!r}")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        valid_shape = isinstance(shape, list) and all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        )
-        valid_offsets = (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        )
-        if dtype not in _ITEMSIZE or not valid_shape or not valid_offsets:
-            raise _bad(path, f"corrupt header entry for {key!r}: {entry}")
-        begin, end = offsets
-        if not 0 <= begin <= end or end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
-            raise _bad(
-                path,
-                f"corrupt header: {key!r} has shape {shape} ({dtype}) but spans bytes "
-                f"[{begin}, {end}) of the data",
-            )
-        spans.append((begin, end, key))
-    spans.sort()
-    expected = 0
-    for begin, end, key in spans:
-        if begin != expected:
-            raise _bad(path, f"corrupt header: tensor data is not contiguous at {key!r}")
-        expected = end
-    if expected > data_size:
-        raise _bad(
-            path,
-            f"truncated: the tensors need {expected} bytes of data but only {data_size} "
-            "follow the header. Re-save or re-download the file.",
-        )
-    if expected < data_size:
-        raise _bad(path, f"corrupt: {data_size - expected} unexpected bytes after the tensor data")
-    return _Header(metadata, header, file_size), 8 + size
-
-
-def _check_metadata(path: str, header: _Header) -> None:
-    meta = header.metadata
-    if meta.get("format") != FORMAT_NAME:
-        keys = sorted(header.entries)
-        raise _bad(
-            path,
-            "a safetensors file, but not an arc_peft adapter file (no arc_peft metadata; it "
-            f"holds {len(keys)} tensors, e.g. {keys[:3]}). Adapter files are written by "
-            "arc_peft.save_adapter.",
-        )
-    version = meta.get("format_version", "")
-    if not version.isdigit():
-        raise _bad(path, f"corrupt metadata: format_version={version!r} is not a number")
-    if int(version) > FORMAT_VERSION:
-        from . import __version__
-
-        raise _bad(
-            path,
-            f"written by arc_peft {meta.get('arc_peft_version', '?')} with file-format version "
-            f"{version}; this arc_peft ({__version__}) reads versions up to {FORMAT_VERSION}. "
-            "Upgrade: pip install -U arc-peft",
-        )
-    missing = [k for k in _REQUIRED_METADATA if k not in meta]
-    if missing:
-        raise _bad(path, f"corrupt metadata: missing field(s) {missing}")
-
-
-def _parse_metadata(
-    path: str, header: _Header
-) -> tuple[AdapterConfig, dict[str, Any], dict[str, Any] | None]:
-    """``(config, backbone fingerprint, head info or None)`` from checked metadata."""
-    meta = header.metadata
-    try:
-        config = config_from_dict(json.loads(meta["config"]))
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise _bad(path, f"unusable method config {meta['config']!r}: {exc}") from None
-    if config.method != meta["method"]:
-        raise _bad(path, f"corrupt metadata: method {meta['method']!r} but config {config}")
-    try:
-        backbone = json.loads(meta["backbone"])
-        head = json.loads(meta.get("head", "null"))
-    except (ValueError, RecursionError) as exc:
-        raise _bad(path, f"corrupt metadata (backbone/head is not valid JSON: {exc})") from None
-    if not isinstance(backbone, dict):
-        raise _bad(path, "corrupt metadata: backbone must be a JSON object")
-    if head is not None:
-        shapes = head.get("shapes") if isinstance(head, dict) else None
-        if not isinstance(shapes, dict) or not isinstance(head.get("module"), str):
-            raise _bad(path, "corrupt metadata: head must be null or {module, shapes}")
-        for key, shape in shapes.items():
-            entry = header.entries.get(key)
-            if entry is None or entry["shape"] != shape:
-                raise _bad(path, f"corrupt metadata: head tensor {key!r} does not match the data")
-    return config, backbone, head
-
-
-def _open_header(path: str) -> tuple[_Header, int]:
-    """Read and validate only the header (cheap even for a large wrong file)."""
-    with open(path, "rb") as handle:
-        file_size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(9)
-        size = int.from_bytes(prefix[:8], "little") if len(prefix) >= 8 else 0
-        rest = handle.read(size - 1) if 0 < size <= _MAX_HEADER else b""
-    return _parse_header(path, prefix + rest, file_size)
-
-
-def _read_file(path: str) -> tuple[_Header, dict[str, Tensor]]:
-    """The validated header and every tensor (on the CPU), or :class:`AdapterFileError`."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    header, _ = _parse_header(path, data, len(data))
-    _check_metadata(path, header)
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as exc:  # the Rust reader raises its own SafetensorError type
-        raise _bad(path, f"corrupt safetensors data ({exc})") from None
-    if set(tensors) != set(header.entries):
-        raise _bad(path, "corrupt: the tensors do not match the header")
-    return header, tensors
 
 
 # -- the file description ------------------------------------------------------------------------
@@ -495,6 +373,9 @@ class AdapterInfo:
         adapter_parameters: Adapter parameters (a shared ARC projection counted once).
         head_parameters: Classifier-head parameters (0 without a head).
         file_size: Size of the file in bytes.
+        trained: ``{"modules": [path, ...], "shapes": {key: shape}}`` of backbone modules
+            trained with ``freeze_backbone(also=...)``, or ``None``.
+        trained_parameters: Parameters (and buffers) of those modules.
     """
 
     path: str
@@ -509,6 +390,8 @@ class AdapterInfo:
     adapter_parameters: int
     head_parameters: int
     file_size: int
+    trained: dict[str, Any] | None = None
+    trained_parameters: int = 0
 
     @property
     def method(self) -> str:
@@ -522,9 +405,17 @@ class AdapterInfo:
         return data
 
     def __str__(self) -> str:
-        widths = self.backbone.get("widths") or {}
+        try:
+            return self._summary()
+        except Exception:  # a hand-built AdapterInfo may hold anything; str() must not fail
+            return f"{self.path!s}: an arc_peft adapter file (unreadable description)"
+
+    def _summary(self) -> str:
+        backbone = self.backbone if isinstance(self.backbone, dict) else {}
+        widths = backbone.get("widths")
+        widths = widths if isinstance(widths, dict) else {}
         width_text = "; ".join(f"{p} {_runs(w)}" for p, w in widths.items() if isinstance(w, list))
-        blocks = self.backbone.get("num_blocks")
+        blocks = backbone.get("num_blocks")
         if self.head is None:
             head_text = "not stored"
         else:
@@ -534,11 +425,14 @@ class AdapterInfo:
             ("method", f"{self.method}: {self.config}"),
             ("adapter", f"{self.adapter_parameters:,} parameters (saved as {self.name!r})"),
             ("head", head_text),
-            ("backbone", f"{self.backbone.get('architecture')}, {blocks} blocks"),
+            ("backbone", f"{backbone.get('architecture')}, {blocks} blocks"),
             ("widths", width_text),
             ("tensors", f"{self.num_tensors} {self.dtype}, {self.file_size:,} bytes"),
             ("written by", f"arc_peft {self.arc_peft_version}, file format {self.format_version}"),
         ]
+        if self.trained:
+            modules = ", ".join(self.trained["modules"])
+            rows.insert(3, ("trained", f"{self.trained_parameters:,} values in {modules}"))
         return "\n".join([self.path] + [f"  {label:<11} {text}" for label, text in rows])
 
 
@@ -553,26 +447,32 @@ def read_adapter_info(path: str | os.PathLike[str]) -> AdapterInfo:
         OSError: the file cannot be opened.
     """
     path = os.fspath(path)
-    header, _ = _open_header(path)
-    _check_metadata(path, header)
-    config, backbone, head = _parse_metadata(path, header)
+    with open_regular(path) as handle:
+        header = read_header(path, handle)
+    check_metadata(path, header)
+    contents = parse_metadata(path, header)
     counts = {k: math.prod(e["shape"]) for k, e in header.entries.items()}
-    head_keys = set(head["shapes"]) if head else set()
-    head_params = sum(n for k, n in counts.items() if k in head_keys)
+
+    def total(group: dict[str, Any] | None) -> int:
+        return sum(counts[k] for k in group["shapes"]) if group else 0
+
     meta = header.metadata
+    head_params, trained_params = total(contents.head), total(contents.trained)
     return AdapterInfo(
         path=path,
         format_version=int(meta["format_version"]),
         arc_peft_version=meta["arc_peft_version"],
         name=meta.get("name", DEFAULT_ADAPTER),
-        config=config,
-        backbone=backbone,
-        head=head,
+        config=contents.config,
+        backbone=contents.backbone,
+        head=contents.head,
         dtype=meta.get("dtype", ""),
         num_tensors=len(counts),
-        adapter_parameters=sum(counts.values()) - head_params,
+        adapter_parameters=sum(counts.values()) - head_params - trained_params,
         head_parameters=head_params,
         file_size=header.file_size,
+        trained=contents.trained,
+        trained_parameters=trained_params,
     )
 
 
@@ -586,9 +486,11 @@ def _describe_keys(keys: set[str], limit: int = 5) -> str:
 
 
 def _match(
-    path: str, what: str, expected: dict[str, Tensor], found: dict[str, Tensor]
-) -> list[tuple[Tensor, Tensor]]:
-    """Pair every expected tensor with the file's, or raise naming what does not fit."""
+    path: str, what: str, expected: dict[str, Tensor], found: dict[str, Any], versus: str = "model"
+) -> list[tuple[str, Tensor]]:
+    """Pair every expected tensor with the file's key, or raise naming what does not fit.
+
+    ``found`` maps file keys to tensors or to header entries (``{"shape": [...]}``)."""
     missing, unexpected = set(expected) - set(found), set(found) - set(expected)
     if missing or unexpected:
         parts = []
@@ -596,7 +498,7 @@ def _match(
             parts.append(f"missing {what} key(s): {_describe_keys(missing)}")
         if unexpected:
             parts.append(f"unexpected {what} key(s): {_describe_keys(unexpected)}")
-        raise _bad(
+        raise bad(
             path,
             "; ".join(parts) + ". The file was made for a differently structured model or "
             "adapter (or edited).",
@@ -604,13 +506,61 @@ def _match(
     pairs = []
     for key, target in expected.items():
         source = found[key]
-        if source.shape != target.shape:
-            raise _bad(
+        shape = list(source["shape"] if isinstance(source, dict) else source.shape)
+        if shape != list(target.shape):
+            raise bad(
                 path,
-                f"shape mismatch for {key}: file {list(source.shape)}, model {list(target.shape)}",
+                f"shape mismatch for {key}: file {shape[:8]}, {versus} {list(target.shape)}",
             )
-        pairs.append((target, source))
+        pairs.append((key, target))
     return pairs
+
+
+def _planned_state(path: str, model: nn.Module, config: AdapterConfig) -> dict[str, Tensor]:
+    """``{file key: tensor}`` that injecting ``config`` would create, built on the meta device:
+    nothing is allocated, so a file claiming ``rank=10**9`` costs nothing to refuse."""
+    try:
+        chosen = _select(site_plan(model), config)
+        built = _build_adapters(model, chosen, config, device="meta")
+    except ValueError as exc:  # UnsupportedModelError included
+        raise bad(path, f"its config {config} does not fit this model: {exc}") from None
+    state: dict[str, Tensor] = {}
+    for site, adapter in built:
+        holder_path, _ = holder_of(model, site.path)
+        prefix = f"{holder_path}.{SLOT_ATTR}" if holder_path else SLOT_ATTR
+        key = AdapterSlot(site, holder_path).key  # named as iter_slots will name it
+        for name, value in adapter.state_dict().items():
+            state[f"{prefix}.{key}.{name}"] = value
+    return state
+
+
+def _trained_targets(path: str, model: nn.Module, trained: dict[str, Any]) -> dict[str, Tensor]:
+    """The model tensors the file's trained-module tensors go to (those the model has)."""
+    state: dict[str, Tensor] = {}
+    for module_path in trained["modules"]:
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            raise bad(
+                path,
+                f"it stores the trained module {module_path!r} (freeze_backbone(also=...)), "
+                f"which {type(model).__name__} does not have",
+            ) from None
+        prefix = f"{module_path}." if module_path else ""
+        state.update({f"{prefix}{k}": v for k, v in module.state_dict(keep_vars=True).items()})
+    return {k: state[k] for k in trained["shapes"] if k in state}
+
+
+def _stage(target: Tensor, source: Tensor) -> Tensor:
+    return source.to(device=target.device, dtype=target.dtype)
+
+
+def _copy(target: Tensor, value: Tensor) -> None:
+    if is_sharded(target):  # FSDP2: every rank read the whole file; keep this rank's shard
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(value)
 
 
 @contextlib.contextmanager
@@ -635,7 +585,14 @@ def load_adapter(
     with a different config this is an error. The load is all-or-nothing: the file is parsed and
     checked (keys, shapes, finite values, backbone fingerprint, head shape) before the model
     changes, and on any error the model is left exactly as it was. Tensors are converted to the
-    device and dtype of the model's parameters they replace.
+    device and dtype of the model's parameters they replace (and checked for NaN/inf after the
+    conversion). Modules trained with ``freeze_backbone(also=...)`` that the file stores are
+    loaded too. Every bad file is an :class:`~arc_peft.AdapterFileError`, found in bounded time
+    and memory (see the limits in the file-format docs).
+
+    ``model`` may be a ``torch.compile`` / DDP / ``DataParallel`` wrapper or an FSDP2-sharded
+    model if it already holds adapter ``name`` (its weights are replaced); injecting into one
+    is refused.
 
     The classifier head stored in the file (if any) is copied into the model's head: on a
     backbone shared by several tasks the head is task specific, so pass ``load_head=False`` to
@@ -656,34 +613,88 @@ def load_adapter(
         ``model`` itself.
 
     Raises:
-        AdapterFileError: the file is unreadable, corrupt, from a newer format, or does not fit
-            ``model`` (other backbone, other head, other config under ``name``).
-        ValueError: ``name`` is not a valid adapter name.
+        AdapterFileError: the file is not a regular file, unreadable as an adapter file,
+            corrupt, from a newer format, or does not fit ``model`` (other backbone, other head,
+            other config under ``name``).
+        ValueError: ``name`` is not a valid adapter name, or the adapter would have to be
+            injected into a wrapped or sharded model.
         OSError: the file cannot be opened.
     """
     path = os.fspath(path)
-    header, tensors = _read_file(path)
-    config, backbone, head_meta = _parse_metadata(path, header)
+    wrapper, model = model, unwrap(model)
+    _check_name(name)
+    with open_regular(path) as handle:
+        header = read_header(path, handle)
+        check_metadata(path, header)
+        contents = parse_metadata(path, header)
+        # Everything the header can tell is checked before the data is read or anything built.
+        expected, needs_inject = _check_against_model(
+            path, model, header, contents, name, load_head
+        )
+        if needs_inject:
+            check_injectable(wrapper, "load_adapter")
+        tensors = read_tensors(path, handle, header)
 
-    diffs = _fingerprint_differences(backbone, _backbone_fingerprint(model))
+    previous_active = active_adapter(model)
+    if needs_inject:
+        try:
+            with _rng_untouched(model), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.compile has already compiled")
+                inject_arc(model, contents.config, name=name)
+        except ValueError as exc:  # inject_arc leaves the model unchanged when it raises
+            problem = f"its config {contents.config} does not fit this model: {exc}"
+            raise bad(path, problem) from None
+    try:
+        adapter_found = {k: v for k, v in tensors.items() if k not in contents.extra_keys()}
+        pairs = _match(path, "adapter", _adapter_state(model, name), adapter_found)
+        pairs += [(k, expected[k]) for k in expected]
+        # Convert everything first (the step that can run out of memory), check the converted
+        # values (1e300 is finite in float64 but inf in float32), then copy: the copies cannot
+        # fail once shapes match, so the model never ends up half-loaded.
+        staged = {key: _stage(target, tensors[key]) for key, target in pairs}
+        key = _first_non_finite(staged)
+        if key is not None:
+            raise bad(
+                path,
+                f"{key} holds NaN or infinite values (in the model's dtype); the adapter is "
+                "unusable",
+            )
+        with torch.no_grad():
+            for key, target in pairs:
+                _copy(target, staged[key])
+    except BaseException:
+        if needs_inject:
+            delete_adapter(model, name)
+            if previous_active is not None and active_adapter(model) != previous_active:
+                set_active_adapter(model, previous_active)
+        raise
+    if activate is True:
+        set_active_adapter(model, name)
+    elif activate is False and active_adapter(model) != previous_active:
+        set_active_adapter(model, previous_active)
+    return wrapper
+
+
+def _check_against_model(
+    path: str, model: nn.Module, header: Header, contents: Contents, name: str, load_head: bool
+) -> tuple[dict[str, Tensor], bool]:
+    """Check the header against ``model`` (backbone, head, trained modules, the adapter's
+    tensor shapes). Returns ``({file key: model tensor}`` for the head and trained modules,
+    whether adapter ``name`` has to be injected)."""
+    diffs = _fingerprint_differences(contents.backbone, _backbone_fingerprint(model))
     if diffs:
-        raise _bad(
+        raise bad(
             path,
             f"made for another backbone (file vs model: {'; '.join(diffs)}). Build the model "
             "the adapter was trained on.",
         )
-    key = _first_non_finite(tensors)
-    if key is not None:
-        raise _bad(path, f"{key} holds NaN or infinite values; the adapter is unusable")
-
-    head_keys = set(head_meta["shapes"]) if head_meta else set()
-    adapter_found = {k: v for k, v in tensors.items() if k not in head_keys}
-    pairs: list[tuple[Tensor, Tensor]] = []
-    if load_head and head_keys:
+    entries = header.entries
+    targets: dict[str, Tensor] = {}
+    head_meta = contents.head if load_head else None
+    if head_meta:
         _, model_head = _head_state(model)
-        head_found = {k: v for k, v in tensors.items() if k in head_keys}
         if not model_head:
-            raise _bad(
+            raise bad(
                 path,
                 f"the file holds a classifier head ({head_meta['module']}) but "
                 f"{type(model).__name__} has none: pass load_head=False",
@@ -694,46 +705,34 @@ def load_adapter(
             if key in model_head and list(model_head[key].shape) != shape
         ]
         if diffs:
-            raise _bad(
+            raise bad(
                 path,
                 f"the stored head is for another number of classes (file vs model: "
                 f"{'; '.join(diffs)}). Build the model with the matching num_classes, or pass "
                 "load_head=False.",
             )
-        pairs += _match(path, "head", model_head, head_found)
+        stored = {k: entries[k] for k in head_meta["shapes"]}
+        for key, _ in _match(path, "head", model_head, stored):
+            targets[key] = model_head[key]
+    if contents.trained:
+        trained = _trained_targets(path, model, contents.trained)
+        stored = {k: entries[k] for k in contents.trained["shapes"]}
+        for key, _ in _match(path, "trained", trained, stored):
+            targets[key] = trained[key]
 
+    config = contents.config
     existing = adapter_configs(model)
-    injected = False
-    previous_active = active_adapter(model)
+    adapter_entries = {k: e for k, e in entries.items() if k not in contents.extra_keys()}
     if name in existing:
         if existing[name] != config:
-            raise _bad(
+            raise bad(
                 path,
                 f"the model already has an adapter {name!r} with a different config "
                 f"({existing[name]}) than the file ({config}). Load it under another name "
                 f"(name=...) or remove the existing one first (arc_peft.delete_adapter).",
             )
-    else:
-        _check_name(name)
-        with _rng_untouched(model):
-            inject_arc(model, config, name=name)
-        injected = True
-    try:
-        pairs += _match(path, "adapter", _adapter_state(model, name), adapter_found)
-        # Convert everything first (the step that can run out of memory), then copy: the copies
-        # themselves cannot fail once shapes match, so the model never ends up half-loaded.
-        staged = [(t, s.to(device=t.device, dtype=t.dtype)) for t, s in pairs]
-        with torch.no_grad():
-            for target, source in staged:
-                target.copy_(source)
-    except BaseException:
-        if injected:
-            delete_adapter(model, name)
-            if previous_active is not None and active_adapter(model) != previous_active:
-                set_active_adapter(model, previous_active)
-        raise
-    if activate is True:
-        set_active_adapter(model, name)
-    elif activate is False and active_adapter(model) != previous_active:
-        set_active_adapter(model, previous_active)
-    return model
+        _match(path, "adapter", _adapter_state(model, name), adapter_entries)
+        return targets, False
+    planned = _planned_state(path, model, config)
+    _match(path, "adapter", planned, adapter_entries, versus=f"its own config {config}")
+    return targets, True
