@@ -137,13 +137,14 @@ class Finder:
         seen = set() if seen is None else seen
         seen.add(tid)
         direct = {i for i in self.rec.consumers.get(tid, ())}
-        same_shape = []  # per-element / per-token ops before the layers: a norm, a clamp
+        # ops before the layers that keep each token's channels where they are: a norm, a
+        # clamp (same shape), a class token or a mean token concatenated (same channel size)
+        same_shape = []
         for index in self.readers(tid, stop, placement=True):
             found = self.layer_width(index)
             if found is None:
                 op = self.rec.ops[index]
-                shapes = {self.rec.shapes.get(t) for t in op.inputs[:1] + op.outputs[:1]}
-                if op.outputs and len(shapes) == 1:
+                if op.outputs and op.inputs and self._keeps_channels(op):
                     same_shape.append(op.outputs[0])
                 continue
             width, layer = found
@@ -171,12 +172,30 @@ class Finder:
                     continue
                 width, axis = found
                 inner = self.rec.shapes[out]
+                if len(inner) == len(shape) and shape[axis] == width:
+                    return found
                 if len(inner) == len(shape) and shape[axis] > width:
                     others = [d for n, d in enumerate(shape) if n != axis % len(shape)]
                     if others == [d for n, d in enumerate(inner) if n != axis % len(inner)]:
                         return shape[axis], axis
-                return found
+                # reshaped on the way (an N, C, H, W input flattened to tokens): the input's
+                # axis of that width, channels-first preferred
+                axis = self.axis_of(tid, width, "conv", direct=False)
+                if axis is not None:
+                    return width, axis
         return None
+
+    def _keeps_channels(self, op: Any) -> bool:
+        """Whether ``op``'s output has its first input's rank and channel-axis sizes."""
+        before = self.rec.shapes.get(op.inputs[0], ())
+        after = self.rec.shapes.get(op.outputs[0], ())
+        if before == after:
+            return True
+        return (
+            len(before) == len(after) >= 3
+            and before[-1] == after[-1]
+            and op.name in ("cat", "concat", "add", "mean")
+        )
 
     # -- attention ---------------------------------------------------------------------------
 
