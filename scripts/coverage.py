@@ -484,8 +484,16 @@ def main() -> None:
         "--real-limit", type=float, default=120e6,
         help="models with more parameters are checked on the meta device (no output check)",
     )  # fmt: skip
+    parser.add_argument(
+        "--docs-only", action="store_true",
+        help="rewrite docs/models.md from the cached results of the last runs",
+    )  # fmt: skip
     args = parser.parse_args()
     REAL_LIMIT = args.real_limit
+    if args.docs_only:
+        rows = json.loads((CACHE / "families.json").read_text())
+        write_docs(markdown(rows, all_summary_text(Path(args.out))))
+        return
     torch.set_num_threads(1 if args.workers > 1 else torch.get_num_threads())
     fams = families()
     if args.only:
@@ -519,15 +527,18 @@ def main() -> None:
     rows = family_rows(fams, cen)
     (CACHE / "families.json").write_text(json.dumps(rows, indent=1))
     if not args.no_docs:
-        section = markdown(rows, all_summary_text(Path(args.out)))
-        page = DOCS.read_text()
-        if BEGIN in page:
-            head, rest = page.split(BEGIN, 1)
-            tail = rest.split(END, 1)[1]
-        else:
-            head, tail = page.rstrip("\n") + "\n\n", ""
-        DOCS.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
-        print(f"wrote {DOCS}", file=sys.stderr)
+        write_docs(markdown(rows, all_summary_text(Path(args.out))))
+
+
+def write_docs(section: str) -> None:
+    page = DOCS.read_text()
+    if BEGIN in page:
+        head, rest = page.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+    else:
+        head, tail = page.rstrip("\n") + "\n\n", ""
+    DOCS.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
+    print(f"wrote {DOCS}", file=sys.stderr)
 
 
 if __name__ == "__main__":
