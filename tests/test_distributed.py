@@ -7,7 +7,6 @@ Each test spawns its ranks; a rank raises on any failed check, which fails the t
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -28,20 +27,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawn(fn, tmp_path: Path) -> None:
-    mp.spawn(fn, args=(str(tmp_path), _free_port()), nprocs=WORLD, join=True)
+    mp.spawn(fn, args=(str(tmp_path),), nprocs=WORLD, join=True)
 
 
-def _init(rank: int, port: int) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _init(rank: int, tmp: str) -> None:
+    # A file rendezvous rather than a fixed TCP port: other test runs on the machine cannot
+    # take it between choosing and binding.
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    store = Path(tmp) / "rendezvous"
+    dist.init_process_group("gloo", init_method=store.as_uri(), rank=rank, world_size=WORLD)
 
 
 def _adapted() -> nn.Module:
@@ -72,8 +67,8 @@ def _same_on_all_ranks(tensor: torch.Tensor) -> bool:
 # -- DDP -----------------------------------------------------------------------------------------
 
 
-def _ddp_rank(rank: int, tmp: str, port: int) -> None:
-    _init(rank, port)
+def _ddp_rank(rank: int, tmp: str) -> None:
+    _init(rank, tmp)
     try:
         model = _adapted()
         before = {k: v.clone() for k, v in arc_peft.adapter_parameters(model).items()}
@@ -129,8 +124,8 @@ def _shard(model: nn.Module, per_module: bool) -> nn.Module:
     return model
 
 
-def _fsdp_rank(rank: int, tmp: str, port: int) -> None:
-    _init(rank, port)
+def _fsdp_rank(rank: int, tmp: str) -> None:
+    _init(rank, tmp)
     try:
         x = inputs("vit")
         path = os.path.join(tmp, "fsdp.safetensors")
