@@ -428,6 +428,34 @@ def test_register_target_overrides_discovery(custom_targets):
         arc_peft.targets._REGISTRY.pop(_GatedMixer, None)
 
 
+def test_register_target_reaches_a_model_probed_before(custom_targets):
+    """A plan kept on the model is stale once a target is registered: the next inject_arc
+    probes again (with the example input given before) and sees the new site."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = _Block(16)
+            self.mixer = _GatedMixer(16)
+
+        def forward(self, x):
+            return self.mixer(self.block(x))
+
+    model, x = Net(), torch.randn(2, 3, 16)
+    arc_peft.inject_arc(model, ARCConfig(rank=2, positions=("attn",)), "a", example_input=x)
+    assert [s.site.path for _, _, s in iter_slots(model)] == ["block.mixer"]
+    arc_peft.register_target(_GatedMixer, "attn")
+    try:
+        arc_peft.inject_arc(model, ARCConfig(rank=2, positions=("attn",)), "b")
+        sites = {(p, s.site.path) for p, _, s in iter_slots(model)}
+        assert {path for _, path in sites} == {"block.mixer", "mixer"}
+        # the adapters injected before stay where they were
+        assert sorted(arc_peft.adapter_configs(model)) == ["a", "b"]
+        assert "a" not in model.get_submodule("").arc_peft["mixer"]
+    finally:
+        arc_peft.targets._REGISTRY.pop(_GatedMixer, None)
+
+
 def test_unsupported_torchvision_cnn():
     import torchvision
 

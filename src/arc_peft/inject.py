@@ -13,6 +13,7 @@ from .discover import Site, SitePlan, discover
 from .errors import UnsupportedModelError
 from .modules import ARC, Adapter, AdaptMLP
 from .slots import AdapterSlot, holder_of, iter_slots
+from .targets import registry_generation
 from .wrappers import check_injectable
 
 __all__ = [
@@ -79,19 +80,22 @@ def site_plan(model: nn.Module, example_input: Any = None, refresh: bool = False
         example_input: What to probe with (default: an image of the size the model declares).
         refresh: Probe again even if a plan is kept.
     """
-    plan = model.__dict__.get(_PLAN_ATTR)
-    if plan is not None and not refresh and example_input is None:
-        return plan
+    kept = model.__dict__.get(_PLAN_ATTR)
+    generation = registry_generation()
+    if kept is not None and kept[0] == generation and not refresh and example_input is None:
+        return kept[1]
     slots = [slot for _, _, slot in iter_slots(model)]
     previous = [slot.disabled for slot in slots]
     for slot in slots:
         slot.disabled = True
+    # probing again (refresh, or a target registered since) with the input the user gave before
+    example = example_input if example_input is not None else model.__dict__.get(EXAMPLE_ATTR)
     try:
-        plan = discover(model, example_input)
+        plan = discover(model, example)
     finally:
         for slot, was in zip(slots, previous, strict=True):
             slot.disabled = was
-    model.__dict__[_PLAN_ATTR] = plan
+    model.__dict__[_PLAN_ATTR] = (generation, plan)  # stale once another target is registered
     if example_input is not None:
         model.__dict__[EXAMPLE_ATTR] = example_input
     return plan

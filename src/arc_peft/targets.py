@@ -50,6 +50,7 @@ class Target:
 
 
 _REGISTRY: dict[type, Target] = {}
+_GENERATION = 0
 
 
 def register_target(
@@ -86,11 +87,22 @@ def register_target(
     if module_type in _REGISTRY and not replace:
         raise ValueError(
             f"{module_type.__qualname__} is already registered (position "
-            f"{_REGISTRY[module_type].position!r}); pass replace=True to override it"
+            f"{_REGISTRY[module_type].position!r}); pass replace=True to override it for the "
+            "next inject_arc (adapters already injected stay where they are: remove_arc and "
+            "inject again to move them)"
         )
     target = Target(module_type, position, width, merge, source, override=source == "user")
     _REGISTRY[module_type] = target
+    global _GENERATION
+    _GENERATION += 1  # site plans probed before this change are stale
     return target
+
+
+def registry_generation() -> int:
+    """A number that changes whenever a target is registered: a site plan kept on a model is
+    reused only while it is the same."""
+    _ensure_builtins()  # their (lazy) registration is no change a plan could miss
+    return _GENERATION
 
 
 def get_target(module: nn.Module) -> Target | None:
