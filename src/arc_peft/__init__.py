@@ -12,6 +12,8 @@ The public API is a handful of verbs on a whole model::
 from .config import AdapterConfig, AdaptMLPConfig, ARCConfig, config_from_dict
 from .discover import LeftOut, Site, SitePlan
 from .errors import AdapterFileError, MergeError, UnsupportedModelError
+from .heads import add_head, split_logits, task_modules
+from .hub import create_model, push_adapter_to_hub, save_adapter_folder
 from .inject import adapter_configs, delete_adapter, inject_arc, remove_arc, site_plan
 from .io import AdapterInfo, load_adapter, read_adapter_info, save_adapter
 from .merge import merge_adapter, unmerge_adapter
@@ -42,8 +44,10 @@ __all__ = [
     "active_adapter",
     "adapter_configs",
     "adapter_parameters",
+    "add_head",
     "config_from_dict",
     "count_parameters",
+    "create_model",
     "delete_adapter",
     "disable_adapter",
     "freeze_backbone",
@@ -52,12 +56,16 @@ __all__ = [
     "load_adapter",
     "merge_adapter",
     "mixed_batch",
+    "push_adapter_to_hub",
     "read_adapter_info",
     "register_target",
     "registered_targets",
     "remove_arc",
     "save_adapter",
+    "save_adapter_folder",
     "set_active_adapter",
     "site_plan",
+    "split_logits",
+    "task_modules",
     "unmerge_adapter",
 ]

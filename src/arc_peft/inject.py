@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from . import heads
 from .config import AdapterConfig, AdaptMLPConfig, ARCConfig
 from .discover import Site, SitePlan, discover
 from .errors import UnsupportedModelError
@@ -267,6 +268,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         raise KeyError(
             f"model has no adapter named {name!r}; it has {sorted(adapter_configs(model))}"
         )
+    heads.forget(model, name)  # its own head (and other task modules) goes with it
     for _, block, slot in slots:
         if name in slot:
             del slot[name]
@@ -283,6 +285,7 @@ def remove_arc(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` itself, now the plain backbone (its state dict has exactly the original keys).
     """
+    heads.restore_all(model)
     for _, block, slot in iter_slots(model):
         slot.detach(block)
     return model

@@ -19,14 +19,16 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from . import heads, identity
 from .config import AdapterConfig, config_from_dict
 from .errors import AdapterFileError
 from .inject import (
@@ -38,7 +40,7 @@ from .inject import (
     site_plan,
 )
 from .multitask import active_adapter, set_active_adapter
-from .params import get_head
+from .params import find_head
 from .slots import iter_slots
 
 __all__ = [
@@ -79,25 +81,6 @@ def _backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
         "num_blocks": plan.num_blocks,
         "widths": widths,
     }
-
-
-def _head_path(model: nn.Module, head: nn.Module) -> str:
-    for path, module in model.named_modules():
-        if module is head:
-            return path
-    raise ValueError(  # get_head only returns submodules; this guards user-registered oddities
-        f"the classifier head {type(head).__name__} is not a submodule of {type(model).__name__}"
-    )
-
-
-def _head_state(model: nn.Module) -> tuple[str, dict[str, Tensor]]:
-    """``(module path, {model key: tensor})`` of the classifier head; empty if there is none."""
-    head = get_head(model)
-    if head is None:
-        return "", {}
-    path = _head_path(model, head)
-    prefix = f"{path}." if path else ""
-    return path, {f"{prefix}{k}": v for k, v in head.state_dict(keep_vars=True).items()}
 
 
 def _adapter_state(model: nn.Module, name: str) -> dict[str, Tensor]:
@@ -241,6 +224,7 @@ def save_adapter(
     path: str | os.PathLike[str],
     name: str | None = None,
     include_head: bool = True,
+    metadata: Mapping[str, Any] | None = None,
 ) -> None:
     """Save one adapter (and by default the classifier head) to a safetensors file.
 
@@ -253,7 +237,15 @@ def save_adapter(
         path: Destination file (conventionally ``*.safetensors``).
         name: The adapter to save; default: the active adapter, or the only one if none is
             active.
-        include_head: Also store the classifier head (see :func:`arc_peft.get_head`).
+        include_head: Also store the classifier head that runs while the adapter is active
+            (its own, see :func:`arc_peft.add_head`, or the model's).
+        metadata: Free-form JSON-serialisable facts to keep in the file (class names, dataset,
+            metrics); :func:`read_adapter_info` and ``arc-peft inspect`` show them.
+
+    Besides the adapter and head, the file carries the modules the adapter owns and, if it is
+    active, every backbone module left trainable (``freeze_backbone(also=...)``), and the
+    backbone's identity where its library records one (timm model name and pretrained tag,
+    torchvision builder, Hugging Face ``name_or_path``).
 
     Raises:
         KeyError: the model has no adapter called ``name``.
@@ -265,11 +257,15 @@ def save_adapter(
     name = _resolve_name(model, name)
     config = adapter_configs(model)[name]
     tensors = {k: v.detach() for k, v in _adapter_state(model, name).items()}
-    head_path, head_state = _head_state(model) if include_head else ("", {})
-    clash = sorted(set(tensors) & set(head_state))
+    head_path, head_state = heads.head_state(model, name) if include_head else ("", {})
+    carried = heads.carried_state(model, name)
+    extra = {k: v for state in carried.values() for k, v in state.items()}
+    clash = sorted((set(tensors) | set(extra)) & set(head_state))
     if clash:
         raise ValueError(f"save_adapter: head keys {clash} collide with adapter keys")
     tensors.update({k: v.detach() for k, v in head_state.items()})
+    tensors.update({k: v.detach() for k, v in extra.items()})
+    user = _user_metadata(metadata)
     key = _first_non_finite(tensors)
     if key is not None:
         raise ValueError(
@@ -292,10 +288,58 @@ def save_adapter(
         "backbone": json.dumps(_backbone_fingerprint(model), sort_keys=True),
         "head": json.dumps(head_meta, sort_keys=True),
         "dtype": ",".join(dtypes),
+        "model": json.dumps(identity.model_identity(model), sort_keys=True),
     }
+    if carried:
+        metadata["modules"] = json.dumps(
+            {p: {k: list(v.shape) for k, v in st.items()} for p, st in carried.items()},
+            sort_keys=True,
+        )
+    if user is not None:
+        metadata["user"] = user
     # Own contiguous CPU copies: safetensors refuses views and tensors sharing storage.
     cpu = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     _write_atomic(os.fspath(path), _serialize(cpu, metadata))
+
+
+def _user_metadata(metadata: Mapping[str, Any] | None) -> str | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"save_adapter: metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        return json.dumps(dict(metadata), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"save_adapter: metadata must be JSON-serialisable (str, numbers, lists, dicts; no "
+            f"NaN): {exc}"
+        ) from None
+
+
+def _json_field(path: str, meta: dict[str, str], key: str) -> dict[str, Any]:
+    """The optional JSON-object metadata field ``key`` (``{}`` when absent)."""
+    if key not in meta:
+        return {}
+    try:
+        value = json.loads(meta[key])
+    except (ValueError, RecursionError) as exc:
+        raise _bad(path, f"corrupt metadata ({key} is not valid JSON: {exc})") from None
+    if not isinstance(value, dict):
+        raise _bad(path, f"corrupt metadata: {key} must be a JSON object")
+    return value
+
+
+def _carried_meta(path: str, header: _Header) -> dict[str, dict[str, list[int]]]:
+    """``{module path: {key: shape}}`` of the carried modules, checked against the data."""
+    modules = _json_field(path, header.metadata, "modules")
+    for module_path, shapes in modules.items():
+        if not isinstance(shapes, dict):
+            raise _bad(path, f"corrupt metadata: modules[{module_path!r}] must be an object")
+        for key, shape in shapes.items():
+            entry = header.entries.get(key)
+            if not key.startswith(f"{module_path}.") or entry is None or entry["shape"] != shape:
+                raise _bad(path, f"corrupt metadata: module tensor {key!r} does not match the data")
+    return modules
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -495,6 +539,10 @@ class AdapterInfo:
         adapter_parameters: Adapter parameters (a shared ARC projection counted once).
         head_parameters: Classifier-head parameters (0 without a head).
         file_size: Size of the file in bytes.
+        model: Identity of the backbone (``library``, ``architecture``, and ``tag`` /
+            ``hub_id`` / ``name_or_path`` where known); ``{}`` if unknown.
+        metadata: The free-form metadata given to :func:`save_adapter`.
+        modules: ``{path: {key: shape}}`` of the modules carried besides the head.
     """
 
     path: str
@@ -509,6 +557,9 @@ class AdapterInfo:
     adapter_parameters: int
     head_parameters: int
     file_size: int
+    model: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    modules: dict[str, Any] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -539,7 +590,16 @@ class AdapterInfo:
             ("tensors", f"{self.num_tensors} {self.dtype}, {self.file_size:,} bytes"),
             ("written by", f"arc_peft {self.arc_peft_version}, file format {self.format_version}"),
         ]
+        rows[3:3] = identity.describe(self.model, self.modules, self.metadata)
         return "\n".join([self.path] + [f"  {label:<11} {text}" for label, text in rows])
+
+
+def _resolve(source: str | os.PathLike[str]) -> str:
+    """A local file for ``source``: a path, a folder holding ``adapter.safetensors`` (a Hub
+    repo's layout) or ``"hf-hub:user/repo"`` (see :mod:`arc_peft.hub`)."""
+    from .hub import resolve  # imports huggingface_hub only for "hf-hub:" sources
+
+    return resolve(source)
 
 
 def read_adapter_info(path: str | os.PathLike[str]) -> AdapterInfo:
@@ -552,13 +612,16 @@ def read_adapter_info(path: str | os.PathLike[str]) -> AdapterInfo:
         AdapterFileError: the file is not a (readable, current) arc_peft adapter file.
         OSError: the file cannot be opened.
     """
-    path = os.fspath(path)
+    path = _resolve(path)
     header, _ = _open_header(path)
     _check_metadata(path, header)
     config, backbone, head = _parse_metadata(path, header)
     counts = {k: math.prod(e["shape"]) for k, e in header.entries.items()}
     head_keys = set(head["shapes"]) if head else set()
+    modules = _carried_meta(path, header)
+    carried_keys = {k for shapes in modules.values() for k in shapes}
     head_params = sum(n for k, n in counts.items() if k in head_keys)
+    carried_params = sum(n for k, n in counts.items() if k in carried_keys)
     meta = header.metadata
     return AdapterInfo(
         path=path,
@@ -570,9 +633,12 @@ def read_adapter_info(path: str | os.PathLike[str]) -> AdapterInfo:
         head=head,
         dtype=meta.get("dtype", ""),
         num_tensors=len(counts),
-        adapter_parameters=sum(counts.values()) - head_params,
+        adapter_parameters=sum(counts.values()) - head_params - carried_params,
         head_parameters=head_params,
         file_size=header.file_size,
+        model=_json_field(path, meta, "model"),
+        metadata=_json_field(path, meta, "user"),
+        modules=modules,
     )
 
 
@@ -628,6 +694,7 @@ def load_adapter(
     name: str = DEFAULT_ADAPTER,
     activate: bool | None = None,
     load_head: bool = True,
+    check_model: bool = True,
 ) -> nn.Module:
     """Load an adapter file into ``model``: inject from the stored config, then copy the weights.
 
@@ -637,20 +704,32 @@ def load_adapter(
     changes, and on any error the model is left exactly as it was. Tensors are converted to the
     device and dtype of the model's parameters they replace.
 
-    The classifier head stored in the file (if any) is copied into the model's head: on a
-    backbone shared by several tasks the head is task specific, so pass ``load_head=False`` to
-    keep the current head (and apply the stored head yourself, or not at all).
+    The classifier head stored in the file (if any, with any number of classes) becomes the
+    adapter's own head: it runs whenever ``name`` is active, and each sample of a
+    :func:`arc_peft.mixed_batch` gets its own task's head, so several tasks share one backbone
+    without overwriting each other's heads (see :func:`arc_peft.add_head`). Modules the file
+    carries besides the head (``freeze_backbone(also=...)`` at training) are loaded the same
+    way.
+
+    The file's backbone identity must match the model's: another architecture is refused,
+    another pretrained tag or hub id gives a warning. A model built with timm's
+    ``features_only=True`` takes the adapter of the same network's classifier (without the
+    head).
 
     Args:
         model: A plain backbone built like the one the adapter was trained on, or one that
             already holds adapters.
-        path: The adapter file (from :func:`save_adapter`).
+        path: The adapter file (from :func:`save_adapter`), a folder holding
+            ``adapter.safetensors``, or ``"hf-hub:user/repo"`` (see
+            :func:`arc_peft.push_adapter_to_hub`).
         name: Name to load the adapter under.
         activate: ``True``: make it the active adapter; ``False``: leave the active adapter as
             it was before the call (none, if there was none); ``None`` (default): as
             :func:`arc_peft.inject_arc` does, a newly injected adapter becomes active only if
             no other adapter is active.
-        load_head: Copy the stored classifier head into the model's head.
+        load_head: Give the adapter the stored classifier head (``False``: it runs the
+            model's own head).
+        check_model: Refuse a file whose recorded architecture differs from the model's.
 
     Returns:
         ``model`` itself.
@@ -661,46 +740,58 @@ def load_adapter(
         ValueError: ``name`` is not a valid adapter name.
         OSError: the file cannot be opened.
     """
-    path = os.fspath(path)
+    path = _resolve(path)
     header, tensors = _read_file(path)
     config, backbone, head_meta = _parse_metadata(path, header)
-
-    diffs = _fingerprint_differences(backbone, _backbone_fingerprint(model))
+    carried_meta = _carried_meta(path, header)
+    stored_id = _json_field(path, header.metadata, "model")
+    refusal, warning, same = identity.check_identity(stored_id, identity.model_identity(model))
+    actual = _backbone_fingerprint(model)
+    if same or not check_model or identity.wraps(model, backbone.get("architecture")):
+        # The same network built another way (timm features_only=True wraps or flattens it):
+        # the blocks and widths below decide.
+        actual["architecture"] = backbone.get("architecture")
+    diffs = _fingerprint_differences(backbone, actual)
     if diffs:
         raise _bad(
             path,
             f"made for another backbone (file vs model: {'; '.join(diffs)}). Build the model "
             "the adapter was trained on.",
         )
+    if refusal and check_model:
+        raise _bad(path, f"made for another model: {refusal}")
+    if warning:
+        warnings.warn(f"{path}: {warning}", stacklevel=2)
     key = _first_non_finite(tensors)
     if key is not None:
         raise _bad(path, f"{key} holds NaN or infinite values; the adapter is unusable")
 
     head_keys = set(head_meta["shapes"]) if head_meta else set()
-    adapter_found = {k: v for k, v in tensors.items() if k not in head_keys}
+    carried_keys = {k for shapes in carried_meta.values() for k in shapes}
+    adapter_found = {k: v for k, v in tensors.items() if k not in head_keys | carried_keys}
     pairs: list[tuple[Tensor, Tensor]] = []
-    if load_head and head_keys:
-        _, model_head = _head_state(model)
-        head_found = {k: v for k, v in tensors.items() if k in head_keys}
-        if not model_head:
-            raise _bad(
-                path,
-                f"the file holds a classifier head ({head_meta['module']}) but "
-                f"{type(model).__name__} has none: pass load_head=False",
-            )
-        diffs = [
-            f"{key} {shape} vs {list(model_head[key].shape)}"
-            for key, shape in head_meta["shapes"].items()
-            if key in model_head and list(model_head[key].shape) != shape
-        ]
-        if diffs:
-            raise _bad(
-                path,
-                f"the stored head is for another number of classes (file vs model: "
-                f"{'; '.join(diffs)}). Build the model with the matching num_classes, or pass "
-                "load_head=False.",
-            )
-        pairs += _match(path, "head", model_head, head_found)
+    # Modules the adapter will own (its head...): built and filled before the model changes.
+    own: dict[str, nn.Module] = {}
+    wanted = {p: (p, shapes) for p, shapes in carried_meta.items()}
+    if load_head and head_keys and find_head(model) is not None:
+        # The stored head is "the classifier": it goes where this model keeps its own.
+        wanted[heads.head_path(model)] = (head_meta["module"], head_meta["shapes"])
+    alone = not set(adapter_configs(model)) - {name}
+    for module_path, (file_path, shapes) in wanted.items():
+        prefix = f"{file_path}." if file_path else ""
+        state = {k[len(prefix) :]: tensors[k] for k in shapes}
+        base = heads.running(model, None, module_path) if alone else None
+        if base is not None and {k: list(v.shape) for k, v in base.state_dict().items()} == {
+            k: list(v.shape) for k, v in state.items()
+        }:
+            # The only adapter, and the model's module fits: copied in, as in a one-task model.
+            target = heads.prefixed(module_path, base)
+            pairs += _match(path, "head", target, {f"{prefix}{k}": v for k, v in state.items()})
+            continue
+        try:
+            own[module_path] = heads.module_like(model, module_path, state)
+        except ValueError as exc:
+            raise _bad(path, f"the stored {module_path or 'module'} does not fit: {exc}") from None
 
     existing = adapter_configs(model)
     injected = False
@@ -719,7 +810,11 @@ def load_adapter(
             inject_arc(model, config, name=name)
         injected = True
     try:
-        pairs += _match(path, "adapter", _adapter_state(model, name), adapter_found)
+        expected = _adapter_state(model, name)
+        mapping = identity.remap_keys(set(adapter_found), set(expected))
+        if mapping:  # e.g. features_only=True: the same blocks under other module names
+            adapter_found = {mapping[k]: v for k, v in adapter_found.items()}
+        pairs += _match(path, "adapter", expected, adapter_found)
         # Convert everything first (the step that can run out of memory), then copy: the copies
         # themselves cannot fail once shapes match, so the model never ends up half-loaded.
         staged = [(t, s.to(device=t.device, dtype=t.dtype)) for t, s in pairs]
@@ -732,6 +827,8 @@ def load_adapter(
             if previous_active is not None and active_adapter(model) != previous_active:
                 set_active_adapter(model, previous_active)
         raise
+    for module_path, module in own.items():
+        heads.set_task_module(model, name, module_path, module)
     if activate is True:
         set_active_adapter(model, name)
     elif activate is False and active_adapter(model) != previous_active:

@@ -13,11 +13,13 @@ Each registered target says how to fold into its module type (``Target.merge``, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from . import heads
 from .errors import MergeError
 from .fold import check_fold, generic_fold
 from .inject import EXAMPLE_ATTR, adapter_configs, delete_adapter
@@ -44,6 +46,8 @@ class _MergeRecord:
     was_active: bool
     originals: dict[str, Tensor]  # qualified tensor name -> value before the merge
     slots: list[tuple[str, AdapterSlot, Adapter]]  # (block path, detached slot, adapter)
+    # Task modules the adapter owned (its head...), now the model's own: path -> module replaced
+    replaced: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
 
 
 def _affine(adapter: ARC, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -216,8 +220,12 @@ def merge_adapter(
     with torch.no_grad():
         for _, tensor, value in planned:
             tensor.copy_(value)
+    # The adapter's own head (and other task modules) becomes the model's: the merged model
+    # computes what the adapted one did with ``name`` active, head included.
+    replaced = heads.adopt(model, name)
     delete_adapter(model, name)
     if record is not None:
+        record.replaced = replaced
         model.__dict__.setdefault(_RECORD_ATTR, []).append(record)
     return model
 
@@ -275,6 +283,7 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
         slot[record.name] = adapter
         slot.active = record.name if record.was_active else None
         slot.attach(block)
+    heads.unadopt(model, record.name, record.replaced)
     records.pop()
     if not records:
         del model.__dict__[_RECORD_ATTR]

@@ -59,6 +59,13 @@ def _size_candidates(model: nn.Module) -> list[Any]:
             found.append(getattr(owner, "img_size", None))
     for config in _hf_configs(model):  # Hugging Face ``config.image_size`` (int or (H, W))
         found.append(_config_value(config, "image_size"))
+    return found
+
+
+def _default_sizes(model: nn.Module) -> list[Any]:
+    """timm's ``pretrained_cfg`` input size: the pretrained default, which a model built with
+    another ``img_size`` (or a ``features_only`` wrapper around one) does not take."""
+    found = []
     for attr in ("pretrained_cfg", "default_cfg"):  # timm's (3, H, W)
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
@@ -67,13 +74,14 @@ def _size_candidates(model: nn.Module) -> list[Any]:
 
 
 def _declared_size(model: nn.Module) -> tuple[int, int] | None:
-    """The size the model declares; failing that, the one its first declaring submodule does (a
-    user's wrapper around a timm / transformers / open_clip backbone)."""
-    for _, module in model.named_modules():
-        for candidate in _size_candidates(module):
-            size = _pair(candidate)
-            if size is not None:
-                return size
+    """The size the model was built for; failing that, the one its first declaring submodule
+    was (a user's wrapper, timm's ``features_only`` wrapper); failing that, timm's default."""
+    for candidates in (_size_candidates, _default_sizes):
+        for _, module in model.named_modules():
+            for candidate in candidates(module):
+                size = _pair(candidate)
+                if size is not None:
+                    return size
     return None
 
 
