@@ -253,3 +253,18 @@ def test_every_architecture_takes_a_task_head(name: str) -> None:
     arc_peft.add_head(model, "t", 11)
     with torch.no_grad():
         assert model(inputs(name)).shape[-1] == 11
+
+
+def test_attention_pooling_is_not_a_classifier() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=8, vision_use_head=True,
+    )  # fmt: skip
+    tower = transformers.SiglipVisionModel(config).vision_model
+    assert type(tower.head).__name__ == "SiglipMultiheadAttentionPoolingHead"
+    assert arc_peft.get_head(tower) is None
+    classifier = transformers.SiglipForImageClassification(
+        transformers.SiglipConfig(vision_config=config.to_dict(), text_config={})
+    )
+    assert arc_peft.get_head(classifier) is classifier.classifier
