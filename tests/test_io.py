@@ -388,9 +388,10 @@ def _overlap(header: dict) -> None:
     [
         (_set_meta("format_version", "2"), r"file-format version 2.*Upgrade"),
         (_set_meta("format_version", "one"), "format_version"),
-        (  # plain target: injected at rank 5, then undone; injected target: config differs
+        (  # plain target: refused from the header, nothing built; injected: config differs
             _set_meta("config", json.dumps({"method": "arc", "rank": 5})),
-            r"shape mismatch for \S+: file \[(32, )?4\], model \[(32, )?5\]|different config",
+            r"shape mismatch for \S+: file \[(32, )?4\], (model|its own config .*) \[(32, )?5\]"
+            "|different config",
         ),
         (_set_meta("config", json.dumps({"method": "arc", "rnk": 5})), "unknown ARCConfig field"),
         (_set_meta("config", "{not json"), "unusable method config"),

@@ -25,12 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UnsupportedModelError
-from .modules import Adapter
 from .slots import SLOT_ATTR, iter_slots
 
 __all__ = ["TASKS_ATTR", "add_head", "split_logits", "task_modules"]
 
 TASKS_ATTR = "arc_peft_tasks"
+# ``{adapter: [module path]}``: trained modules a file loaded into the model's own modules (it
+# was the only adapter then), so that saving that adapter later stores them again. A plain
+# attribute, not state.
+BASE_ATTR = "_arc_peft_base_modules"
 
 
 class TaskModules(nn.ModuleDict):
@@ -182,8 +185,15 @@ def set_task_module(model: nn.Module, name: str, path: str, module: nn.Module) -
     sync(model)
 
 
+def note_loaded(model: nn.Module, name: str, trained: dict[str, Any] | None) -> None:
+    """Record that adapter ``name``'s trained modules were loaded into the model's own."""
+    if trained:
+        model.__dict__.setdefault(BASE_ATTR, {})[name] = list(trained["modules"])
+
+
 def forget(model: nn.Module, name: str) -> None:
     """Drop every task module of adapter ``name`` (it is being deleted)."""
+    model.__dict__.get(BASE_ATTR, {}).pop(name, None)
     tasks = _container(model)
     if tasks is not None and name in tasks:
         del tasks[name]
@@ -373,6 +383,12 @@ def _in_features(model: nn.Module) -> int:
     )
 
 
+def task_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of every adapter's task modules."""
+    tasks = _container(model)
+    return list(tasks.parameters()) if tasks is not None else []
+
+
 def task_modules(model: nn.Module, name: str) -> dict[str, nn.Module]:
     """``{path: module}`` of the modules adapter ``name`` owns (its head, and any module it
     carries from ``freeze_backbone(also=...)``)."""
@@ -398,47 +414,83 @@ def head_state(model: nn.Module, name: str) -> tuple[str, dict[str, Tensor]]:
     return path, prefixed(path, running(model, name, path))
 
 
-def carried_state(model: nn.Module, name: str) -> dict[str, dict[str, Tensor]]:
-    """``{module path: {model key: tensor}}`` of the modules that travel with adapter ``name``
-    besides its head: those it owns, and, while it is active, every backbone module with a
-    trainable parameter of its own (what ``freeze_backbone(also=...)`` made trainable), like
-    peft's ``modules_to_save``. Modules holding an adapter site cannot be owned by one task and
-    are not carried."""
+def with_owned(
+    model: nn.Module,
+    name: str,
+    paths: list[str],
+    state: dict[str, Tensor],
+    exclude: set[str],
+) -> tuple[list[str], dict[str, Tensor]]:
+    """The trained modules a file of adapter ``name`` stores (``freeze_backbone(also=...)``'s
+    ``paths`` and ``state``), with the modules ``name`` owns added or taking their place."""
+    own = {
+        p: m
+        for p, m in owned(model, name).items()
+        if not any(k.startswith(f"{p}.") for k in exclude)
+    }
+    for path in model.__dict__.get(BASE_ATTR, {}).get(name, ()):
+        # Loaded as the only adapter, its trained modules went into the model's own.
+        own.setdefault(path, model.get_submodule(path))
+    if not own:
+        return paths, state
+    state = {k: v for k, v in state.items() if not any(k.startswith(f"{p}.") for p in own)}
+    for path, module in own.items():
+        state.update(prefixed(path, module))
+    return sorted({*paths, *own}), state
+
+
+def load_plan(
+    model: nn.Module,
+    name: str,
+    head: dict[str, Any] | None,
+    trained: dict[str, Any] | None,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, tuple[str, dict[str, Any]]]]:
+    """Split a file's ``head`` and ``trained`` groups (``{"module"/"modules", "shapes"}``) into
+    what is copied into the model's own modules and what adapter ``name`` will own.
+
+    Returns ``(head to copy, trained to copy, {model path: (file path, {key: shape})} to own)``.
+    As the only adapter, a head that fits the model's and the trained modules are copied in, as
+    in a one-task model; with other adapters on the model, or a head of another shape, they
+    become ``name``'s own. A model without a classifier (a ``features_only`` backbone) takes no
+    head.
+    """
+    from .inject import adapter_configs
     from .params import find_head
 
-    skip = {TASKS_ATTR}
-    if find_head(model) is not None:
-        skip.add(head_path(model))
-    carried = {p: prefixed(p, m) for p, m in owned(model, name).items() if p not in skip}
-    if _active(model) != name:
-        return carried
-    frozen = any(
-        not p.requires_grad
-        for path, m in model.named_modules()
-        if SLOT_ATTR not in path.split(".") and not isinstance(m, Adapter)
-        for p in m.parameters(recurse=False)
-    )
-    if not frozen:
-        return carried  # nothing frozen (full fine-tuning, or no freeze_backbone): no "extras"
-    sites = {s.site.path for _, _, s in iter_slots(model)}
-    sites |= {s.site.output_path for _, _, s in iter_slots(model)}
+    alone = not set(adapter_configs(model)) - {name}
+    own: dict[str, tuple[str, dict[str, Any]]] = {}
+    if head is not None and find_head(model) is not None:
+        path = head_path(model)
+        base = {k: list(v.shape) for k, v in prefixed(path, model.get_submodule(path)).items()}
+        prefix = f"{head['module']}." if head["module"] else ""
+        relabel = {f"{path}.{k[len(prefix):]}" if path else k[len(prefix) :]: s
+                   for k, s in head["shapes"].items()}  # fmt: skip
+        if not alone or relabel != base:
+            own[path] = (head["module"], head["shapes"])
+            head = None
+    elif head is not None:
+        head = None
+    if trained is not None and not alone:
+        for path in trained["modules"]:
+            keys = {k: s for k, s in trained["shapes"].items() if k.startswith(f"{path}.")}
+            own[path] = (path, keys)
+        trained = None
+    return head, trained, own
 
-    def walk(path: str, module: nn.Module) -> None:
-        if path in skip or path in carried or isinstance(module, Adapter):
-            return
-        params = list(module.parameters())
-        if not params or not any(p.requires_grad for p in params):
-            return
-        ownable = path not in sites and not any(SLOT_ATTR in m._modules for m in module.modules())
-        if path and ownable and all(p.requires_grad for p in params):
-            carried[path] = prefixed(path, module)
-            return
-        for child_name, child in module.named_children():
-            if child_name != SLOT_ATTR:
-                walk(f"{path}.{child_name}" if path else child_name, child)
 
-    walk("", model)
-    return carried
+def build_owned(
+    model: nn.Module, plan: dict[str, tuple[str, dict[str, Any]]], tensors: dict[str, Tensor]
+) -> dict[str, nn.Module]:
+    """The modules of a :func:`load_plan`, filled from the file's ``tensors``; ``ValueError``
+    names what does not fit. The model is not changed."""
+    built = {}
+    for path, (file_path, shapes) in plan.items():
+        prefix = f"{file_path}." if file_path else ""
+        try:
+            built[path] = module_like(model, path, {k[len(prefix) :]: tensors[k] for k in shapes})
+        except ValueError as exc:
+            raise ValueError(f"the stored {path} does not fit: {exc}") from None
+    return built
 
 
 def module_like(model: nn.Module, path: str, state: dict[str, Tensor]) -> nn.Module:

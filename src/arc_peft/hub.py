@@ -16,9 +16,10 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # torch is not imported to read a file's description
+    from torch import nn
 
 __all__ = [
     "ADAPTER_FILE",

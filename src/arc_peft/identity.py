@@ -18,11 +18,21 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # torch is not imported to read a file's description
+    from torch import nn
 
-__all__ = ["check_identity", "describe", "model_identity", "remap_keys", "wraps"]
+__all__ = [
+    "check_identity",
+    "describe",
+    "json_object",
+    "model_identity",
+    "remap_keys",
+    "user_metadata",
+    "wraps",
+]
 
 # torchvision ViT builders by (patch size, width, depth); the model object keeps these values.
 _TV_VIT = {
@@ -153,18 +163,14 @@ def wraps(model: nn.Module, architecture: Any) -> bool:
     )
 
 
-def describe(
-    model: dict[str, Any], modules: dict[str, Any], metadata: dict[str, Any]
-) -> list[tuple[str, str]]:
-    """Rows for :class:`arc_peft.AdapterInfo`'s summary (model identity, carried modules,
-    user metadata), in the ``(label, text)`` form of its other rows."""
+def describe(model: dict[str, Any], metadata: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows for :class:`arc_peft.AdapterInfo`'s summary (model identity, user metadata), in the
+    ``(label, text)`` form of its other rows."""
     rows = []
     if model:
         known = [f"{k} {model[k]}" for k in ("tag", "hub_id", "name_or_path") if k in model]
         extra = f" ({', '.join(known)})" if known else ""
         rows.append(("model", f"{model.get('library')} {model.get('architecture')}{extra}"))
-    if modules:
-        rows.append(("carries", ", ".join(sorted(modules))))
     for key, value in metadata.items():
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         rows.append((f"[{key}]", text if len(text) <= 100 else text[:97] + "..."))
@@ -178,3 +184,32 @@ def printable(text: str) -> str:
         ch if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF else ascii(ch)[1:-1]
         for ch in text
     )
+
+
+def user_metadata(metadata: Mapping[str, Any] | None) -> str | None:
+    """``save_adapter(metadata=...)`` as the JSON text stored in the file (``None``: none)."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"save_adapter: metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        return json.dumps(dict(metadata), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            "save_adapter: metadata must be JSON-serialisable (str, numbers, lists, dicts; no "
+            f"NaN): {exc}"
+        ) from None
+
+
+def json_object(metadata: Mapping[str, str], key: str) -> dict[str, Any]:
+    """The optional JSON-object field ``key`` of a file's metadata (``{}`` when absent);
+    ``ValueError`` if it is not a JSON object."""
+    if key not in metadata:
+        return {}
+    try:
+        value = json.loads(metadata[key])
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{key} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object")
+    return value

@@ -14,6 +14,7 @@ from .discover import Site, SitePlan, discover
 from .errors import UnsupportedModelError
 from .modules import ARC, Adapter, AdaptMLP
 from .slots import AdapterSlot, holder_of, iter_slots
+from .wrappers import check_injectable
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -34,12 +35,24 @@ EXAMPLE_ATTR = "_arc_peft_example"
 
 
 def _check_name(name: str) -> None:
-    reserved = not isinstance(name, str) or not name.isidentifier() or name.startswith("_")
-    if reserved or hasattr(AdapterSlot, name) or name in AdapterSlot.__annotations__:
+    """Adapter names become ``ModuleDict`` keys of every slot (and parts of parameter names), so a
+    name must not collide with anything an ``AdapterSlot`` instance has: class attributes,
+    methods, and the attributes ``nn.Module.__init__`` sets (``training``, ``_parameters``...)."""
+    valid = (
+        isinstance(name, str)
+        and name.replace("-", "_").isidentifier()
+        and not name.startswith(("_", "-"))
+    )
+    if not valid or name in _reserved_names():
         raise ValueError(
-            f"adapter name {name!r} is invalid: expected a Python identifier that does not start "
-            "with '_' and is not an attribute of AdapterSlot (e.g. 'default', 'cifar100')"
+            f"adapter name {name!r} is invalid: expected letters, digits, '_' and '-', not "
+            "starting with '_', '-' or a digit, and not an attribute of a module (e.g. "
+            "'default', 'cifar100', 'cifar-100'; not 'training', 'forward', 'active')"
         )
+
+
+def _reserved_names() -> set[str]:
+    return set(dir(AdapterSlot)) | set(AdapterSlot.__annotations__) | set(vars(nn.Module()))
 
 
 def _factory(module: nn.Module) -> dict:
@@ -153,6 +166,46 @@ def _check_partial(plan: SitePlan, config: AdapterConfig) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+def _build_adapters(
+    model: nn.Module, chosen: list[Site], config: AdapterConfig, device: str | None = None
+) -> list[tuple[Site, Adapter]]:
+    """A new adapter for every chosen site, not yet attached (``device="meta"``: shapes only,
+    nothing allocated, which is how a file's claims are checked before anything is built)."""
+    owners: dict[tuple[str, int], ARC] = {}
+    planned: list[tuple[Site, Adapter]] = []
+    for site in chosen:
+        module = model.get_submodule(site.path)
+        factory = _factory(module) or _factory(model)
+        if device is not None:
+            factory["device"] = device
+        if isinstance(config, ARCConfig):
+            paper_zero = site.position == "attn" or config.init == "identity"
+            owner = owners.get((site.position, site.width))
+            adapter: Adapter = ARC(
+                site.width,
+                config.rank,
+                dropout=config.dropout,
+                scale_init="zeros" if paper_zero else "xavier",
+                share_with=owner,
+                **factory,
+            )
+            owners.setdefault((site.position, site.width), adapter)
+        else:
+            adapter = AdaptMLP(
+                site.width,
+                config.bottleneck,
+                scale=config.scale,
+                dropout=config.dropout,
+                placement=config.placement,
+                layernorm=config.layernorm,
+                **factory,
+            )
+        adapter.config = config
+        adapter.train(module.training)  # a new layer follows the model's train/eval mode
+        planned.append((site, adapter))
+    return planned
+
+
 def inject_arc(
     model: nn.Module,
     config: ARCConfig | AdaptMLPConfig,
@@ -193,6 +246,7 @@ def inject_arc(
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject_arc expects an nn.Module, got {type(model).__name__}")
     _check_name(name)
+    check_injectable(model, "inject_arc")
     existing = adapter_configs(model)
     if name in existing:
         raise ValueError(
@@ -210,36 +264,7 @@ def inject_arc(
     chosen = _select(plan, config)
 
     # Build every adapter before touching the model, so a failure leaves it unchanged.
-    owners: dict[tuple[str, int], ARC] = {}
-    planned: list[tuple[Site, Adapter]] = []
-    for site in chosen:
-        module = model.get_submodule(site.path)
-        factory = _factory(module) or _factory(model)
-        if isinstance(config, ARCConfig):
-            paper_zero = site.position == "attn" or config.init == "identity"
-            owner = owners.get((site.position, site.width))
-            adapter: Adapter = ARC(
-                site.width,
-                config.rank,
-                dropout=config.dropout,
-                scale_init="zeros" if paper_zero else "xavier",
-                share_with=owner,
-                **factory,
-            )
-            owners.setdefault((site.position, site.width), adapter)
-        else:
-            adapter = AdaptMLP(
-                site.width,
-                config.bottleneck,
-                scale=config.scale,
-                dropout=config.dropout,
-                placement=config.placement,
-                layernorm=config.layernorm,
-                **factory,
-            )
-        adapter.config = config
-        adapter.train(module.training)  # a new layer follows the model's train/eval mode
-        planned.append((site, adapter))
+    planned = _build_adapters(model, chosen, config)
     holders = {site.path: holder_of(model, site.path) for site, _ in planned}
 
     make_active = not existing or all(slot.active is None for _, _, slot in iter_slots(model))

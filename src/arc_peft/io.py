@@ -14,14 +14,10 @@ file at the destination.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import safetensors.torch
@@ -29,19 +25,35 @@ import torch
 from torch import Tensor, nn
 
 from . import heads, identity
-from .config import AdapterConfig, config_from_dict
-from .errors import AdapterFileError
+from .atomic import write_atomic
+from .config import AdapterConfig
+from .fileformat import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    Contents,
+    Header,
+    bad,
+    check_metadata,
+    open_regular,
+    parse_metadata,
+    read_header,
+    read_tensors,
+)
+from .info import AdapterInfo, identity_fields, read_adapter_info, resolve_source, runs
 from .inject import (
     DEFAULT_ADAPTER,
+    _build_adapters,
     _check_name,
+    _select,
     adapter_configs,
     delete_adapter,
     inject_arc,
     site_plan,
 )
 from .multitask import active_adapter, set_active_adapter
-from .params import find_head
-from .slots import iter_slots
+from .params import TRAINED_ATTR, get_head
+from .slots import SLOT_ATTR, AdapterSlot, holder_of, iter_slots
+from .wrappers import check_injectable, full_tensor, is_sharded, original_class, unwrap
 
 __all__ = [
     "FORMAT_NAME",
@@ -51,17 +63,6 @@ __all__ = [
     "read_adapter_info",
     "save_adapter",
 ]
-
-FORMAT_NAME = "arc_peft.adapter"
-FORMAT_VERSION = 1
-
-# safetensors' own limit; a larger "header" means the file is not what it claims to be.
-_MAX_HEADER = 100 * 1024 * 1024
-_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-_REQUIRED_METADATA = ("format_version", "arc_peft_version", "method", "config", "backbone")
 
 
 # -- fingerprints ------------------------------------------------------------------------------
@@ -75,12 +76,18 @@ def _backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
     """
     plan = site_plan(model)
     widths = {p: [s.width for s in plan.sites if s.position == p] for p in ("attn", "mlp")}
-    cls = type(model)
+    cls = original_class(model)  # not FSDP's generated subclass
     return {
         "architecture": f"{cls.__module__}.{cls.__qualname__}",
         "num_blocks": plan.num_blocks,
         "widths": widths,
     }
+
+
+def _head_state(model: nn.Module, name: str | None = None) -> tuple[str, dict[str, Tensor]]:
+    """``(module path, {model key: tensor})`` of the classifier head that runs while adapter
+    ``name`` is active (its own or the model's; ``None``: the model's); empty if none."""
+    return heads.head_state(model, name)
 
 
 def _adapter_state(model: nn.Module, name: str) -> dict[str, Tensor]:
@@ -95,38 +102,32 @@ def _adapter_state(model: nn.Module, name: str) -> dict[str, Tensor]:
     return state
 
 
+def _isfinite(flat: Tensor) -> Tensor:
+    try:
+        return torch.isfinite(flat)
+    except (NotImplementedError, RuntimeError):  # float8 has no isfinite kernel; upcasting is exact
+        return torch.isfinite(flat.float())
+
+
 def _first_non_finite(tensors: dict[str, Tensor]) -> str | None:
     """The first key holding a NaN or infinity, or ``None``.
 
     One check per dtype over all tensors concatenated: per-tensor checks cost a kernel launch
     each, which dominated save/load time for the ~50 small tensors of a ViT-B adapter.
     """
-    by_dtype: dict[torch.dtype, list[str]] = {}
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[str]] = {}
     for key, value in tensors.items():
         if value.is_floating_point():
-            by_dtype.setdefault(value.dtype, []).append(key)
+            by_dtype.setdefault((value.dtype, value.device), []).append(key)
     for keys in by_dtype.values():
         flat = torch.cat([tensors[k].detach().reshape(-1) for k in keys])
-        if not bool(torch.isfinite(flat).all()):
-            return next(k for k in keys if not bool(torch.isfinite(tensors[k]).all()))
+        if not bool(_isfinite(flat).all()):
+            return next(k for k in keys if not bool(_isfinite(tensors[k].detach()).all()))
     return None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _runs(values: list[int]) -> str:
-    """``[768, 768, 384]`` -> ``"768×2, 384"``: widths per block, readable for 24-block Swins."""
-    parts: list[str] = []
-    i = 0
-    while i < len(values):
-        j = i
-        while j < len(values) and values[j] == values[i]:
-            j += 1
-        parts.append(f"{values[i]}×{j - i}" if j - i > 1 else str(values[i]))
-        i = j
-    return ", ".join(parts) if parts else "none"
 
 
 def _fingerprint_differences(stored: dict[str, Any], actual: dict[str, Any]) -> list[str]:
@@ -140,8 +141,8 @@ def _fingerprint_differences(stored: dict[str, Any], actual: dict[str, Any]) -> 
         want = stored_widths.get(position)
         have = actual["widths"][position]
         if want != have:
-            shown = _runs(want) if isinstance(want, list) else repr(want)
-            diffs.append(f"{position} widths per block [{shown}] vs [{_runs(have)}]")
+            shown = runs(want) if isinstance(want, list) else repr(want)
+            diffs.append(f"{position} widths per block [{shown}] vs [{runs(have)}]")
     return diffs
 
 
@@ -189,36 +190,6 @@ def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
     return len(text).to_bytes(8, "little") + text + data
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
-
-    The temporary file lives in the destination folder (``os.replace`` is atomic only within
-    one file system) and is removed on any failure, including KeyboardInterrupt.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    # O_EXCL: never follow or reuse someone else's file; mode 0o666 lets the umask apply as for
-    # any ordinary file (mkstemp would force 0o600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable; not every platform can open a directory (Windows).
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def save_adapter(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -242,10 +213,8 @@ def save_adapter(
         metadata: Free-form JSON-serialisable facts to keep in the file (class names, dataset,
             metrics); :func:`read_adapter_info` and ``arc-peft inspect`` show them.
 
-    Besides the adapter and head, the file carries the modules the adapter owns and, if it is
-    active, every backbone module left trainable (``freeze_backbone(also=...)``), and the
-    backbone's identity where its library records one (timm model name and pretrained tag,
-    torchvision builder, Hugging Face ``name_or_path``).
+    The file also records the backbone's identity where its library gives one (timm model name
+    and pretrained tag, torchvision builder, Hugging Face ``name_or_path``).
 
     Raises:
         KeyError: the model has no adapter called ``name``.
@@ -254,30 +223,39 @@ def save_adapter(
     """
     from . import __version__  # here, not at import time: the package imports this module
 
+    model = unwrap(model)
     name = _resolve_name(model, name)
     config = adapter_configs(model)[name]
-    tensors = {k: v.detach() for k, v in _adapter_state(model, name).items()}
-    head_path, head_state = heads.head_state(model, name) if include_head else ("", {})
-    carried = heads.carried_state(model, name)
-    extra = {k: v for state in carried.values() for k, v in state.items()}
-    clash = sorted((set(tensors) | set(extra)) & set(head_state))
+    state = dict(_adapter_state(model, name))
+    head_path, head_state = _head_state(model, name) if include_head else ("", {})
+    trained_paths, trained_state = _trained_state(model, exclude=set(head_state))
+    trained_paths, trained_state = heads.with_owned(
+        model, name, trained_paths, trained_state, exclude=set(head_state)
+    )
+    user = identity.user_metadata(metadata)
+    clash = sorted(set(state) & (set(head_state) | set(trained_state)))
     if clash:
-        raise ValueError(f"save_adapter: head keys {clash} collide with adapter keys")
-    tensors.update({k: v.detach() for k, v in head_state.items()})
-    tensors.update({k: v.detach() for k, v in extra.items()})
-    user = _user_metadata(metadata)
+        raise ValueError(f"save_adapter: head or trained keys {clash} collide with adapter keys")
+    _check_nothing_lost(model, head_state, trained_state)
+    state.update(head_state)
+    state.update(trained_state)
+    sharded = any(is_sharded(v) for v in state.values())
+    # FSDP2 shards: gather the whole tensors (a collective, so every rank is in this call).
+    tensors = {k: full_tensor(v.detach()) for k, v in state.items()}
     key = _first_non_finite(tensors)
     if key is not None:
         raise ValueError(
             f"save_adapter: {key} holds NaN or infinite values; the file could not be "
             "loaded back. Check the training run (learning rate, AMP overflow)."
         )
+    if sharded and torch.distributed.get_rank() != 0:
+        return  # every rank holds the same gathered tensors; one of them writes
     dtypes = sorted({_dtype_name(v.dtype) for v in tensors.values()})
-    head_meta = (
-        {"module": head_path, "shapes": {k: list(v.shape) for k, v in sorted(head_state.items())}}
-        if head_state
-        else None
-    )
+
+    def group(where: str, located: Any, keys: dict[str, Tensor]) -> dict[str, Any] | None:
+        shapes = {k: list(tensors[k].shape) for k in sorted(keys)}
+        return {where: located, "shapes": shapes} if keys else None
+
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -286,360 +264,70 @@ def save_adapter(
         "method": config.method,
         "config": config.to_json(),
         "backbone": json.dumps(_backbone_fingerprint(model), sort_keys=True),
-        "head": json.dumps(head_meta, sort_keys=True),
+        "head": json.dumps(group("module", head_path, head_state), sort_keys=True),
         "dtype": ",".join(dtypes),
         "model": json.dumps(identity.model_identity(model), sort_keys=True),
     }
-    if carried:
-        metadata["modules"] = json.dumps(
-            {p: {k: list(v.shape) for k, v in st.items()} for p, st in carried.items()},
-            sort_keys=True,
-        )
     if user is not None:
         metadata["user"] = user
+    if trained_state:  # only then: files without trained modules keep their exact bytes
+        metadata["trained"] = json.dumps(
+            group("modules", trained_paths, trained_state), sort_keys=True
+        )
     # Own contiguous CPU copies: safetensors refuses views and tensors sharing storage.
     cpu = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    _write_atomic(os.fspath(path), _serialize(cpu, metadata))
+    write_atomic(os.fspath(path), _serialize(cpu, metadata))
 
 
-def _user_metadata(metadata: Mapping[str, Any] | None) -> str | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, Mapping):
-        raise TypeError(f"save_adapter: metadata must be a dict, got {type(metadata).__name__}")
-    try:
-        return json.dumps(dict(metadata), sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+def _slot_tensor_ids(model: nn.Module) -> set[int]:
+    """Every parameter and buffer of every adapter (whichever is active)."""
+    return {
+        id(t) for _, _, slot in iter_slots(model) for t in slot.state_dict(keep_vars=True).values()
+    }
+
+
+def _trained_state(model: nn.Module, exclude: set[str]) -> tuple[list[str], dict[str, Tensor]]:
+    """``(module paths, {model key: tensor})`` of the backbone modules that
+    ``freeze_backbone(also=...)`` made trainable, without adapter tensors or keys in ``exclude``."""
+    paths = list(model.__dict__.get(TRAINED_ATTR, ()))
+    adapters = _slot_tensor_ids(model)
+    state: dict[str, Tensor] = {}
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(
+                f"save_adapter: freeze_backbone(also=...) made {path!r} trainable, but the model "
+                "no longer has such a module; call freeze_backbone again"
+            ) from None
+        prefix = f"{path}." if path else ""
+        for key, value in module.state_dict(keep_vars=True).items():
+            if id(value) not in adapters and f"{prefix}{key}" not in exclude:
+                state[f"{prefix}{key}"] = value
+    return paths, state
+
+
+def _check_nothing_lost(
+    model: nn.Module, head_state: dict[str, Tensor], trained_state: dict[str, Tensor]
+) -> None:
+    """After ``freeze_backbone``, refuse to save if a parameter was made trainable behind its
+    back: the file would not reproduce the trained model. (Without ``freeze_backbone`` the whole
+    model is trainable by default and nothing can be inferred.)"""
+    if TRAINED_ATTR not in model.__dict__:
+        return
+    head = get_head(model)
+    stored = (*head_state.values(), *trained_state.values())
+    kept = _slot_tensor_ids(model) | {id(t) for t in stored}
+    kept |= {id(p) for p in head.parameters()} if head is not None else set()
+    kept |= {id(p) for p in heads.task_parameters(model)}  # other tasks' heads are theirs
+    lost = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in kept]
+    if lost:
+        more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
         raise ValueError(
-            f"save_adapter: metadata must be JSON-serialisable (str, numbers, lists, dicts; no "
-            f"NaN): {exc}"
-        ) from None
-
-
-def _json_field(path: str, meta: dict[str, str], key: str) -> dict[str, Any]:
-    """The optional JSON-object metadata field ``key`` (``{}`` when absent)."""
-    if key not in meta:
-        return {}
-    try:
-        value = json.loads(meta[key])
-    except (ValueError, RecursionError) as exc:
-        raise _bad(path, f"corrupt metadata ({key} is not valid JSON: {exc})") from None
-    if not isinstance(value, dict):
-        raise _bad(path, f"corrupt metadata: {key} must be a JSON object")
-    return value
-
-
-def _carried_meta(path: str, header: _Header) -> dict[str, dict[str, list[int]]]:
-    """``{module path: {key: shape}}`` of the carried modules, checked against the data."""
-    modules = _json_field(path, header.metadata, "modules")
-    for module_path, shapes in modules.items():
-        if not isinstance(shapes, dict):
-            raise _bad(path, f"corrupt metadata: modules[{module_path!r}] must be an object")
-        for key, shape in shapes.items():
-            entry = header.entries.get(key)
-            if not key.startswith(f"{module_path}.") or entry is None or entry["shape"] != shape:
-                raise _bad(path, f"corrupt metadata: module tensor {key!r} does not match the data")
-    return modules
-
-
-# -- reading -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Header:
-    metadata: dict[str, str]
-    entries: dict[str, dict[str, Any]]  # key -> {"dtype", "shape", "data_offsets"}
-    file_size: int
-
-
-def _bad(path: str, problem: str) -> AdapterFileError:
-    return AdapterFileError(f"{path}: {problem}")
-
-
-def _parse_header(path: str, head: bytes, file_size: int) -> tuple[_Header, int]:
-    """Validate the safetensors header in ``head`` (the file's first bytes, at least the header).
-
-    Returns the header and the offset where the tensor data starts.
-    """
-    if file_size == 0:
-        raise _bad(path, "the file is empty (truncated, or the save never finished)")
-    if file_size < 8:
-        raise _bad(path, f"only {file_size} bytes: truncated, or not a safetensors file")
-    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[8:9] != b"{"):
-        raise _bad(
-            path,
-            "not a safetensors file: it looks like a torch.save / pickle checkpoint. arc_peft "
-            "never unpickles files; save adapters with arc_peft.save_adapter",
+            f"save_adapter: {', '.join(lost[:5])}{more} are trainable but would not be saved, "
+            "so the file could not reproduce the trained model. Name their modules in "
+            "freeze_backbone(model, also=[...]) (those are stored), or freeze them"
         )
-    size = int.from_bytes(head[:8], "little")
-    if size == 0 or size > _MAX_HEADER:
-        raise _bad(path, "not a safetensors file (its first 8 bytes are not a header length)")
-    if len(head) > 8 and head[8:9] != b"{":
-        raise _bad(path, "not a safetensors file (no JSON header after the length prefix)")
-    if 8 + size > file_size:
-        raise _bad(
-            path,
-            f"truncated or corrupt: the header needs {8 + size} bytes but the file has "
-            f"{file_size}. Re-save or re-download it.",
-        )
-    try:
-        header = json.loads(head[8 : 8 + size].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _bad(path, f"corrupt header (not valid JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise _bad(path, "corrupt header (expected a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise _bad(path, "corrupt header (__metadata__ must map strings to strings)")
-    data_size = file_size - 8 - size
-    spans = []
-    for key, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise _bad(path, f"corrupt header entry for {key!r}")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        valid_shape = isinstance(shape, list) and all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        )
-        valid_offsets = (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        )
-        if dtype not in _ITEMSIZE or not valid_shape or not valid_offsets:
-            raise _bad(path, f"corrupt header entry for {key!r}: {entry}")
-        begin, end = offsets
-        if not 0 <= begin <= end or end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
-            raise _bad(
-                path,
-                f"corrupt header: {key!r} has shape {shape} ({dtype}) but spans bytes "
-                f"[{begin}, {end}) of the data",
-            )
-        spans.append((begin, end, key))
-    spans.sort()
-    expected = 0
-    for begin, end, key in spans:
-        if begin != expected:
-            raise _bad(path, f"corrupt header: tensor data is not contiguous at {key!r}")
-        expected = end
-    if expected > data_size:
-        raise _bad(
-            path,
-            f"truncated: the tensors need {expected} bytes of data but only {data_size} "
-            "follow the header. Re-save or re-download the file.",
-        )
-    if expected < data_size:
-        raise _bad(path, f"corrupt: {data_size - expected} unexpected bytes after the tensor data")
-    return _Header(metadata, header, file_size), 8 + size
-
-
-def _check_metadata(path: str, header: _Header) -> None:
-    meta = header.metadata
-    if meta.get("format") != FORMAT_NAME:
-        keys = sorted(header.entries)
-        raise _bad(
-            path,
-            "a safetensors file, but not an arc_peft adapter file (no arc_peft metadata; it "
-            f"holds {len(keys)} tensors, e.g. {keys[:3]}). Adapter files are written by "
-            "arc_peft.save_adapter.",
-        )
-    version = meta.get("format_version", "")
-    if not version.isdigit():
-        raise _bad(path, f"corrupt metadata: format_version={version!r} is not a number")
-    if int(version) > FORMAT_VERSION:
-        from . import __version__
-
-        raise _bad(
-            path,
-            f"written by arc_peft {meta.get('arc_peft_version', '?')} with file-format version "
-            f"{version}; this arc_peft ({__version__}) reads versions up to {FORMAT_VERSION}. "
-            "Upgrade: pip install -U arc-peft",
-        )
-    missing = [k for k in _REQUIRED_METADATA if k not in meta]
-    if missing:
-        raise _bad(path, f"corrupt metadata: missing field(s) {missing}")
-
-
-def _parse_metadata(
-    path: str, header: _Header
-) -> tuple[AdapterConfig, dict[str, Any], dict[str, Any] | None]:
-    """``(config, backbone fingerprint, head info or None)`` from checked metadata."""
-    meta = header.metadata
-    try:
-        config = config_from_dict(json.loads(meta["config"]))
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise _bad(path, f"unusable method config {meta['config']!r}: {exc}") from None
-    if config.method != meta["method"]:
-        raise _bad(path, f"corrupt metadata: method {meta['method']!r} but config {config}")
-    try:
-        backbone = json.loads(meta["backbone"])
-        head = json.loads(meta.get("head", "null"))
-    except (ValueError, RecursionError) as exc:
-        raise _bad(path, f"corrupt metadata (backbone/head is not valid JSON: {exc})") from None
-    if not isinstance(backbone, dict):
-        raise _bad(path, "corrupt metadata: backbone must be a JSON object")
-    if head is not None:
-        shapes = head.get("shapes") if isinstance(head, dict) else None
-        if not isinstance(shapes, dict) or not isinstance(head.get("module"), str):
-            raise _bad(path, "corrupt metadata: head must be null or {module, shapes}")
-        for key, shape in shapes.items():
-            entry = header.entries.get(key)
-            if entry is None or entry["shape"] != shape:
-                raise _bad(path, f"corrupt metadata: head tensor {key!r} does not match the data")
-    return config, backbone, head
-
-
-def _open_header(path: str) -> tuple[_Header, int]:
-    """Read and validate only the header (cheap even for a large wrong file)."""
-    with open(path, "rb") as handle:
-        file_size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(9)
-        size = int.from_bytes(prefix[:8], "little") if len(prefix) >= 8 else 0
-        rest = handle.read(size - 1) if 0 < size <= _MAX_HEADER else b""
-    return _parse_header(path, prefix + rest, file_size)
-
-
-def _read_file(path: str) -> tuple[_Header, dict[str, Tensor]]:
-    """The validated header and every tensor (on the CPU), or :class:`AdapterFileError`."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    header, _ = _parse_header(path, data, len(data))
-    _check_metadata(path, header)
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as exc:  # the Rust reader raises its own SafetensorError type
-        raise _bad(path, f"corrupt safetensors data ({exc})") from None
-    if set(tensors) != set(header.entries):
-        raise _bad(path, "corrupt: the tensors do not match the header")
-    return header, tensors
-
-
-# -- the file description ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What an adapter file holds, read from its header alone (no model, no tensor data).
-
-    ``str(info)`` is a readable summary; :meth:`to_dict` is JSON-ready.
-
-    Attributes:
-        path: The file.
-        format_version: File-format version it was written with.
-        arc_peft_version: arc_peft version that wrote it.
-        name: Name the adapter had when it was saved (it can be loaded under any name).
-        config: The method configuration.
-        backbone: Fingerprint of the backbone it was trained on: ``architecture`` (class),
-            ``num_blocks`` and per-block input ``widths`` of the ``attn`` and ``mlp`` sites.
-        head: ``{"module": path, "shapes": {key: shape}}`` of the stored classifier head, or
-            ``None``.
-        dtype: Dtype(s) of the stored tensors (comma-separated if several).
-        num_tensors: Number of tensors in the file.
-        adapter_parameters: Adapter parameters (a shared ARC projection counted once).
-        head_parameters: Classifier-head parameters (0 without a head).
-        file_size: Size of the file in bytes.
-        model: Identity of the backbone (``library``, ``architecture``, and ``tag`` /
-            ``hub_id`` / ``name_or_path`` where known); ``{}`` if unknown.
-        metadata: The free-form metadata given to :func:`save_adapter`.
-        modules: ``{path: {key: shape}}`` of the modules carried besides the head.
-    """
-
-    path: str
-    format_version: int
-    arc_peft_version: str
-    name: str
-    config: AdapterConfig
-    backbone: dict[str, Any]
-    head: dict[str, Any] | None
-    dtype: str
-    num_tensors: int
-    adapter_parameters: int
-    head_parameters: int
-    file_size: int
-    model: dict[str, Any] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    modules: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def method(self) -> str:
-        return self.config.method
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (the config as :meth:`ARCConfig.to_dict` gives it)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["config"] = self.config.to_dict()
-        data["method"] = self.method
-        return data
-
-    def __str__(self) -> str:
-        widths = self.backbone.get("widths") or {}
-        width_text = "; ".join(f"{p} {_runs(w)}" for p, w in widths.items() if isinstance(w, list))
-        blocks = self.backbone.get("num_blocks")
-        if self.head is None:
-            head_text = "not stored"
-        else:
-            shapes = ", ".join(f"{k} {v}" for k, v in self.head["shapes"].items())
-            head_text = f"{self.head_parameters:,} parameters ({shapes})"
-        rows = [
-            ("method", f"{self.method}: {self.config}"),
-            ("adapter", f"{self.adapter_parameters:,} parameters (saved as {self.name!r})"),
-            ("head", head_text),
-            ("backbone", f"{self.backbone.get('architecture')}, {blocks} blocks"),
-            ("widths", width_text),
-            ("tensors", f"{self.num_tensors} {self.dtype}, {self.file_size:,} bytes"),
-            ("written by", f"arc_peft {self.arc_peft_version}, file format {self.format_version}"),
-        ]
-        rows[3:3] = identity.describe(self.model, self.modules, self.metadata)
-        return "\n".join([self.path] + [f"  {label:<11} {text}" for label, text in rows])
-
-
-def _resolve(source: str | os.PathLike[str]) -> str:
-    """A local file for ``source``: a path, a folder holding ``adapter.safetensors`` (a Hub
-    repo's layout) or ``"hf-hub:user/repo"`` (see :mod:`arc_peft.hub`)."""
-    from .hub import resolve  # imports huggingface_hub only for "hf-hub:" sources
-
-    return resolve(source)
-
-
-def read_adapter_info(path: str | os.PathLike[str]) -> AdapterInfo:
-    """Describe an adapter file without a model: config, counts, backbone, versions.
-
-    Only the header is read and checked (structure, sizes, metadata); tensor values are checked
-    by :func:`load_adapter`.
-
-    Raises:
-        AdapterFileError: the file is not a (readable, current) arc_peft adapter file.
-        OSError: the file cannot be opened.
-    """
-    path = _resolve(path)
-    header, _ = _open_header(path)
-    _check_metadata(path, header)
-    config, backbone, head = _parse_metadata(path, header)
-    counts = {k: math.prod(e["shape"]) for k, e in header.entries.items()}
-    head_keys = set(head["shapes"]) if head else set()
-    modules = _carried_meta(path, header)
-    carried_keys = {k for shapes in modules.values() for k in shapes}
-    head_params = sum(n for k, n in counts.items() if k in head_keys)
-    carried_params = sum(n for k, n in counts.items() if k in carried_keys)
-    meta = header.metadata
-    return AdapterInfo(
-        path=path,
-        format_version=int(meta["format_version"]),
-        arc_peft_version=meta["arc_peft_version"],
-        name=meta.get("name", DEFAULT_ADAPTER),
-        config=config,
-        backbone=backbone,
-        head=head,
-        dtype=meta.get("dtype", ""),
-        num_tensors=len(counts),
-        adapter_parameters=sum(counts.values()) - head_params - carried_params,
-        head_parameters=head_params,
-        file_size=header.file_size,
-        model=_json_field(path, meta, "model"),
-        metadata=_json_field(path, meta, "user"),
-        modules=modules,
-    )
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -652,9 +340,11 @@ def _describe_keys(keys: set[str], limit: int = 5) -> str:
 
 
 def _match(
-    path: str, what: str, expected: dict[str, Tensor], found: dict[str, Tensor]
-) -> list[tuple[Tensor, Tensor]]:
-    """Pair every expected tensor with the file's, or raise naming what does not fit."""
+    path: str, what: str, expected: dict[str, Tensor], found: dict[str, Any], versus: str = "model"
+) -> list[tuple[str, Tensor]]:
+    """Pair every expected tensor with the file's key, or raise naming what does not fit.
+
+    ``found`` maps file keys to tensors or to header entries (``{"shape": [...]}``)."""
     missing, unexpected = set(expected) - set(found), set(found) - set(expected)
     if missing or unexpected:
         parts = []
@@ -662,7 +352,7 @@ def _match(
             parts.append(f"missing {what} key(s): {_describe_keys(missing)}")
         if unexpected:
             parts.append(f"unexpected {what} key(s): {_describe_keys(unexpected)}")
-        raise _bad(
+        raise bad(
             path,
             "; ".join(parts) + ". The file was made for a differently structured model or "
             "adapter (or edited).",
@@ -670,13 +360,61 @@ def _match(
     pairs = []
     for key, target in expected.items():
         source = found[key]
-        if source.shape != target.shape:
-            raise _bad(
+        shape = list(source["shape"] if isinstance(source, dict) else source.shape)
+        if shape != list(target.shape):
+            raise bad(
                 path,
-                f"shape mismatch for {key}: file {list(source.shape)}, model {list(target.shape)}",
+                f"shape mismatch for {key}: file {shape[:8]}, {versus} {list(target.shape)}",
             )
-        pairs.append((target, source))
+        pairs.append((key, target))
     return pairs
+
+
+def _planned_state(path: str, model: nn.Module, config: AdapterConfig) -> dict[str, Tensor]:
+    """``{file key: tensor}`` that injecting ``config`` would create, built on the meta device:
+    nothing is allocated, so a file claiming ``rank=10**9`` costs nothing to refuse."""
+    try:
+        chosen = _select(site_plan(model), config)
+        built = _build_adapters(model, chosen, config, device="meta")
+    except ValueError as exc:  # UnsupportedModelError included
+        raise bad(path, f"its config {config} does not fit this model: {exc}") from None
+    state: dict[str, Tensor] = {}
+    for site, adapter in built:
+        holder_path, _ = holder_of(model, site.path)
+        prefix = f"{holder_path}.{SLOT_ATTR}" if holder_path else SLOT_ATTR
+        key = AdapterSlot(site, holder_path).key  # named as iter_slots will name it
+        for name, value in adapter.state_dict().items():
+            state[f"{prefix}.{key}.{name}"] = value
+    return state
+
+
+def _trained_targets(path: str, model: nn.Module, trained: dict[str, Any]) -> dict[str, Tensor]:
+    """The model tensors the file's trained-module tensors go to (those the model has)."""
+    state: dict[str, Tensor] = {}
+    for module_path in trained["modules"]:
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            raise bad(
+                path,
+                f"it stores the trained module {module_path!r} (freeze_backbone(also=...)), "
+                f"which {type(model).__name__} does not have",
+            ) from None
+        prefix = f"{module_path}." if module_path else ""
+        state.update({f"{prefix}{k}": v for k, v in module.state_dict(keep_vars=True).items()})
+    return {k: state[k] for k in trained["shapes"] if k in state}
+
+
+def _stage(target: Tensor, source: Tensor) -> Tensor:
+    return source.to(device=target.device, dtype=target.dtype)
+
+
+def _copy(target: Tensor, value: Tensor) -> None:
+    if is_sharded(target):  # FSDP2: every rank read the whole file; keep this rank's shard
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(value)
 
 
 @contextlib.contextmanager
@@ -704,17 +442,16 @@ def load_adapter(
     changes, and on any error the model is left exactly as it was. Tensors are converted to the
     device and dtype of the model's parameters they replace.
 
-    The classifier head stored in the file (if any, with any number of classes) becomes the
-    adapter's own head: it runs whenever ``name`` is active, and each sample of a
-    :func:`arc_peft.mixed_batch` gets its own task's head, so several tasks share one backbone
-    without overwriting each other's heads (see :func:`arc_peft.add_head`). Modules the file
-    carries besides the head (``freeze_backbone(also=...)`` at training) are loaded the same
-    way.
+    The classifier head stored in the file (if any) goes with the adapter. Into a model with no
+    other adapter, a head of the model's shape is copied into the model's head; otherwise (other
+    tasks on the backbone, or another number of classes) it becomes the adapter's own head,
+    which runs whenever ``name`` is active and for its samples of a
+    :func:`arc_peft.mixed_batch` (see :func:`arc_peft.add_head`). Modules trained with
+    ``freeze_backbone(also=...)`` are treated the same way. A model without a classifier (timm
+    ``features_only=True``) takes the adapter alone; its blocks may be named differently.
 
-    The file's backbone identity must match the model's: another architecture is refused,
-    another pretrained tag or hub id gives a warning. A model built with timm's
-    ``features_only=True`` takes the adapter of the same network's classifier (without the
-    head).
+    The file's recorded backbone identity must match: another architecture is refused (even
+    with the same widths: ``vit_tiny`` vs ``deit_tiny``), another pretrained tag or hub id warns.
 
     Args:
         model: A plain backbone built like the one the adapter was trained on, or one that
@@ -727,9 +464,10 @@ def load_adapter(
             it was before the call (none, if there was none); ``None`` (default): as
             :func:`arc_peft.inject_arc` does, a newly injected adapter becomes active only if
             no other adapter is active.
-        load_head: Give the adapter the stored classifier head (``False``: it runs the
-            model's own head).
-        check_model: Refuse a file whose recorded architecture differs from the model's.
+        load_head: Load the stored classifier head (``False``: the adapter runs with the
+            model's head).
+        check_model: Refuse a file recorded for another architecture (``False``: only the
+            block count and widths must agree).
 
     Returns:
         ``model`` itself.
@@ -740,97 +478,149 @@ def load_adapter(
         ValueError: ``name`` is not a valid adapter name.
         OSError: the file cannot be opened.
     """
-    path = _resolve(path)
-    header, tensors = _read_file(path)
-    config, backbone, head_meta = _parse_metadata(path, header)
-    carried_meta = _carried_meta(path, header)
-    stored_id = _json_field(path, header.metadata, "model")
+    path = resolve_source(path)
+    wrapper, model = model, unwrap(model)
+    _check_name(name)
+    with open_regular(path) as handle:
+        header = read_header(path, handle)
+        check_metadata(path, header)
+        contents = parse_metadata(path, header)
+        head, trained, to_own = heads.load_plan(
+            model, name, contents.head if load_head else None, contents.trained
+        )
+        # Everything the header can tell is checked before the data is read or anything built.
+        expected, needs_inject = _check_against_model(
+            path, model, header, contents, name, head, trained, check_model
+        )
+        if needs_inject:
+            check_injectable(wrapper, "load_adapter")
+        tensors = read_tensors(path, handle, header)
+    try:
+        owned = heads.build_owned(model, to_own, tensors)
+    except ValueError as exc:
+        raise bad(path, str(exc)) from None
+
+    previous_active = active_adapter(model)
+    if needs_inject:
+        try:
+            with _rng_untouched(model), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.compile has already compiled")
+                inject_arc(model, contents.config, name=name)
+        except ValueError as exc:  # inject_arc leaves the model unchanged when it raises
+            problem = f"its config {contents.config} does not fit this model: {exc}"
+            raise bad(path, problem) from None
+    try:
+        adapter_found = {k: v for k, v in tensors.items() if k not in contents.extra_keys()}
+        model_state = _adapter_state(model, name)
+        # The same blocks under other names (timm features_only=True wraps or flattens them).
+        renamed = identity.remap_keys(set(adapter_found), set(model_state))
+        adapter_found = {renamed.get(k, k): v for k, v in adapter_found.items()}
+        pairs = _match(path, "adapter", model_state, adapter_found)
+        pairs += [(k, expected[k]) for k in expected]
+        # Convert everything first (the step that can run out of memory), check the converted
+        # values (1e300 is finite in float64 but inf in float32), then copy: the copies cannot
+        # fail once shapes match, so the model never ends up half-loaded.
+        staged = {key: _stage(target, tensors[key]) for key, target in pairs}
+        key = _first_non_finite(staged)
+        if key is not None:
+            raise bad(
+                path,
+                f"{key} holds NaN or infinite values (in the model's dtype); the adapter is "
+                "unusable",
+            )
+        with torch.no_grad():
+            for key, target in pairs:
+                _copy(target, staged[key])
+    except BaseException:
+        if needs_inject:
+            delete_adapter(model, name)
+            if previous_active is not None and active_adapter(model) != previous_active:
+                set_active_adapter(model, previous_active)
+        raise
+    for module_path, module in owned.items():
+        heads.set_task_module(model, name, module_path, module)
+    heads.note_loaded(model, name, trained)
+    if activate is True:
+        set_active_adapter(model, name)
+    elif activate is False and active_adapter(model) != previous_active:
+        set_active_adapter(model, previous_active)
+    return wrapper
+
+
+def _check_against_model(
+    path: str,
+    model: nn.Module,
+    header: Header,
+    contents: Contents,
+    name: str,
+    head_meta: dict[str, Any] | None,
+    trained_meta: dict[str, Any] | None,
+    check_model: bool,
+) -> tuple[dict[str, Tensor], bool]:
+    """Check the header against ``model`` (identity, backbone, the head and trained modules
+    copied into the model, the adapter's tensor shapes). Returns ``({file key: model tensor}``
+    for that head and those trained modules, whether adapter ``name`` has to be injected)."""
+    stored_id, _ = identity_fields(path, header)
     refusal, warning, same = identity.check_identity(stored_id, identity.model_identity(model))
     actual = _backbone_fingerprint(model)
-    if same or not check_model or identity.wraps(model, backbone.get("architecture")):
-        # The same network built another way (timm features_only=True wraps or flattens it):
-        # the blocks and widths below decide.
-        actual["architecture"] = backbone.get("architecture")
-    diffs = _fingerprint_differences(backbone, actual)
+    if same or not check_model or identity.wraps(model, contents.backbone.get("architecture")):
+        # The same network built another way (features_only=True): blocks and widths decide.
+        actual["architecture"] = contents.backbone.get("architecture")
+    diffs = _fingerprint_differences(contents.backbone, actual)
     if diffs:
-        raise _bad(
+        raise bad(
             path,
             f"made for another backbone (file vs model: {'; '.join(diffs)}). Build the model "
             "the adapter was trained on.",
         )
     if refusal and check_model:
-        raise _bad(path, f"made for another model: {refusal}")
+        raise bad(path, f"made for another model: {refusal}")
     if warning:
-        warnings.warn(f"{path}: {warning}", stacklevel=2)
-    key = _first_non_finite(tensors)
-    if key is not None:
-        raise _bad(path, f"{key} holds NaN or infinite values; the adapter is unusable")
+        warnings.warn(f"{path}: {warning}", stacklevel=3)
+    entries = header.entries
+    targets: dict[str, Tensor] = {}
+    if head_meta:
+        _, model_head = _head_state(model)
+        if not model_head:
+            raise bad(
+                path,
+                f"the file holds a classifier head ({head_meta['module']}) but "
+                f"{type(model).__name__} has none: pass load_head=False",
+            )
+        diffs = [
+            f"{key} {shape} vs {list(model_head[key].shape)}"
+            for key, shape in head_meta["shapes"].items()
+            if key in model_head and list(model_head[key].shape) != shape
+        ]
+        if diffs:
+            raise bad(
+                path,
+                f"the stored head is for another number of classes (file vs model: "
+                f"{'; '.join(diffs)}). Build the model with the matching num_classes, or pass "
+                "load_head=False.",
+            )
+        stored = {k: entries[k] for k in head_meta["shapes"]}
+        for key, _ in _match(path, "head", model_head, stored):
+            targets[key] = model_head[key]
+    if trained_meta:
+        trained = _trained_targets(path, model, trained_meta)
+        stored = {k: entries[k] for k in trained_meta["shapes"]}
+        for key, _ in _match(path, "trained", trained, stored):
+            targets[key] = trained[key]
 
-    head_keys = set(head_meta["shapes"]) if head_meta else set()
-    carried_keys = {k for shapes in carried_meta.values() for k in shapes}
-    adapter_found = {k: v for k, v in tensors.items() if k not in head_keys | carried_keys}
-    pairs: list[tuple[Tensor, Tensor]] = []
-    # Modules the adapter will own (its head...): built and filled before the model changes.
-    own: dict[str, nn.Module] = {}
-    wanted = {p: (p, shapes) for p, shapes in carried_meta.items()}
-    if load_head and head_keys and find_head(model) is not None:
-        # The stored head is "the classifier": it goes where this model keeps its own.
-        wanted[heads.head_path(model)] = (head_meta["module"], head_meta["shapes"])
-    alone = not set(adapter_configs(model)) - {name}
-    for module_path, (file_path, shapes) in wanted.items():
-        prefix = f"{file_path}." if file_path else ""
-        state = {k[len(prefix) :]: tensors[k] for k in shapes}
-        base = heads.running(model, None, module_path) if alone else None
-        if base is not None and {k: list(v.shape) for k, v in base.state_dict().items()} == {
-            k: list(v.shape) for k, v in state.items()
-        }:
-            # The only adapter, and the model's module fits: copied in, as in a one-task model.
-            target = heads.prefixed(module_path, base)
-            pairs += _match(path, "head", target, {f"{prefix}{k}": v for k, v in state.items()})
-            continue
-        try:
-            own[module_path] = heads.module_like(model, module_path, state)
-        except ValueError as exc:
-            raise _bad(path, f"the stored {module_path or 'module'} does not fit: {exc}") from None
-
+    config = contents.config
     existing = adapter_configs(model)
-    injected = False
-    previous_active = active_adapter(model)
+    adapter_entries = {k: e for k, e in entries.items() if k not in contents.extra_keys()}
     if name in existing:
         if existing[name] != config:
-            raise _bad(
+            raise bad(
                 path,
                 f"the model already has an adapter {name!r} with a different config "
                 f"({existing[name]}) than the file ({config}). Load it under another name "
                 f"(name=...) or remove the existing one first (arc_peft.delete_adapter).",
             )
-    else:
-        _check_name(name)
-        with _rng_untouched(model):
-            inject_arc(model, config, name=name)
-        injected = True
-    try:
-        expected = _adapter_state(model, name)
-        mapping = identity.remap_keys(set(adapter_found), set(expected))
-        if mapping:  # e.g. features_only=True: the same blocks under other module names
-            adapter_found = {mapping[k]: v for k, v in adapter_found.items()}
-        pairs += _match(path, "adapter", expected, adapter_found)
-        # Convert everything first (the step that can run out of memory), then copy: the copies
-        # themselves cannot fail once shapes match, so the model never ends up half-loaded.
-        staged = [(t, s.to(device=t.device, dtype=t.dtype)) for t, s in pairs]
-        with torch.no_grad():
-            for target, source in staged:
-                target.copy_(source)
-    except BaseException:
-        if injected:
-            delete_adapter(model, name)
-            if previous_active is not None and active_adapter(model) != previous_active:
-                set_active_adapter(model, previous_active)
-        raise
-    for module_path, module in own.items():
-        heads.set_task_module(model, name, module_path, module)
-    if activate is True:
-        set_active_adapter(model, name)
-    elif activate is False and active_adapter(model) != previous_active:
-        set_active_adapter(model, previous_active)
-    return model
+        _match(path, "adapter", _adapter_state(model, name), adapter_entries)
+        return targets, False
+    planned = _planned_state(path, model, config)
+    _match(path, "adapter", planned, adapter_entries, versus=f"its own config {config}")
+    return targets, True

@@ -3,6 +3,7 @@ if it belongs to an :class:`~arc_peft.modules.Adapter` module, never by its name
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -12,12 +13,18 @@ from .modules import Adapter
 from .slots import iter_slots
 
 __all__ = [
+    "TRAINED_ATTR",
     "ParameterCounts",
     "adapter_parameters",
     "count_parameters",
     "freeze_backbone",
     "get_head",
 ]
+
+
+# Where freeze_backbone records the module paths it was asked to train (``also=``), so that
+# save_adapter stores them: a plain attribute of the model, not part of its state dict.
+TRAINED_ATTR = "_arc_peft_trained"
 
 
 def get_head(model: nn.Module, name: str | None = None) -> nn.Module | None:
@@ -96,6 +103,16 @@ def freeze_backbone(
     Only the *active* adapter is left trainable: an inactive adapter never runs, and a trainable
     parameter that never receives a gradient breaks DDP.
 
+    Frozen normalisation layers with running statistics (BatchNorm, and InstanceNorm with
+    ``track_running_stats``) are put in eval mode and stay there when ``model.train()`` is
+    called: in training mode they would keep updating their running mean and variance, so the
+    frozen backbone would drift and the saved adapter would not reproduce the trained model.
+    Calling ``freeze_backbone`` again recomputes which layers are pinned this way.
+
+    Modules named in ``also`` are recorded on the model; :func:`arc_peft.save_adapter` stores
+    them with the adapter (and, after this call, refuses to save if some other parameter was
+    made trainable, which the file would lose).
+
     Args:
         model: The adapted model (a plain model gives a linear probe).
         train_head: Keep the classifier head trainable (see :func:`get_head`).
@@ -104,13 +121,19 @@ def freeze_backbone(
     Returns:
         ``model`` itself.
     """
-    extra = []
+    paths = {id(module): path for path, module in model.named_modules()}
+    extra: list[tuple[str, nn.Module]] = []
     for item in also:
         if isinstance(item, nn.Module):
-            extra.append(item)
+            if id(item) not in paths:
+                raise ValueError(
+                    f"freeze_backbone(also=...): the {type(item).__name__} given is not a "
+                    f"submodule of {type(model).__name__}"
+                )
+            extra.append((paths[id(item)], item))
             continue
         try:
-            extra.append(model.get_submodule(item))
+            extra.append((item, model.get_submodule(item)))
         except AttributeError:
             children = [n for n, _ in model.named_children()]
             raise ValueError(
@@ -130,10 +153,42 @@ def freeze_backbone(
     for name in active:
         for param in adapter_parameters(model, name).values():
             param.requires_grad_(True)
-    for module in ([head] if head is not None else []) + extra:
+    trained = ([head] if head is not None else []) + [module for _, module in extra]
+    for module in trained:
         for param in module.parameters():
             param.requires_grad_(True)
+    model.__dict__[TRAINED_ATTR] = tuple(dict.fromkeys(path for path, _ in extra))
+    _pin_frozen_norms(model, trained)
     return model
+
+
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    """``train()`` of a pinned norm layer: a module-level function (in a ``partial``) so that
+    the model still pickles and deep-copies."""
+    if not isinstance(mode, bool):
+        raise ValueError("training mode is expected to be boolean")
+    module.training = False
+    return module
+
+
+def _pin_frozen_norms(model: nn.Module, trained: list[nn.Module]) -> None:
+    """Put frozen running-statistics norms in eval mode for good (see freeze_backbone)."""
+    inside_trained = {id(m) for module in trained for m in module.modules()}
+    for module in model.modules():
+        pinned = getattr(module.__dict__.get("train"), "func", None) is _stay_in_eval
+        if pinned:
+            del module.__dict__["train"]
+        stats = getattr(module, "running_mean", None) is not None or (
+            getattr(module, "running_var", None) is not None
+        )
+        frozen = id(module) not in inside_trained and not any(
+            p.requires_grad for p in module.parameters()
+        )
+        if stats and frozen:
+            module.train = functools.partial(_stay_in_eval, module)  # instance attribute
+            module.training = False
+        elif pinned:
+            module.training = model.training
 
 
 @dataclass(frozen=True)

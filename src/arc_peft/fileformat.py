@@ -1,0 +1,320 @@
+"""Reading adapter files defensively: every way a file can be wrong is an
+:class:`~arc_peft.AdapterFileError`, found in time and memory bounded by small limits.
+
+The order matters for the bounds: the file is checked to be a regular file before it is read
+(a FIFO or ``/dev/zero`` would block or never end); the 8-byte length prefix and the header are
+read and validated (size, tensor count, every entry, the metadata) before the tensor data is
+read; and :func:`arc_peft.load_adapter` compares the header's claims with the model before it
+reads the data or builds anything. The format itself is described in ``docs/file-format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:  # torch is imported only to read the tensors: describing a file needs none
+    from torch import Tensor
+
+from .config import AdapterConfig, config_from_dict
+from .errors import AdapterFileError
+
+FORMAT_NAME = "arc_peft.adapter"
+FORMAT_VERSION = 1
+
+# Limits on what a reader accepts. A ViT-B/16 ARC file has a 5.3 KB header and 52 tensors; a
+# 48-block model with AdaptMLP about 300 tensors. The limits are far above any real adapter but
+# keep a hostile header's parse well under a second (see "Limits" in docs/file-format.md).
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+MAX_TENSORS = 20_000
+
+_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+_REQUIRED_METADATA = ("format_version", "arc_peft_version", "method", "config", "backbone")
+_VERSION = re.compile(r"[0-9]{1,6}")  # ASCII digits only: "²".isdigit() is True, int("²") fails
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated header: string metadata, tensor entries and the file's size."""
+
+    metadata: dict[str, str]
+    entries: dict[str, dict[str, Any]]  # key -> {"dtype", "shape", "data_offsets"}
+    file_size: int
+    data_start: int
+
+
+@dataclass(frozen=True)
+class Contents:
+    """The checked meaning of the metadata.
+
+    ``head`` and ``trained`` are ``{"module"/"modules": ..., "shapes": {key: shape}}`` or
+    ``None``: the classifier head, and the backbone modules trained with
+    ``freeze_backbone(also=...)``.
+    """
+
+    config: AdapterConfig
+    backbone: dict[str, Any]
+    head: dict[str, Any] | None
+    trained: dict[str, Any] | None
+
+    def extra_keys(self) -> set[str]:
+        """File keys that are not adapter tensors."""
+        keys = set(self.head["shapes"]) if self.head else set()
+        return keys | (set(self.trained["shapes"]) if self.trained else set())
+
+
+def bad(path: str, problem: str) -> AdapterFileError:
+    shown = path if path.isprintable() else repr(path)
+    return AdapterFileError(f"{shown}: {problem}")
+
+
+def open_regular(path: str) -> BinaryIO:
+    """Open ``path`` for reading, refusing anything but a regular file.
+
+    ``O_NONBLOCK`` keeps opening a FIFO from waiting for a writer forever; a directory, device
+    or FIFO is then refused by its ``fstat`` mode (their sizes say nothing about their length).
+    """
+    if "\0" in path:
+        raise bad(path, "the path contains a NUL character")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = (
+                "a directory"
+                if stat.S_ISDIR(mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(mode)
+                else "a device or socket"
+            )
+            raise bad(path, f"not a regular file ({kind}); adapter files are regular files")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_header(path: str, handle: BinaryIO) -> Header:
+    """Read and validate only the length prefix and the header (bounded by ``MAX_HEADER_BYTES``)."""
+    file_size = os.fstat(handle.fileno()).st_size
+    prefix = handle.read(9)
+    size = int.from_bytes(prefix[:8], "little") if len(prefix) >= 8 else 0
+    rest = handle.read(size - 1) if 0 < size <= MAX_HEADER_BYTES and size < file_size else b""
+    return parse_header(path, prefix + rest, file_size)
+
+
+def _printable_json(value: Any) -> bool:
+    """Whether every string in ``value`` can be encoded (JSON lets a file carry a lone
+    surrogate such as ``"\\ud800"``, which later fails when printed or written)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def parse_header(path: str, head: bytes, file_size: int) -> Header:
+    """Validate the safetensors header in ``head`` (the file's first bytes, at least the header)."""
+    if file_size == 0:
+        raise bad(path, "the file is empty (truncated, or the save never finished)")
+    if file_size < 8:
+        raise bad(path, f"only {file_size} bytes: truncated, or not a safetensors file")
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[8:9] != b"{"):
+        raise bad(
+            path,
+            "not a safetensors file: it looks like a torch.save / pickle checkpoint. arc_peft "
+            "never unpickles files; save adapters with arc_peft.save_adapter",
+        )
+    size = int.from_bytes(head[:8], "little")
+    if size == 0 or size > 100 * 1024 * 1024:  # safetensors' own limit
+        raise bad(path, "not a safetensors file (its first 8 bytes are not a header length)")
+    if len(head) > 8 and head[8:9] != b"{":
+        raise bad(path, "not a safetensors file (no JSON header after the length prefix)")
+    if size > MAX_HEADER_BYTES:
+        raise bad(
+            path,
+            f"its header claims {size:,} bytes; adapter files have headers of a few KB and this "
+            f"reader accepts at most {MAX_HEADER_BYTES:,}",
+        )
+    if 8 + size > file_size:
+        raise bad(
+            path,
+            f"truncated or corrupt: the header needs {8 + size} bytes but the file has "
+            f"{file_size}. Re-save or re-download it.",
+        )
+    try:
+        header = json.loads(head[8 : 8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(path, f"corrupt header (not valid JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise bad(path, "corrupt header (expected a JSON object)")
+    if not _printable_json(header):
+        raise bad(path, "corrupt header (a string holds an unpaired UTF-16 surrogate)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise bad(path, "corrupt header (__metadata__ must map strings to strings)")
+    if len(header) > MAX_TENSORS:
+        raise bad(path, f"{len(header):,} tensors; this reader accepts at most {MAX_TENSORS:,}")
+    data_size = file_size - 8 - size
+    spans = []
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise bad(path, f"corrupt header entry for {key!r}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        valid_shape = isinstance(shape, list) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        )
+        valid_offsets = (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        )
+        if not isinstance(dtype, str) or dtype not in _ITEMSIZE or not valid_shape:
+            raise bad(path, f"corrupt header entry for {key!r}: {str(entry)[:200]}")
+        if not valid_offsets:
+            raise bad(path, f"corrupt header entry for {key!r}: {str(entry)[:200]}")
+        begin, end = offsets
+        if not 0 <= begin <= end or end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
+            raise bad(
+                path,
+                f"corrupt header: {key!r} has shape {str(shape)[:100]} ({dtype}) but spans "
+                f"bytes [{begin}, {end}) of the data",
+            )
+        spans.append((begin, end, key))
+    spans.sort()
+    expected = 0
+    for begin, end, key in spans:
+        if begin != expected:
+            raise bad(path, f"corrupt header: tensor data is not contiguous at {key!r}")
+        expected = end
+    if expected > data_size:
+        raise bad(
+            path,
+            f"truncated: the tensors need {expected} bytes of data but only {data_size} "
+            "follow the header. Re-save or re-download the file.",
+        )
+    if expected < data_size:
+        raise bad(path, f"corrupt: {data_size - expected} unexpected bytes after the tensor data")
+    return Header(metadata, header, file_size, 8 + size)
+
+
+def check_metadata(path: str, header: Header) -> None:
+    """The file is an arc_peft adapter file of a version this reader knows."""
+    meta = header.metadata
+    if meta.get("format") != FORMAT_NAME:
+        keys = sorted(header.entries)
+        raise bad(
+            path,
+            "a safetensors file, but not an arc_peft adapter file (no arc_peft metadata; it "
+            f"holds {len(keys)} tensors, e.g. {keys[:3]}). Adapter files are written by "
+            "arc_peft.save_adapter.",
+        )
+    version = meta.get("format_version", "")
+    if not _VERSION.fullmatch(version):
+        raise bad(path, f"corrupt metadata: format_version={version[:20]!r} is not a number")
+    if int(version) > FORMAT_VERSION:
+        from . import __version__
+
+        raise bad(
+            path,
+            f"written by arc_peft {meta.get('arc_peft_version', '?')[:40]} with file-format "
+            f"version {version}; this arc_peft ({__version__}) reads versions up to "
+            f"{FORMAT_VERSION}. Upgrade: pip install -U arc-peft",
+        )
+    missing = [k for k in _REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise bad(path, f"corrupt metadata: missing field(s) {missing}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_backbone(path: str, backbone: Any) -> None:
+    widths = backbone.get("widths") if isinstance(backbone, dict) else None
+    valid = (
+        isinstance(backbone, dict)
+        and isinstance(backbone.get("architecture"), str)
+        and _is_count(backbone.get("num_blocks"))
+        and isinstance(widths, dict)
+        and all(isinstance(w, list) and all(_is_count(v) for v in w) for w in widths.values())
+    )
+    if not valid:
+        raise bad(
+            path,
+            "corrupt metadata: backbone must be a JSON object {architecture: str, num_blocks: "
+            "int, widths: "
+            f"{{position: [int, ...]}}}}, got {str(backbone)[:200]}",
+        )
+
+
+def _tensor_group(path: str, header: Header, value: Any, field: str, where: str) -> Any:
+    """Check a ``{where: ..., "shapes": {key: shape}}`` group of stored tensors (or ``None``)."""
+    if value is None:
+        return None
+    shapes = value.get("shapes") if isinstance(value, dict) else None
+    located = value.get(where) if isinstance(value, dict) else None
+    where_ok = isinstance(located, str) or (
+        isinstance(located, list) and all(isinstance(m, str) for m in located)
+    )
+    if not isinstance(shapes, dict) or not where_ok:
+        raise bad(path, f"corrupt metadata: {field} must be null or {{{where}, shapes}}")
+    for key, shape in shapes.items():
+        entry = header.entries.get(key)
+        if entry is None or entry["shape"] != shape:
+            raise bad(path, f"corrupt metadata: {field} tensor {key!r} does not match the data")
+    return value
+
+
+def parse_metadata(path: str, header: Header) -> Contents:
+    """The config, backbone fingerprint, head and trained modules, each checked for shape."""
+    meta = header.metadata
+    try:
+        config = config_from_dict(json.loads(meta["config"]))
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise bad(path, f"unusable method config {meta['config'][:300]!r}: {exc}") from None
+    if config.method != meta["method"]:
+        raise bad(path, f"corrupt metadata: method {meta['method'][:40]!r} but config {config}")
+    try:
+        backbone = json.loads(meta["backbone"])
+        head = json.loads(meta.get("head", "null"))
+        trained = json.loads(meta.get("trained", "null"))
+    except (ValueError, RecursionError) as exc:
+        raise bad(path, f"corrupt metadata (backbone/head is not valid JSON: {exc})") from None
+    if not _printable_json([backbone, head, trained]):
+        raise bad(path, "corrupt metadata (a string holds an unpaired UTF-16 surrogate)")
+    _check_backbone(path, backbone)
+    head = _tensor_group(path, header, head, "head", "module")
+    trained = _tensor_group(path, header, trained, "trained", "modules")
+    if head and trained and set(head["shapes"]) & set(trained["shapes"]):
+        raise bad(path, "corrupt metadata: a tensor is listed both as head and as trained")
+    return Contents(config, backbone, head, trained)
+
+
+def read_tensors(path: str, handle: BinaryIO, header: Header) -> dict[str, Tensor]:
+    """Every tensor of a validated header (on the CPU): reads the data only now."""
+    data = handle.read(header.file_size - header.data_start)
+    handle.seek(0)
+    prefix = handle.read(header.data_start)
+    if len(data) + len(prefix) != header.file_size:
+        raise bad(path, "the file changed while it was being read")
+    try:
+        import safetensors.torch
+
+        tensors = safetensors.torch.load(prefix + data)
+    except Exception as exc:  # the Rust reader raises its own SafetensorError type
+        raise bad(path, f"corrupt safetensors data ({exc})") from None
+    if set(tensors) != set(header.entries):
+        raise bad(path, "corrupt: the tensors do not match the header")
+    return tensors

@@ -1,0 +1,110 @@
+"""Models inside wrappers: ``torch.compile``, DDP, DataParallel and FSDP2 (``fully_shard``).
+
+The file verbs look through a wrapper to the model it holds (so a file saved from a wrapped model
+has the plain model's keys and class), while injecting into a wrapped or already compiled model
+is refused or flagged: the wrapper would not see the new adapter parameters (DDP would not
+all-reduce their gradients, FSDP would not shard them) or hooks (a compiled graph does not
+guard on them), and nothing else would say so.
+
+Nothing here imports ``torch.distributed`` or ``torch._dynamo``: a wrapper can only exist if its
+module has already been imported, so ``sys.modules`` is checked first.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from torch import Tensor, nn
+
+__all__ = ["check_injectable", "full_tensor", "is_sharded", "original_class", "unwrap"]
+
+
+def _wrapped(model: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile`` / DDP / DataParallel wrapper holds, or ``None``."""
+    if type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    ):
+        return model._orig_mod
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside any nesting of ``torch.compile`` / DDP / DataParallel wrappers."""
+    inner = _wrapped(model)
+    while inner is not None:
+        model, inner = inner, _wrapped(inner)
+    return model
+
+
+def _fsdp_module_class() -> type | None:
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
+
+
+def original_class(model: nn.Module) -> type:
+    """The model's own class: ``fully_shard`` swaps it for a generated ``FSDP<Name>`` subclass."""
+    cls = type(model)
+    fsdp_module = _fsdp_module_class()
+    if fsdp_module is not None and issubclass(cls, fsdp_module):
+        for base in cls.__mro__[1:]:
+            if not issubclass(base, fsdp_module):
+                return base
+    return cls
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 / tensor-parallel shard)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(dtensor, "DTensor", None) if dtensor is not None else None
+    return cls is not None and isinstance(tensor, cls)
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor behind a DTensor (a collective: every rank must call it), else itself."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def _compiled_code(model: nn.Module) -> bool:
+    """Whether Dynamo holds compiled code for ``model``'s forward: it was compiled in place
+    (``model.compile()``), or a ``torch.compile(model)`` (or another model of its class) ran."""
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        return True
+    if "torch._dynamo" not in sys.modules:
+        return False
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # a private helper: if it moves, say nothing rather than fail
+        return False
+    forward = getattr(type(model).forward, "__code__", None)
+    return forward is not None and bool(_debug_get_cache_entry_list(forward))
+
+
+def check_injectable(model: nn.Module, verb: str) -> None:
+    """Refuse to add adapters to a wrapped or sharded model; warn if it was already compiled."""
+    inner = _wrapped(model)
+    if inner is not None:
+        kind = type(model).__name__
+        raise ValueError(
+            f"{verb}: the model is wrapped in {kind}, which would not see the new adapter "
+            f"(DDP would not synchronise its gradients; a compiled graph ignores its hooks). Add "
+            f"adapters to the plain model first ({verb}(model, ...)), then wrap or compile it"
+        )
+    fsdp_module = _fsdp_module_class()
+    fsdp = fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules())
+    if fsdp or any(is_sharded(p) for p in model.parameters()):
+        raise ValueError(
+            f"{verb}: {original_class(model).__name__} is already sharded (FSDP fully_shard), "
+            "which would not manage the new adapter parameters. Add adapters (or load the file) "
+            "before sharding"
+        )
+    if _compiled_code(model):
+        warnings.warn(
+            f"{verb}: torch.compile has already compiled {type(model).__name__}.forward; a "
+            "compiled model does not see adapters added after it ran (its graph does not guard "
+            "on hooks) and keeps computing without them. Add adapters before compiling, or "
+            "compile again after torch._dynamo.reset()",
+            stacklevel=3,
+        )

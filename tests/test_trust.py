@@ -1,0 +1,544 @@
+"""Trust: every hostile file is an AdapterFileError (model unchanged, bounded memory), saves are
+atomic and tidy, and an adapted model survives pickling, wrappers and freezing."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from torch import nn
+
+import arc_peft
+from arc_peft import AdapterFileError, AdaptMLPConfig, ARCConfig
+from arc_peft.io import _serialize
+
+from models import MATRIX, build, inputs
+
+ARC = ARCConfig(rank=4)
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"}
+
+
+def adapted(name: str = "vit", config=ARC, seed: int = 0) -> nn.Module:
+    model = build(name)
+    arc_peft.inject_arc(model, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in arc_peft.adapter_parameters(model).values():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def snapshot(model: nn.Module) -> tuple:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hooks = [
+        (len(m._forward_pre_hooks), len(m._forward_hooks), m.training) for m in model.modules()
+    ]
+    return state, arc_peft.adapter_configs(model), [n for n, _ in model.named_modules()], hooks
+
+
+def assert_unchanged(model: nn.Module, before: tuple) -> None:
+    state, configs, names, hooks = snapshot(model)
+    assert list(state) == list(before[0])
+    for key, value in before[0].items():
+        assert torch.equal(state[key], value), key
+    assert (configs, names, hooks) == before[1:]
+
+
+def rewrite(src: Path, dst: Path, meta=None, tensors=None) -> Path:
+    """``src`` re-serialised after ``meta(metadata)`` / ``tensors(tensors)`` edits."""
+    raw = src.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    metadata = json.loads(raw[8 : 8 + size])["__metadata__"]
+    state = safetensors.torch.load(raw)
+    if meta is not None:
+        meta(metadata)
+    if tensors is not None:
+        tensors(state)
+    dst.write_bytes(_serialize(state, metadata))
+    return dst
+
+
+def edit_header(src: Path, dst: Path, mutate) -> Path:
+    raw = src.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    mutate(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    dst.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+    return dst
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    path = tmp_path / "vit.safetensors"
+    arc_peft.save_adapter(adapted(), path)
+    return path
+
+
+def rejected(model: nn.Module, path: Path, match: str, **kwargs) -> AdapterFileError:
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=match) as info:
+        arc_peft.load_adapter(model, path, **kwargs)
+    assert_unchanged(model, before)
+    return info.value
+
+
+# -- the fuzzer ----------------------------------------------------------------------------------
+
+
+def test_fuzzed_files_are_refused_cleanly_in_bounded_memory() -> None:
+    """~250 mutated files and the fixed resource cases (rank 10**9 in a 6 KB file, a 1.5 GB
+    file, /dev/zero, a FIFO...), in a fresh process so that its peak memory is its own."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "trust_fuzz.py"), "--seed", "0", "--cases", "250"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,  # a hang (a FIFO read forever) fails here instead of blocking the suite
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["failures"] == []
+    outcomes = summary["outcomes"]
+    assert any("load loaded" in k for k in outcomes)  # the mutations are not all fatal
+    assert sum(n for k, n in outcomes.items() if "load refused" in k) > 150
+    assert sum(n for k, n in outcomes.items() if k.startswith("fixed-")) >= 8
+    # Before the fix, rank=10**6 in a 6 KB file cost +381 MB, a 1.5 GB file +1.5 GB.
+    assert summary["peak_rss_growth_mb"] < 150, summary
+
+
+# -- each defect found by hand -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["²", "①", "9" * 5000, "-1", " 1", "1.0"])
+def test_format_version_that_is_not_ascii_digits(saved: Path, tmp_path: Path, version) -> None:
+    bad = rewrite(
+        saved, tmp_path / "bad.safetensors", meta=lambda m: m.update(format_version=version)
+    )
+    with pytest.raises(AdapterFileError, match="format_version"):
+        arc_peft.read_adapter_info(bad)
+    rejected(build("vit"), bad, "format_version")
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        {"architecture": "x", "num_blocks": 2, "widths": [1]},
+        {"architecture": "x", "num_blocks": 2, "widths": {"attn": "x"}},
+        {"architecture": 5, "num_blocks": 2, "widths": {}},
+        {"architecture": "x", "num_blocks": -1, "widths": {}},
+    ],
+)
+def test_malformed_backbone_fingerprint(saved: Path, tmp_path: Path, backbone) -> None:
+    def edit(meta):
+        meta["backbone"] = json.dumps(backbone)
+
+    bad = rewrite(saved, tmp_path / "bad.safetensors", meta=edit)
+    with pytest.raises(AdapterFileError, match="backbone must be"):
+        arc_peft.read_adapter_info(bad)
+    rejected(build("vit"), bad, "backbone must be")
+
+
+def test_unhashable_dtype_and_lone_surrogate(saved: Path, tmp_path: Path) -> None:
+    def dtype(header):
+        header["blocks.0.arc_peft.attn.bias"]["dtype"] = ["F32"]
+
+    bad = edit_header(saved, tmp_path / "dtype.safetensors", dtype)
+    rejected(build("vit"), bad, "corrupt header entry")
+
+    def surrogate(header):
+        header["__metadata__"]["name"] = "\ud800"
+
+    bad = edit_header(saved, tmp_path / "surrogate.safetensors", surrogate)
+    with pytest.raises(AdapterFileError, match="surrogate"):
+        arc_peft.read_adapter_info(bad)
+    rejected(build("vit"), bad, "surrogate")
+
+
+def test_config_that_selects_missing_blocks(saved: Path, tmp_path: Path) -> None:
+    def edit(meta):
+        meta["config"] = json.dumps({**json.loads(meta["config"]), "blocks": [7]})
+
+    bad = rewrite(saved, tmp_path / "bad.safetensors", meta=edit)
+    error = rejected(build("vit"), bad, r"does not fit this model.*out of range")
+    assert "blocks=(7,)" in str(error)
+
+
+@pytest.mark.parametrize(
+    "config, field, value",
+    [
+        (ARC, "rank", 10**6),
+        (ARC, "rank", 10**9),
+        (AdaptMLPConfig(bottleneck=4), "bottleneck", 10**6),
+    ],
+)
+def test_huge_claimed_rank_is_refused_before_anything_is_built(
+    tmp_path: Path, config, field: str, value: int
+) -> None:
+    path = tmp_path / "a.safetensors"
+    arc_peft.save_adapter(adapted(config=config), path)
+
+    def edit(meta):
+        meta["config"] = json.dumps({**json.loads(meta["config"]), field: value})
+
+    bad = rewrite(path, tmp_path / "bad.safetensors", meta=edit)
+    error = rejected(build("vit"), bad, rf"shape mismatch .*its own config .*\[(32, )?{value}\b")
+    assert "model" not in str(error).split("shape mismatch")[1]  # the claim, not the model
+
+
+def test_special_paths(tmp_path: Path) -> None:
+    model = build("vit")
+    rejected(model, Path("/dev/zero"), "not a regular file")
+    rejected(model, tmp_path, "not a regular file .a directory")
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    rejected(model, fifo, "not a regular file .a FIFO")  # would block forever in open()
+    with pytest.raises(AdapterFileError, match="NUL"):
+        arc_peft.read_adapter_info("a\0b.safetensors")
+
+
+def test_header_size_and_tensor_count_are_bounded(saved: Path, tmp_path: Path) -> None:
+    raw = saved.read_bytes()
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes((59 * 2**20).to_bytes(8, "little") + raw[8:])
+    with open(huge, "r+b") as handle:
+        handle.truncate(60 * 2**20)
+    rejected(build("vit"), huge, "header claims 61,865,984 bytes")
+
+    def many(header):
+        for i in range(arc_peft.fileformat.MAX_TENSORS + 1):
+            header[f"x{i}"] = {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}
+
+    bad = edit_header(saved, tmp_path / "many.safetensors", many)
+    rejected(build("vit"), bad, "tensors; this reader accepts at most")
+
+
+def test_large_wrong_file_is_refused_from_its_header(saved: Path) -> None:
+    """A valid adapter followed by 1.5 GB (sparse): refused without reading the data."""
+    with open(saved, "r+b") as handle:
+        handle.truncate(1_500_000_000)
+    rejected(build("vit"), saved, "unexpected bytes after the tensor data")
+
+
+@pytest.mark.parametrize(
+    "file_dtype, value, model_dtype",
+    [
+        (torch.float64, 1e300, torch.float32),
+        (torch.float32, 7e4, torch.float16),
+        (torch.float32, 3.4e38, torch.bfloat16),
+    ],
+)
+def test_values_that_overflow_the_model_dtype(
+    saved: Path, tmp_path: Path, file_dtype, value: float, model_dtype
+) -> None:
+    def edit(tensors):
+        for key in tensors:
+            tensors[key] = tensors[key].to(file_dtype)
+        tensors["blocks.1.arc_peft.mlp.bias"][3] = value
+
+    bad = rewrite(saved, tmp_path / "bad.safetensors", tensors=edit)
+    model = build("vit").to(model_dtype)
+    rejected(model, bad, r"blocks\.1\.arc_peft\.mlp\.bias holds NaN or infinite values")
+
+
+def test_float8_files_load_and_float8_nan_is_refused(saved: Path, tmp_path: Path) -> None:
+    def to_f8(tensors):
+        for key in tensors:
+            tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+
+    f8 = rewrite(saved, tmp_path / "f8.safetensors", tensors=to_f8)
+    model = arc_peft.load_adapter(build("vit"), f8)
+    stored = safetensors.torch.load_file(str(f8))["blocks.1.arc_peft.mlp.bias"]
+    loaded = model.state_dict()["blocks.1.arc_peft.mlp.default.bias"]
+    assert torch.equal(loaded, stored.float())
+
+    def poison(tensors):
+        to_f8(tensors)
+        tensors["blocks.1.arc_peft.mlp.bias"][0] = float("nan")
+
+    rejected(build("vit"), rewrite(saved, tmp_path / "nan.safetensors", tensors=poison), "NaN")
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["training", "forward", "active", "_modules", "-x", "a.b", ""])
+def test_colliding_names_change_nothing(saved: Path, name: str) -> None:
+    model = build("vit")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="adapter name"):
+        arc_peft.inject_arc(model, ARC, name=name)
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="adapter name"):
+        arc_peft.load_adapter(model, saved, name=name)
+    assert_unchanged(model, before)
+
+
+def test_hyphenated_task_names(saved: Path, tmp_path: Path) -> None:
+    model = adapted()
+    arc_peft.load_adapter(model, saved, name="cifar-100")
+    arc_peft.set_active_adapter(model, "cifar-100")
+    x = inputs("vit")
+    with torch.no_grad():
+        expected = model(x)
+        arc_peft.set_active_adapter(model, "default")
+        with arc_peft.mixed_batch(model, ["cifar-100", "cifar-100"]):
+            assert torch.equal(model(x), expected)
+    out = tmp_path / "again.safetensors"
+    arc_peft.save_adapter(model, out, name="cifar-100")
+    assert arc_peft.read_adapter_info(out).name == "cifar-100"
+
+
+def test_info_str_never_raises(saved: Path) -> None:
+    info = arc_peft.read_adapter_info(saved)
+    odd = __import__("dataclasses").replace(info, backbone={"widths": 5}, head={"shapes": 3})
+    assert str(odd).startswith(str(saved))
+
+
+# -- saves ---------------------------------------------------------------------------------------
+
+
+def _temp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_stale_temporary_files_are_swept(saved: Path) -> None:
+    from arc_peft.atomic import _host_tag
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    folder, host = saved.parent, _host_tag()
+    names = {
+        "dead": f".{saved.name}.{host}-{dead_pid}-{'a' * 12}.tmp",
+        "old": f".{saved.name}.ffffffff-{os.getpid()}-{'b' * 12}.tmp",
+        "live": f".{saved.name}.{host}-{os.getpid()}-{'c' * 12}.tmp",
+        "other": f".other.safetensors.{host}-{dead_pid}-{'d' * 12}.tmp",
+    }
+    for name in names.values():
+        (folder / name).write_bytes(b"partial")
+    old = time.time() - 3600
+    os.utime(folder / names["old"], (old, old))
+    arc_peft.save_adapter(adapted(), saved)
+    assert _temp_files(folder) == sorted([names["live"], names["other"]])
+
+
+def test_interrupt_right_after_the_temporary_file_is_created(saved: Path, monkeypatch) -> None:
+    before = saved.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fdopen", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        arc_peft.save_adapter(adapted(seed=1), saved)
+    monkeypatch.undo()
+    assert saved.read_bytes() == before
+    assert _temp_files(saved.parent) == []
+
+
+def test_long_names_modes_and_symlinks(tmp_path: Path) -> None:
+    model = adapted()
+    long = tmp_path / ("n" * (255 - len(".safetensors")) + ".safetensors")
+    arc_peft.save_adapter(model, long)
+    assert arc_peft.read_adapter_info(long).num_tensors > 0
+
+    private = tmp_path / "private.safetensors"
+    arc_peft.save_adapter(model, private)
+    os.chmod(private, 0o600)
+    arc_peft.save_adapter(adapted(seed=1), private)
+    assert private.stat().st_mode & 0o777 == 0o600
+
+    real = tmp_path / "store" / "real.safetensors"
+    real.parent.mkdir()
+    arc_peft.save_adapter(model, real)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(real)
+    arc_peft.save_adapter(adapted(seed=1), link)
+    assert link.is_symlink() and link.read_bytes() == real.read_bytes()
+    assert _temp_files(real.parent) == [] and _temp_files(tmp_path) == []
+
+
+def test_kill_during_save_leaves_a_valid_file_and_sweepable_temporaries(saved: Path) -> None:
+    """SIGKILL a process that saves in a loop: the file is always the old or a new valid one,
+    and the next save removes what the killed process left."""
+    script = textwrap.dedent(f"""
+        import sys, torch, arc_peft
+        from models import build
+        model = build("vit"); arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
+        print("ready", flush=True)
+        i = 0
+        while True:
+            with torch.no_grad():
+                next(iter(arc_peft.adapter_parameters(model).values())).add_(1)
+            arc_peft.save_adapter(model, {str(saved)!r}); i += 1
+    """)
+    for delay in (0.05, 0.13, 0.29, 0.41):
+        proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        info = arc_peft.read_adapter_info(saved)  # never torn
+        arc_peft.load_adapter(build("vit"), saved)
+        assert info.num_tensors > 0
+    arc_peft.save_adapter(adapted(), saved)
+    assert _temp_files(saved.parent) == []
+
+
+# -- models: pickling, wrappers, freezing --------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["arc", "adaptmlp"])
+@pytest.mark.parametrize("name", MATRIX)
+def test_pickle_and_deepcopy_round_trip(name: str, method: str) -> None:
+    config = ARC if method == "arc" else AdaptMLPConfig(bottleneck=4, dropout=0.0)
+    model = adapted(name, config)
+    arc_peft.inject_arc(model, config, name="other")
+    arc_peft.freeze_backbone(model)
+    model.eval()
+    x = inputs(name)
+    with torch.no_grad():
+        expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert clone.state_dict().keys() == model.state_dict().keys()
+        assert arc_peft.adapter_configs(clone) == arc_peft.adapter_configs(model)
+        with torch.no_grad():
+            assert torch.equal(clone(x), expected)
+            arc_peft.set_active_adapter(clone, "other")  # the clone's slots are its own
+            assert not torch.equal(clone(x), expected) or method == "adaptmlp"
+        with torch.no_grad():
+            assert torch.equal(model(x), expected)
+
+
+def _reference_bytes(tmp_path: Path) -> bytes:
+    path = tmp_path / "plain.safetensors"
+    arc_peft.save_adapter(adapted(), path)
+    return path.read_bytes()
+
+
+def test_save_through_wrappers_writes_the_plain_model(tmp_path: Path) -> None:
+    expected = _reference_bytes(tmp_path)
+    model = adapted()
+    for wrapped in (
+        torch.compile(model, backend="eager"),
+        nn.DataParallel(model),
+        torch.compile(nn.DataParallel(model), backend="eager"),
+    ):
+        path = tmp_path / "wrapped.safetensors"
+        arc_peft.save_adapter(wrapped, path)
+        assert path.read_bytes() == expected
+        # Into a wrapped model that already has the adapter (only its weights are replaced).
+        fresh = build("vit")
+        arc_peft.inject_arc(fresh, ARC)
+        wrapper = nn.DataParallel(fresh)
+        assert arc_peft.load_adapter(wrapper, path) is wrapper
+        for key, value in model.state_dict().items():
+            assert torch.equal(fresh.state_dict()[key], value), key
+        arc_peft.load_adapter(torch.compile(fresh, backend="eager"), path)
+
+
+def test_injecting_into_wrapped_or_compiled_models_is_loud(saved: Path) -> None:
+    torch._dynamo.reset()
+    for wrapper in (lambda m: torch.compile(m, backend="eager"), nn.DataParallel):
+        model = build("vit")
+        wrapped = wrapper(model)
+        with pytest.raises(ValueError, match="wrapped in .*Add adapters to the plain model"):
+            arc_peft.inject_arc(wrapped, ARC)
+        with pytest.raises(ValueError, match="wrapped in"):
+            arc_peft.load_adapter(wrapped, saved)
+        assert arc_peft.adapter_configs(model) == {}
+    model = build("vit")
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        compiled(inputs("vit"))
+    with pytest.warns(UserWarning, match="compiled model does not see adapters added after"):
+        arc_peft.inject_arc(model, ARC)
+    torch._dynamo.reset()
+
+
+def test_modules_trained_with_also_are_saved_and_loaded(tmp_path: Path) -> None:
+    model = adapted()
+    arc_peft.freeze_backbone(model, also=["norm", model.blocks[1].norm2])
+    with torch.no_grad():
+        model.norm.weight.mul_(1.5)
+        model.blocks[1].norm2.bias.add_(0.2)
+    path = tmp_path / "a.safetensors"
+    arc_peft.save_adapter(model, path)
+    info = arc_peft.read_adapter_info(path)
+    assert info.trained["modules"] == ["norm", "blocks.1.norm2"]
+    assert info.trained_parameters == 4 * 32 and "trained" in str(info)
+    fresh = arc_peft.load_adapter(build("vit"), path)
+    x = inputs("vit")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_save_refuses_trainable_parameters_it_would_lose(tmp_path: Path) -> None:
+    model = adapted()
+    arc_peft.freeze_backbone(model)
+    model.blocks[0].norm1.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"blocks\.0\.norm1\.weight are trainable but would not"):
+        arc_peft.save_adapter(model, tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+    arc_peft.save_adapter(adapted(), tmp_path / "unfrozen.safetensors")  # no freeze: no inference
+
+
+def _xcit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "xcit_nano_12_p16_224",
+        pretrained=False,
+        num_classes=5,
+        img_size=32,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        cls_attn_layers=1,
+    )
+
+
+def test_frozen_batchnorm_keeps_its_statistics_in_train_mode(tmp_path: Path) -> None:
+    model = _xcit()
+    arc_peft.inject_arc(model, ARC)
+    arc_peft.freeze_backbone(model)
+    model.train()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert model.blocks[0].training  # only the running-statistics norms are pinned
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == []
+    clone = copy.deepcopy(model)
+    clone.train()
+    assert not any(m.training for m in clone.modules() if isinstance(m, nn.BatchNorm2d))
+
+    # Trained on purpose (also=...): the norm runs in training mode again, and is saved.
+    bn = norms[0]
+    arc_peft.freeze_backbone(model, also=[bn])
+    model.train()
+    assert bn.training and not norms[1].training
+    path = tmp_path / "bn.safetensors"
+    arc_peft.save_adapter(model, path)
+    assert any(
+        k.endswith("running_mean") for k in arc_peft.read_adapter_info(path).trained["shapes"]
+    )
