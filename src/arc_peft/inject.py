@@ -6,6 +6,7 @@ import fnmatch
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import heads
@@ -166,6 +167,15 @@ def _check_partial(plan: SitePlan, config: AdapterConfig) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+def _without_bias(adapter: ARC) -> None:
+    """``ARCConfig(mergeable=True)``: the attention-site adapter's bias becomes a constant zero
+    (a non-persistent buffer, so files and parameter counts leave it out): its key offset is
+    what RoPE and cosine attention cannot absorb in a merge."""
+    zero = torch.zeros_like(adapter.bias.detach())
+    del adapter.bias
+    adapter.register_buffer("bias", zero, persistent=False)
+
+
 def _build_adapters(
     model: nn.Module, chosen: list[Site], config: AdapterConfig, device: str | None = None
 ) -> list[tuple[Site, Adapter]]:
@@ -190,6 +200,8 @@ def _build_adapters(
                 **factory,
             )
             owners.setdefault((site.position, site.width), adapter)
+            if config.mergeable and site.position == "attn":
+                _without_bias(adapter)
         else:
             adapter = AdaptMLP(
                 site.width,
