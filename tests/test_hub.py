@@ -117,6 +117,8 @@ def test_hub_sources_are_checked(tmp_path: Path) -> None:
     for bad in ("hf-hub:no-slash", "hf-hub:a/b/c", "hf-hub:/x"):
         with pytest.raises(ValueError, match="expected 'hf-hub:user/repo'"):
             resolve(bad)
+    assert resolve(tmp_path) == str(tmp_path)  # no adapter file in it: left to the reader
+    (tmp_path / ADAPTER_FILE).write_bytes(b"")
     assert resolve(tmp_path) == str(tmp_path / ADAPTER_FILE)
     assert resolve("some/file.safetensors") == "some/file.safetensors"
 

@@ -67,9 +67,9 @@ def resolve(source: str | os.PathLike[str]) -> str:
     if isinstance(path, str) and path.startswith(HUB_PREFIX):
         repo, revision = _split(path)
         return _hub().hf_hub_download(repo, ADAPTER_FILE, revision=revision)
-    if os.path.isdir(path):
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_FILE)):
         return os.path.join(path, ADAPTER_FILE)
-    return path
+    return path  # a directory without one is refused by the reader, naming it
 
 
 def _card(info: Any, repo_id: str | None) -> str:

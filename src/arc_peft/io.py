@@ -512,9 +512,8 @@ def load_adapter(
     try:
         adapter_found = {k: v for k, v in tensors.items() if k not in contents.extra_keys()}
         model_state = _adapter_state(model, name)
-        # The same blocks under other names (timm features_only=True wraps or flattens them).
-        renamed = identity.remap_keys(set(adapter_found), set(model_state))
-        adapter_found = {renamed.get(k, k): v for k, v in adapter_found.items()}
+        adapter_found = _renamed(adapter_found, model_state)
+        tensors = {**tensors, **adapter_found}  # also under the model's names, for staging
         pairs = _match(path, "adapter", model_state, adapter_found)
         pairs += [(k, expected[k]) for k in expected]
         # Convert everything first (the step that can run out of memory), check the converted
@@ -619,8 +618,22 @@ def _check_against_model(
                 f"({existing[name]}) than the file ({config}). Load it under another name "
                 f"(name=...) or remove the existing one first (arc_peft.delete_adapter).",
             )
-        _match(path, "adapter", _adapter_state(model, name), adapter_entries)
+        state = _adapter_state(model, name)
+        _match(path, "adapter", state, _renamed(adapter_entries, state))
         return targets, False
     planned = _planned_state(path, model, config)
-    _match(path, "adapter", planned, adapter_entries, versus=f"its own config {config}")
+    _match(
+        path,
+        "adapter",
+        planned,
+        _renamed(adapter_entries, planned),
+        versus=f"its own config {config}",
+    )
     return targets, True
+
+
+def _renamed(found: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any]:
+    """``found`` under the model's key names when the model holds the same blocks under other
+    names (timm ``features_only=True`` wraps or flattens them); unchanged otherwise."""
+    mapping = identity.remap_keys(set(found), set(expected))
+    return {mapping.get(k, k): v for k, v in found.items()}
