@@ -83,7 +83,7 @@ def _adapter_modules(model: nn.Module, name: str | None = None) -> list[tuple[st
 def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
     """``{parameter name: parameter}`` of the adapters named ``name`` (all adapters if ``None``).
 
-    Names are the model's own (``blocks.0.attn.arc_peft.default.scale``); a shared ARC projection
+    Names are the model's own (``blocks.0.arc_peft.attn.default.scale``); a shared ARC projection
     appears once, under the adapter that owns it.
     """
     return {
