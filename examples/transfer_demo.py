@@ -382,6 +382,7 @@ def save_plot(rows: list[Row], path: Path) -> bool:
             ax.scatter([x], [row.accuracy], s=40)
             ax.annotate(row.method, (x, row.accuracy), textcoords="offset points", xytext=(5, 4))
         ax.set_xscale("log")
+        ax.margins(x=0.3, y=0.12)  # room for the labels of the outermost points
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 accuracy (%)")
