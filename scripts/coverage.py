@@ -42,13 +42,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import arc_peft  # noqa: E402
 from arc_peft import discover as _discover  # noqa: E402
+from arc_peft.graph import Finder  # noqa: E402
 from arc_peft.modules import Adapter  # noqa: E402
 
 DOCS = ROOT / "docs" / "models.md"
 CACHE = Path(os.environ.get("ARC_PEFT_COVERAGE_CACHE", "/tmp/arc_peft_coverage"))
 BEGIN = "<!-- BEGIN coverage (generated: python scripts/coverage.py) -->"
 END = "<!-- END coverage -->"
-TIMEOUT = 40  # seconds per model (build + probe + inject + forward)
+TIMEOUT = 120  # seconds per model (build + probe + inject + forward), on a busy machine too
 REAL_LIMIT = 120e6  # parameters: larger models are checked on the meta device (no output check)
 
 TORCHVISION = [
@@ -129,7 +130,7 @@ class _Capture:
 
 def attention_owners(rec) -> list[str]:
     """Paths of the innermost modules issuing attention ops (independent of site discovery)."""
-    finder = _discover._Finder(rec)
+    finder = Finder(rec)
     owners = []
     for index in range(len(rec.ops)):
         if finder.is_attention(index):
@@ -146,15 +147,19 @@ def census(name: str) -> dict:
     from arc_peft.zoo import example_input
 
     out: dict[str, Any] = {"entrypoint": name}
-    try:
-        with time_limit(TIMEOUT):
-            model = build(name, "meta")
-            out["params"] = num_params(model)
-            rec = record(model, example_input(model))
-            finder = _discover._Finder(rec)
-            out["attn_ops"] = sum(finder.is_attention(i) for i in range(len(rec.ops)))
-    except Exception as exc:
-        out["meta_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    # some models need real data (data-dependent ops): then the census runs on the CPU
+    for device in ("meta", "cpu"):
+        try:
+            with time_limit(TIMEOUT):
+                model = build(name, device)
+                out["params"] = num_params(model)
+                rec = record(model, example_input(model))
+                finder = Finder(rec)
+                out["attn_ops"] = sum(finder.is_attention(i) for i in range(len(rec.ops)))
+                out.pop("meta_error", None)
+                return out
+        except Exception as exc:
+            out[f"{device}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return out
 
 
@@ -221,7 +226,7 @@ def check(name: str, device: str = "cpu", **kwargs: Any) -> dict:
             for m in adapters:
                 for p in m.parameters(recurse=False):
                     with torch.no_grad():
-                        p.copy_(torch.randn(p.shape, generator=g).to(p))
+                        p.copy_(0.3 * torch.randn(p.shape, generator=g).to(p))
             x = arc_peft.zoo.example_input(model, batch=2)
             # the features, not the logits: some heads start at zero (Hiera)
             features = hasattr(model, "forward_features")
@@ -239,12 +244,27 @@ def check(name: str, device: str = "cpu", **kwargs: Any) -> dict:
                 row["rel_change"] = diff / max(y0.float().abs().max().item(), 1e-12)
                 row["changed"] = row["rel_change"] > 1e-6
                 row["finite"] = bool(torch.isfinite(y).all())
+                row["merge"] = merge_status(adapted, x, y, features)
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         row["trace"] = traceback.format_exc()[-1500:]
     row["seconds"] = round(time.time() - start, 2)
     row["ok"] = ok(row)
     return row
+
+
+def merge_status(adapted: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, features: bool) -> str:
+    """``"exact"`` when merging the (non-zero) ARC adapter reproduces the adapted output,
+    ``"refused: <reason>"`` when the merge says it cannot, ``"WRONG ..."`` otherwise (a bug)."""
+    try:
+        arc_peft.merge_adapter(adapted)
+    except arc_peft.MergeError as exc:
+        reason = str(exc).split(": ", 1)[-1]
+        return f"refused: {reason[:160]}"
+    with torch.no_grad():
+        merged = _first(adapted.forward_features(x) if features else adapted(x))
+    err = (merged.float() - y.float()).abs().max().item() / max(y.float().abs().max().item(), 1e-12)
+    return "exact" if err < 1e-4 else f"WRONG: merged output differs by {err:.1e} (relative)"
 
 
 def _first(y: Any) -> torch.Tensor:
@@ -313,18 +333,25 @@ def _check_auto(name: str) -> dict:
     return row
 
 
-def family_rows(fams: dict[str, list[str]], census_: dict[str, dict]) -> list[dict]:
+def family_rows(
+    fams: dict[str, list[str]], census_: dict[str, dict], torchvision: bool = True
+) -> list[dict]:
     rows = []
     for family, names in fams.items():
         with_attn = [census_[n] for n in names if census_.get(n, {}).get("attn_ops")]
-        failed_meta = [n for n in names if "meta_error" in census_.get(n, {})]
+        failed_meta = [n for n in names if "cpu_error" in census_.get(n, {})]
         if not with_attn:
             if failed_meta and len(failed_meta) == len(names):
                 print(f"{family}: no entrypoint ran on meta: {census_[names[0]]}", file=sys.stderr)
             continue
-        smallest = min(with_attn, key=lambda c: c.get("params", 0))
-        print(f"{family}: {smallest['entrypoint']}", file=sys.stderr, flush=True)
-        row = _check_auto(smallest["entrypoint"])
+        # the smallest entrypoint with self-attention (not only an attention-pooling head)
+        for candidate in sorted(with_attn, key=lambda c: c.get("params", 0))[:5]:
+            print(f"{family}: {candidate['entrypoint']}", file=sys.stderr, flush=True)
+            row = _check_auto(candidate["entrypoint"])
+            if not pooling_only(row):
+                break
+        if pooling_only(row):
+            continue
         row["family"] = family
         row["entrypoints"] = len(names)
         row["entrypoints_attn"] = len(with_attn)
@@ -332,7 +359,7 @@ def family_rows(fams: dict[str, list[str]], census_: dict[str, dict]) -> list[di
         detail = f"{row.get('error', '')} {row.get('uncovered', '')}"
         print(f"  ok={row['ok']} attn={row.get('attn')} mlp={row.get('mlp')} {detail}",
               file=sys.stderr, flush=True)  # fmt: skip
-    for name in TORCHVISION:
+    for name in TORCHVISION if torchvision else ():
         row = _check_auto("torchvision." + name)
         row["family"] = "torchvision"
         rows.append(row)
@@ -383,8 +410,9 @@ def markdown(rows: list[dict], all_summary: str | None) -> str:
     if all_summary:
         lines += [all_summary, ""]
     lines += [
-        "| Family | Entrypoint | Params | OK | Attention sites | MLP sites | Left out / error |",
-        "|---|---|---:|:-:|---:|---:|---|",
+        "| Family | Entrypoint | Params | OK | Attention sites | MLP sites | ARC merge "
+        "| Left out / error |",
+        "|---|---|---:|:-:|---:|---:|---|---|",
     ]
     for r in fam + tv:
         note = r.get("error", "") or _cell_left(r)
@@ -396,18 +424,28 @@ def markdown(rows: list[dict], all_summary: str | None) -> str:
         params = f"{r['params'] / 1e6:.1f}M" if "params" in r else ""
         kinds = ", ".join(r.get("attn_kinds", []))
         mkinds = ", ".join(r.get("mlp_kinds", []))
+        merge = r.get("merge", "not checked (meta device)").replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| {r['family']} | `{r['entrypoint']}` | {params} | {'yes' if r['ok'] else '**no**'} "
-            f"| {r.get('attn', '')} ({kinds}) | {r.get('mlp', '')} ({mkinds}) | {note} |"
+            f"| {r.get('attn', '')} ({kinds}) | {r.get('mlp', '')} ({mkinds}) | {merge} | {note} |"
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def pooling_only(row: dict) -> bool:
+    """The model's only attention is attention pooling (a ResNet's CLIP pool, left out on
+    purpose): no self-attention to adapt, so not counted."""
+    items = row.get("left_out", [])
+    return row.get("attn") == 0 and bool(items) and all(i["on_purpose"] for i in items)
 
 
 def all_summary_text(path: Path) -> str | None:
     if not path.exists():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines()]
+    pooling = [r["entrypoint"] for r in rows if pooling_only(r)]
+    rows = [r for r in rows if not pooling_only(r)]
     if not rows:
         return None
     n_ok = sum(r["ok"] for r in rows)
@@ -416,6 +454,12 @@ def all_summary_text(path: Path) -> str | None:
         f"**Every timm entrypoint with attention (`--all`): {n_ok} / {len(rows)} adapted "
         f"({100 * n_ok / len(rows):.1f} %).**"
     )
+    if pooling:
+        text += (
+            f" Not counted: {len(pooling)} whose only attention is attention pooling, left out"
+            f" on purpose ({', '.join(f'`{p}`' for p in pooling[:8])}"
+            f"{' ...' if len(pooling) > 8 else ''})."
+        )
     if bad:
         text += " Not adapted: " + ", ".join(
             f"`{r['entrypoint']}` ({(r.get('error') or 'partial')[:80]})" for r in bad[:40]
@@ -426,13 +470,19 @@ def all_summary_text(path: Path) -> str | None:
 
 
 def main() -> None:
+    global REAL_LIMIT
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--all", action="store_true", help="check every entrypoint with attention")
     parser.add_argument("--only", nargs="*", help="families (or entrypoints) to check")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(CACHE / "all.jsonl"))
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument(
+        "--real-limit", type=float, default=120e6,
+        help="models with more parameters are checked on the meta device (no output check)",
+    )  # fmt: skip
     args = parser.parse_args()
+    REAL_LIMIT = args.real_limit
     torch.set_num_threads(1 if args.workers > 1 else torch.get_num_threads())
     fams = families()
     if args.only:
@@ -441,7 +491,7 @@ def main() -> None:
         cen = load_census([n for ns in picked.values() for n in ns], args.workers)
         for name in names:
             print(json.dumps(_check_auto(name), indent=1))
-        for row in family_rows(picked, cen):
+        for row in family_rows(picked, cen, torchvision="torchvision" in args.only):
             row.pop("trace", None) if row["ok"] else None
             print(json.dumps(row, indent=1))
         return

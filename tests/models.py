@@ -51,6 +51,41 @@ SPECS: dict[str, tuple[str, str, dict, int]] = {
         32,
     ),
     "tv_swinv2": ("torchvision", "swin_v2", {}, 32),
+    # channels-first hybrid: conv stages, then attention and conv MLPs on N, C, H, W
+    "fastvit": (
+        "timm",
+        "fastvit_sa12",
+        dict(layers=(1, 1, 1, 2), embed_dims=(8, 16, 16, 32), mlp_ratios=(2, 2, 2, 2)),
+        64,
+    ),
+    # several attention sites in one block (CoaT's parallel block: three scales, one MLP module)
+    "coat": (
+        "timm",
+        "coat_tiny",
+        dict(
+            img_size=32,
+            embed_dims=(16, 16, 16, 16),
+            serial_depths=(1, 1, 1, 1),
+            parallel_depth=1,
+            num_heads=8,
+            mlp_ratios=(2, 2, 2, 2),
+        ),
+        32,
+    ),  # fmt: skip
+    # two streams per block (TNT's inner pixel and outer patch attention, each with its MLP)
+    "tnt": (
+        "timm",
+        "tnt_s_patch16_224",
+        dict(
+            img_size=32,
+            embed_dim=32,
+            inner_dim=8,
+            depth=2,
+            num_heads_inner=2,
+            num_heads_outer=2,
+        ),
+        32,
+    ),  # fmt: skip
 }
 
 MATRIX = list(SPECS)

@@ -338,13 +338,21 @@ def test_stale_temporary_files_are_swept(saved: Path) -> None:
     assert _temp_files(folder) == sorted([names["live"], names["other"]])
 
 
-def test_interrupt_right_after_the_temporary_file_is_created(saved: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("where", ["open", "fdopen", "replace"])
+def test_interrupt_at_any_step_leaves_no_temporary_file(saved: Path, monkeypatch, where) -> None:
+    """Ctrl-C as the temporary file is created (after the system call, before its result is
+    stored), while it is written, or as it is moved: the old file stays, nothing is left."""
     before = saved.read_bytes()
+    real = getattr(os, where)
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        if where == "open" and str(args[0]).endswith(".tmp"):
+            real(*args, **kwargs)  # the file now exists
+        if where != "open" or str(args[0]).endswith(".tmp"):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(os, "fdopen", interrupted)
+    monkeypatch.setattr(os, where, interrupted)
     with pytest.raises(KeyboardInterrupt):
         arc_peft.save_adapter(adapted(seed=1), saved)
     monkeypatch.undo()
@@ -477,7 +485,8 @@ def test_injecting_into_wrapped_or_compiled_models_is_loud(saved: Path) -> None:
 
 def test_modules_trained_with_also_are_saved_and_loaded(tmp_path: Path) -> None:
     model = adapted()
-    arc_peft.freeze_backbone(model, also=["norm", model.blocks[1].norm2])
+    compiled = torch.compile(model, backend="eager")  # names are the plain model's
+    assert arc_peft.freeze_backbone(compiled, also=["norm", model.blocks[1].norm2]) is compiled
     with torch.no_grad():
         model.norm.weight.mul_(1.5)
         model.blocks[1].norm2.bias.add_(0.2)

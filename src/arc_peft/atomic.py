@@ -84,13 +84,12 @@ def write_atomic(path: str, data: bytes) -> None:
     _sweep(folder, base)
     token = f"{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     tmp = os.path.join(folder, f".{base[:_NAME_KEEP]}.{token}.tmp")
-    fd, created = -1, False
+    fd = -1
     try:
         # O_EXCL: never follow or reuse someone else's file; 0o666 lets the umask apply as for
         # any ordinary file (mkstemp would force 0o600). Inside the try, so that an interrupt
-        # right after the file is created still removes it.
+        # arriving as the file is created still removes it.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        created = True
         with os.fdopen(fd, "wb") as handle:
             fd = -1  # the file object owns it now
             handle.write(data)
@@ -99,11 +98,13 @@ def write_atomic(path: str, data: bytes) -> None:
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if created:  # never someone else's file that made O_EXCL fail
+        # The name is unique to this call (pid and 48 random bits), so the file is ours unless
+        # O_EXCL found it already there.
+        if not isinstance(exc, FileExistsError):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise

@@ -32,35 +32,12 @@ from typing import Any
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .graph import LAYERS, NONLINEAR, SHAPE_OPS, Finder
 from .probe import Recording, record
 from .targets import get_target
 from .zoo import example_input
 
 __all__ = ["LeftOut", "Site", "SitePlan", "discover"]
-
-_MATMULS = {"matmul", "bmm", "einsum", "baddbmm"}
-_ATTENTION = {"scaled_dot_product_attention", "multi_head_attention_forward"}
-_LAYERS = {"linear", "conv1d", "conv2d", "conv3d"}
-# Parameterised ops that mix channels: what "through a learned layer" means for the queries, keys
-# and values (a norm's affine, a learned bias or scale is parameterised too, but is no projection).
-_PROJECTIONS = _LAYERS | _MATMULS | {"addmm", "mm", "multi_head_attention_forward"}
-# Ops that move or select tokens but leave each token's channel vector as it is: a per-token map
-# of the channels (ARC, its merged form) commutes with them.
-SHAPE_OPS = {
-    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "unsqueeze",
-    "squeeze", "getitem", "movedim", "__get__", "to", "type_as", "float", "clone", "expand",
-    "chunk", "split", "unbind", "narrow", "select", "roll", "index_select", "view_as",
-    "reshape_as", "flip", "tensor_split", "swapaxes", "mT",
-}  # fmt: skip
-# For *placing* an adapter on a module's input, zero padding is transparent as well: the padded
-# tokens are not adapted, exactly as if the adapter ran inside just before the layers. (For
-# merging it is not: a merged bias would reach the padded tokens; see fold.py.)
-PLACEMENT_OPS = SHAPE_OPS | {"pad"}
-_NONLINEAR = {
-    "gelu", "relu", "relu_", "silu", "silu_", "sigmoid", "tanh", "hardswish", "hardswish_",
-    "hardsigmoid", "leaky_relu", "elu", "mish", "softplus", "glu", "relu6", "hardtanh",
-    "hardtanh_", "erf", "softmax", "star_relu", "squared_relu", "abs", "quick_gelu",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -79,6 +56,9 @@ class Site:
             several when the same tensor is passed more than once (``attn(x, x, x)``).
         block: Index of the block (a run of attention sites and the MLPs after them).
         kind: The module class, for messages.
+        batch_axis: The axis of the input that holds the samples: ``0``, or ``1`` for
+            sequence-first inputs (``nn.MultiheadAttention(batch_first=False)``: ``L, N, E``).
+            A mixed-task batch routes samples along it.
     """
 
     position: str
@@ -89,6 +69,7 @@ class Site:
     arg_keys: tuple[tuple[str, Any], ...]
     block: int
     kind: str
+    batch_axis: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,244 +108,6 @@ def _kind(module: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-class _Finder:
-    def __init__(self, rec: Recording) -> None:
-        self.rec = rec
-
-    # -- helpers -----------------------------------------------------------------------------
-
-    def call_of_tensor(self, tid: int, around: int) -> int | None:
-        """The innermost call enclosing op-context ``around`` whose main input is ``tid``, or
-        reaches it through shape ops (and zero padding) only; failing that, the one module call
-        that reads ``tid`` as its input (a ``qkv`` linear called inside the attention).
-
-        Innermost, because in a post-norm block the attention's input is the residual stream,
-        which is also the input of the block and of the stage around it."""
-        best = None
-        for call in self.rec.enclosing(around):
-            main = self.rec.calls[call].main_input
-            if main is not None and (main == tid or tid in self.shape_closure(main, True)):
-                best = call
-                break
-        if best is None:
-            readers = {
-                c.index
-                for c in self.rec.calls
-                if c.main_input == tid and self.rec.contains(around, c.index)
-            }
-            if len(readers) == 1 and len(self.readers(tid)) == 1:
-                reader = readers.pop()
-                # it projects the input itself (a qkv linear), not just normalises it
-                if any(
-                    self.projects(self.rec.ops[i])
-                    and self.rec.contains(reader, self.rec.ops[i].call)
-                    for i in self.readers(tid)
-                ):
-                    best = reader
-        return best
-
-    def shape_closure(self, tid: int, placement: bool = False) -> set[int]:
-        """``tid`` and everything computed from it by shape ops alone."""
-        allowed = PLACEMENT_OPS if placement else SHAPE_OPS
-        seen, todo = {tid}, [tid]
-        while todo:
-            for index in self.rec.consumers.get(todo.pop(), ()):
-                op = self.rec.ops[index]
-                if op.name in allowed and not op.params:
-                    for out in op.outputs:
-                        if out not in seen:
-                            seen.add(out)
-                            todo.append(out)
-        return seen
-
-    def readers(self, tid: int, stop: int | None = None, placement: bool = False) -> list[int]:
-        """Indices of the ops that read ``tid`` (through shape ops) and are not shape ops."""
-        allowed = PLACEMENT_OPS if placement else SHAPE_OPS
-        found = []
-        for t in self.shape_closure(tid, placement):
-            for index in self.rec.consumers.get(t, ()):
-                op = self.rec.ops[index]
-                if stop is not None and index >= stop:
-                    continue
-                if not (op.name in allowed and not op.params):
-                    found.append(index)
-        return sorted(set(found))
-
-    def layer_width(self, index: int) -> tuple[int, str] | None:
-        """``(input channels, "linear" | "conv" | "mha")`` of a reading layer op."""
-        op = self.rec.ops[index]
-        if op.name == "multi_head_attention_forward":
-            return self.rec.shapes[op.inputs[0]][-1], "mha"
-        if op.name not in _LAYERS or not op.params:
-            return None
-        weight = op.params[0][1]
-        if op.name == "linear":
-            return int(weight.shape[1]), "linear"
-        groups = op.args[6] if len(op.args) > 6 else op.kwargs.get("groups", 1)
-        return int(weight.shape[1]) * int(groups), "conv"
-
-    def axis_of(self, tid: int, width: int, layer: str, direct: bool) -> int | None:
-        shape = self.rec.shapes[tid]
-        if len(shape) < 2:
-            return None
-        first, last = (len(shape) > 2 and shape[1] == width), shape[-1] == width
-        # A layer reading the input directly says where its channels are; through reshapes
-        # (channels-first input flattened for a linear) prefer the channels-first axis.
-        channels_last = direct and layer in ("linear", "mha")
-        order = (-1, 1) if channels_last else (1, -1)
-        for axis in order:
-            if (axis == -1 and last) or (axis == 1 and first):
-                return axis
-        return None
-
-    def input_layout(self, tid: int, stop: int) -> tuple[int, int] | None:
-        """``(width, channel axis)`` of an input from the first layer reading it."""
-        direct = {i for i in self.rec.consumers.get(tid, ())}
-        norms = []
-        for index in self.readers(tid, stop, placement=True):
-            found = self.layer_width(index)
-            if found is None:
-                if "norm" in self.rec.ops[index].name:
-                    norms.append(index)
-                continue
-            width, layer = found
-            axis = self.axis_of(tid, width, layer, index in direct)
-            if axis is not None:
-                return width, axis
-        # split into channel groups before the layers (one projection per head): the layer's
-        # kind says the axis, the input's size on it the width
-        shape = self.rec.shapes[tid]
-        for index in self.readers(tid, stop, placement=True):
-            found = self.layer_width(index)
-            if found is None or len(shape) < 3:
-                continue
-            width, layer = found
-            axis = -1 if layer in ("linear", "mha") else 1
-            if shape[axis] % width == 0 and shape[axis] > width:
-                return shape[axis], axis
-        # normalised inside the module before its first layer: the layer reading the norm's
-        # output (same shape) says
-        for index in norms:
-            out = self.rec.ops[index].outputs[0]
-            if self.rec.shapes[out] == self.rec.shapes[tid]:
-                found = self.input_layout(out, stop)
-                if found is not None:
-                    return found
-        return None
-
-    # -- attention ---------------------------------------------------------------------------
-
-    def is_attention(self, index: int) -> bool:
-        op = self.rec.ops[index]
-        if op.name in _ATTENTION:
-            return True
-        if op.name in _MATMULS and not op.params and len(op.inputs) >= 2:
-            a, b = op.inputs[-2], op.inputs[-1]
-            fi = self.rec.from_input
-            return a in fi and b in fi and len(self.rec.shapes[a]) >= 3
-        return False
-
-    def attention_inputs(self, index: int) -> list[int]:
-        """The tensors every operand of attention op ``index`` is computed from through a learned
-        projection, latest first, within the innermost enclosing call that has any; empty for
-        pooling / cross-attention."""
-        op = self.rec.ops[index]
-        operands = op.inputs[:3] if op.name in _ATTENTION else op.inputs[-2:]
-        operands = [t for t in operands if t in self.rec.from_input]
-        if len(operands) < (3 if op.name in _ATTENTION else 2):
-            return []
-        for call in self.rec.enclosing(op.call):
-            main = self.rec.calls[call].main_input
-            floor = (main - 1) if main is not None else -1
-            common = set.intersection(*(self.rec.ancestors(t, floor) for t in operands))
-            found = []
-            for candidate in sorted(common & self.rec.from_input, reverse=True):
-                through = self.rec.descendants(candidate, stop=index, learned=self.projects)
-                ok = all(
-                    (t == candidate and bool(op.params)) or through.get(t, False) for t in operands
-                )
-                if ok:
-                    found.append(candidate)
-            if found:
-                return found
-            # Queries from another stream of the same image (a global query passed in), keys and
-            # values from this call's input: self-attention over that input.
-            keys = operands[1:]
-            if main is not None and all(
-                self.rec.descendants(main, stop=index, learned=self.projects).get(t, False)
-                for t in keys
-            ):
-                return [main]
-        return []
-
-    def attention_site(self, index: int) -> tuple[int | None, int | None]:
-        """``(input tid, site call)`` of attention op ``index``: the latest common input of its
-        operands that a module takes (see :meth:`call_of_tensor`); ``(None, None)`` for pooling
-        and cross-attention, ``(tid, None)`` when no module takes any such input."""
-        candidates = self.attention_inputs(index)
-        around = self.rec.ops[index].call
-        for x in candidates:
-            call = self.call_of_tensor(x, around)
-            if call is not None and call != 0:
-                return x, call
-        return (candidates[0] if candidates else None), None
-
-    # -- MLPs --------------------------------------------------------------------------------
-
-    def projects(self, op: Any) -> bool:
-        """Whether parameterised op ``op`` is a learned projection: it mixes channels."""
-        return op.name in _PROJECTIONS and (op.name not in _LAYERS or self.mixes_channels(op.index))
-
-    def mixes_channels(self, index: int) -> bool:
-        """Whether layer op ``index`` mixes channels: a linear or an ungrouped convolution (a
-        depthwise convolution mixes tokens, as a positional encoding or local mixer does)."""
-        op = self.rec.ops[index]
-        if op.name == "linear":
-            return True
-        groups = op.args[6] if len(op.args) > 6 else op.kwargs.get("groups", 1)
-        return int(groups) == 1
-
-    def mlp_after(self, layer: int, end: int, block: int) -> int | None:
-        """The op that closes an MLP opened by layer op ``layer``: reached through a
-        nonlinearity, mapping back to the first layer's input width, inside call ``block``."""
-        rec = self.rec
-        first = rec.ops[layer]
-        found = self.layer_width(layer)
-        if found is None:
-            return None
-        width = found[0]
-        start = first.outputs[0]
-        flags = {start: False}
-        todo = [start]
-        best = None
-        while todo:
-            current = todo.pop()
-            for index in rec.consumers.get(current, ()):
-                if index >= end or not rec.contains(block, rec.ops[index].call):
-                    continue
-                op = rec.ops[index]
-                flag = (
-                    flags[current]
-                    or op.name in _NONLINEAR
-                    or (op.name == "mul" and len(op.inputs) == 2)
-                )
-                if (
-                    flag
-                    and op.name in _LAYERS
-                    and op.params
-                    and self.mixes_channels(index)
-                    and int(op.params[0][1].shape[0]) == width
-                    and (best is None or index < best)
-                ):
-                    best = index
-                    continue
-                for out in op.outputs:
-                    if out not in flags or (flag and not flags[out]):
-                        flags[out] = flag
-                        todo.append(out)
-        return best
-
-
 def _paths_match(path: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
@@ -395,7 +138,7 @@ def discover(model: nn.Module, example: Any = None) -> SitePlan:
 
 
 def _plan(model: nn.Module, rec: Recording) -> SitePlan:
-    finder = _Finder(rec)
+    finder = Finder(rec)
     # -- attention sites ----------------------------------------------------------------------
     attn_calls: dict[int, int] = {}  # module id -> call index of its first attention call
     attn_input: dict[int, int] = {}  # module id -> tid of the input it is adapted at
@@ -443,7 +186,7 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
     order.sort()
 
     # -- blocks and MLP sites -----------------------------------------------------------------
-    layer_ops = [i for i, op in enumerate(rec.ops) if op.name in _LAYERS and op.params]
+    layer_ops = [i for i, op in enumerate(rec.ops) if op.name in LAYERS and op.params]
     attn_sites = [(c, x) for c, p, x in order if p == "attn"]
     runs: list[int] = []  # run index per attention site
     for n, (call, _) in enumerate(attn_sites):
@@ -464,7 +207,12 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
             if layer < cursor or layer >= end:
                 continue
             block = rec.lca(call, rec.ops[layer].call)
-            if block == 0 or any(rec.contains(block, c) for c in earlier):
+            # The layer's block must not hold earlier blocks (then it is a stage, and the layer
+            # a later conv stage's); attention modules it calls directly are runs of one block
+            # (TNT's inner and outer attention, each with its MLP).
+            if block == 0 or any(
+                rec.contains(block, c) and rec.calls[c].parent != block for c in earlier
+            ):
                 continue
             # nor does the part of the block the layer is in: then the layer belongs to
             # a later block of its own (the next stage's conv blocks before its attention)
@@ -508,7 +256,12 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
         else:
             block = max([r for a, r in run_of_attn.items() if a < call], default=0)
         keys = tuple(k for k, t in c.inputs if t == x) or (c.inputs[0][0],)
-        sites.append(Site(position, c.path, c.path, width, axis, keys, block, _kind(c.module)))
+        sites.append(
+            Site(
+                position, c.path, c.path, width, axis, keys, block, _kind(c.module),
+                _batch_axis(rec, x, axis),
+            )
+        )  # fmt: skip
     forced_runs = {
         max([r for a, r in run_of_attn.items() if a < c], default=0) for c, _ in registered_mlps
     }
@@ -525,7 +278,12 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
         width, axis = layout
         keys = tuple(k for k, t in c.inputs if t == x)
         out_path = rec.calls[out_call].path if out_call is not None else ""
-        sites.append(Site("mlp", c.path, out_path, width, axis, keys, run, _kind(c.module)))
+        sites.append(
+            Site(
+                "mlp", c.path, out_path, width, axis, keys, run, _kind(c.module),
+                _batch_axis(rec, x, axis),
+            )
+        )  # fmt: skip
     # One site per module (a module called several times is adapted once).
     unique: dict[str, Site] = {}
     for site in sites:
@@ -542,6 +300,25 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
                 path, _kind(module), "it was not called by the probe forward", False
             )
     return SitePlan(sites, list(left.values()), len({s.block for s in sites}))
+
+
+def _batch_axis(rec: Recording, tid: int, channel_axis: int) -> int:
+    """Which axis of tensor ``tid`` holds the probe's samples: ``1`` for a sequence-first
+    ``(L, N, D)`` input, else ``0`` (``N, ...``, or sample-major windows ``N * k, ...``).
+
+    Read from the sizes: the axis of the probe batch's size, where the other leading axis does
+    not have it."""
+    model_input = rec.calls[0].main_input if rec.calls else None
+    shape = rec.shapes.get(tid, ())
+    if model_input is None or len(shape) < 3 or channel_axis % len(shape) == 1:
+        return 0
+    batch = rec.shapes[model_input][0] if rec.shapes[model_input] else 1
+    first, second = shape[0], shape[1]
+    if second == batch and first % batch != 0:
+        return 1
+    if batch == 1 and second == 1 and first != 1:
+        return 1
+    return 0
 
 
 def _child_toward(rec: Recording, outer: int, inner: int) -> int:
@@ -565,36 +342,46 @@ def _renumber(sites: list[Site]) -> list[Site]:
 
 
 def _mlp_input_call(
-    finder: _Finder, x: int, around: int, block: int, attn: int, end: int
+    finder: Finder, x: int, around: int, block: int, attn: int, end: int
 ) -> int | None:
     """The call an MLP whose first layer reads ``x`` is adapted at: the outermost one taking
-    ``x`` that holds every projection reading it (``w0(x)``, ``w1(x)`` of a gated MLP); failing
-    that, the same for the tensor ``x`` was computed from by a per-token op (a norm inside the
-    MLP module)."""
-    rec = finder.rec
-    t: int | None = x
-    while t is not None:
-        call = _end_call(finder, t, around, block, attn)
-        if call is not None:
-            layers = [i for i in finder.readers(t, end) if finder.projects(rec.ops[i])]
-            if all(rec.contains(call, rec.ops[i].call) for i in layers):
-                return call
-        producer = rec.producer.get(t)
-        if producer is None:
-            return None
-        op = rec.ops[producer]
-        sources = [i for i in op.inputs if i in rec.from_input]
-        if finder.projects(op) or len(sources) != 1 or op.name in _NONLINEAR:
-            return None
-        t = sources[0]
-    return None
-
-
-def _end_call(finder: _Finder, x: int, around: int, block: int, attn: int) -> int | None:
-    """The outermost call inside ``block`` (not ``block``, not containing the attention site)
-    whose main input reaches ``x`` through shape ops."""
+    ``x`` that holds every projection reading it (``w0(x)``, ``w1(x)`` of a gated MLP), or
+    taking a tensor ``x`` was computed from by per-token ops (a norm inside the MLP module, a
+    clamp inside each projection module)."""
     rec = finder.rec
     best = None
+    t: int | None = x
+    while t is not None:
+        readers = finder.readers(t, end)
+        layers = [i for i in readers if finder.projects(rec.ops[i])]
+        for call in _end_calls(finder, t, around, block, attn):
+            inside = [i for i in readers if rec.contains(call, rec.ops[i].call)]
+            # a call that also adds its input back (``x + mlp(x)``) holds the skip connection:
+            # an adapter on its input would change the residual stream, not the branch
+            skip = any(
+                sum(u in rec.from_input for u in rec.ops[i].inputs) > 1
+                for i in inside
+                if not finder.projects(rec.ops[i])
+            )
+            if not skip and all(rec.contains(call, rec.ops[i].call) for i in layers):
+                best = call
+                break
+        producer = rec.producer.get(t)
+        if producer is None:
+            break
+        op = rec.ops[producer]
+        sources = [i for i in op.inputs if i in rec.from_input]
+        if finder.projects(op) or len(sources) != 1 or op.name in NONLINEAR:
+            break
+        t = sources[0]
+    return best
+
+
+def _end_calls(finder: Finder, x: int, around: int, block: int, attn: int) -> list[int]:
+    """The calls inside ``block`` (not ``block``, not containing the attention site) whose main
+    input reaches ``x`` through shape ops, outermost first."""
+    rec = finder.rec
+    found = []
     for call in rec.enclosing(around):
         if call == block:
             break
@@ -602,14 +389,15 @@ def _end_call(finder: _Finder, x: int, around: int, block: int, attn: int) -> in
             break
         main = rec.calls[call].main_input
         if main is not None and (main == x or x in finder.shape_closure(main)):
-            best = call
-    return best
+            found.append(call)
+    return found[::-1]
 
 
-_PASS = SHAPE_OPS | {"dropout", "identity", "clone", "contiguous"}
+# a clamp of the output, even by buffers (Gemma4 clippable linears), is part of the layer
+_PASS = SHAPE_OPS | {"dropout", "identity", "clone", "contiguous", "clamp"}
 
 
-def _out_call(finder: _Finder, closing: Any, block: int, in_call: int | None) -> int | None:
+def _out_call(finder: Finder, closing: Any, block: int, in_call: int | None) -> int | None:
     """The outermost call inside ``block`` returning the closing layer's output (through
     dropout and shape ops only) with the shape of the MLP's input."""
     rec = finder.rec
@@ -618,7 +406,7 @@ def _out_call(finder: _Finder, closing: Any, block: int, in_call: int | None) ->
     while todo:
         for index in rec.consumers.get(todo.pop(), ()):
             op = rec.ops[index]
-            if op.name in _PASS and not op.params:
+            if op.name in _PASS and (not op.params or op.name == "clamp"):
                 for out in op.outputs:
                     if out not in reach:
                         reach.add(out)

@@ -27,7 +27,7 @@ from .errors import AdapterFileError
 FORMAT_NAME = "arc_peft.adapter"
 FORMAT_VERSION = 1
 
-# Limits on what a reader accepts. A ViT-B/16 ARC file has a 5.3 KB header and 52 tensors; a
+# Limits on what a reader accepts. A ViT-B/16 ARC file has a 5.4 KB header and 52 tensors; a
 # 48-block model with AdaptMLP about 300 tensors. The limits are far above any real adapter but
 # keep a hostile header's parse well under a second (see "Limits" in docs/file-format.md).
 MAX_HEADER_BYTES = 4 * 1024 * 1024
@@ -315,6 +315,10 @@ def read_tensors(path: str, handle: BinaryIO, header: Header) -> dict[str, Tenso
         tensors = safetensors.torch.load(prefix + data)
     except Exception as exc:  # the Rust reader raises its own SafetensorError type
         raise bad(path, f"corrupt safetensors data ({exc})") from None
-    if set(tensors) != set(header.entries):
-        raise bad(path, "corrupt: the tensors do not match the header")
+    # Checked again because the bytes were read twice: a writer changing the file in place in
+    # between must not slip other shapes past the checks made on the first header.
+    if set(tensors) != set(header.entries) or any(
+        list(t.shape) != header.entries[k]["shape"] for k, t in tensors.items()
+    ):
+        raise bad(path, "corrupt: the tensors do not match the header (changed while read?)")
     return tensors

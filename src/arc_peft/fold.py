@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from .discover import SHAPE_OPS, _Finder
 from .errors import MergeError
+from .graph import SHAPE_OPS, Finder
 from .probe import Recording
 
 __all__ = ["check_fold", "generic_fold"]
@@ -41,7 +41,7 @@ def generic_fold(rec: Recording, module: nn.Module, M: Tensor, b: Tensor) -> dic
     """New values (``{name relative to module: tensor}``, float64) of the layers that read
     ``module``'s input, with the adapter ``x -> x·M + b`` folded in. Changes nothing."""
     call = _site_call(rec, module)
-    finder = _Finder(rec)
+    finder = Finder(rec)
     names = {id(t): n for n, t in module.named_parameters()}
     out: dict[str, Tensor] = {}
     readers = [i for i in finder.readers(call.main_input, call.end) if i >= call.start]
@@ -107,7 +107,10 @@ def check_fold(
         return value
 
     args64, kwargs64 = tree_map(to64, args), tree_map(to64, kwargs)
-    replica = copy.deepcopy(module).to(device=M.device, dtype=torch.float64).eval()
+    replica = copy.deepcopy(module)
+    # not chained: some modules' train() returns None (timm LeViT's attention)
+    replica.to(device=M.device, dtype=torch.float64)
+    replica.eval()
     for sub in replica.modules():  # the adapters' own hooks must not run in the check
         sub._forward_pre_hooks.clear()
         sub._forward_hooks.clear()

@@ -237,7 +237,9 @@ def inject_arc(
     Args:
         model: The backbone (e.g. from ``timm.create_model``).
         config: :class:`ARCConfig` or :class:`AdaptMLPConfig`.
-        name: Name of this adapter; several named adapters can live on one backbone.
+        name: Name of this adapter; several named adapters can live on one backbone. Letters,
+            digits, ``_`` and ``-`` (``"cifar-100"``), not an attribute of a module
+            (``"training"``).
         example_input: Input for the probe forward (a tensor, a tuple of arguments or a dict of
             keyword arguments); default: a random image of the size the model declares.
 
@@ -246,8 +248,10 @@ def inject_arc(
 
     Raises:
         TypeError: ``config`` is not an adapter config.
-        ValueError: an adapter with this ``name`` already exists, or ``config.blocks`` /
-            ``target_modules`` select nothing that exists.
+        ValueError: ``name`` is invalid or already exists, ``config.blocks`` /
+            ``target_modules`` select nothing that exists, or ``model`` is a
+            ``torch.compile`` / DDP / ``DataParallel`` wrapper or FSDP-sharded (inject first,
+            then wrap: the wrapper would not see the new adapter).
         UnsupportedModelError: the model has no self-attention, or some attention module cannot
             be adapted (the message names each and why). The model is unchanged.
     """

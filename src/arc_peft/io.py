@@ -201,10 +201,15 @@ def save_adapter(
 
     Nothing else of the model is stored: a ViT-B/16 ARC adapter with a 100-class head is about
     0.69 MB. The write is atomic: a failure leaves an existing file at ``path`` untouched.
-    The same weights always give the same bytes.
+    The same weights always give the same bytes. Modules trained with
+    ``freeze_backbone(also=...)`` are stored too.
+
+    ``torch.compile``, DDP and ``DataParallel`` wrappers are looked through (the file holds the
+    plain model's keys). With FSDP2 (``fully_shard``) call it on every rank: the shards are
+    gathered (a collective) and rank 0 writes the file.
 
     Args:
-        model: A model holding the adapter.
+        model: A model holding the adapter (or a wrapper of one).
         path: Destination file (conventionally ``*.safetensors``).
         name: The adapter to save; default: the active adapter, or the only one if none is
             active.
@@ -218,8 +223,10 @@ def save_adapter(
 
     Raises:
         KeyError: the model has no adapter called ``name``.
-        ValueError: ``name`` is ``None`` and no single adapter can be chosen, or a weight is
-            NaN or infinite (such a file could not be loaded back).
+        ValueError: ``name`` is ``None`` and no single adapter can be chosen, a weight is NaN
+            or infinite (such a file could not be loaded back), or, after
+            :func:`arc_peft.freeze_backbone`, a parameter the file would not hold is trainable.
+        OSError: the file cannot be written.
     """
     from . import __version__  # here, not at import time: the package imports this module
 
@@ -440,7 +447,14 @@ def load_adapter(
     with a different config this is an error. The load is all-or-nothing: the file is parsed and
     checked (keys, shapes, finite values, backbone fingerprint, head shape) before the model
     changes, and on any error the model is left exactly as it was. Tensors are converted to the
-    device and dtype of the model's parameters they replace.
+    device and dtype of the model's parameters they replace (and checked for NaN/inf after the
+    conversion). Modules trained with ``freeze_backbone(also=...)`` that the file stores are
+    loaded too. Every bad file is an :class:`~arc_peft.AdapterFileError`, found in bounded time
+    and memory (see the limits in the file-format docs).
+
+    ``model`` may be a ``torch.compile`` / DDP / ``DataParallel`` wrapper or an FSDP2-sharded
+    model if it already holds adapter ``name`` (its weights are replaced); injecting into one
+    is refused.
 
     The classifier head stored in the file (if any) goes with the adapter. Into a model with no
     other adapter, a head of the model's shape is copied into the model's head; otherwise (other
@@ -473,9 +487,11 @@ def load_adapter(
         ``model`` itself.
 
     Raises:
-        AdapterFileError: the file is unreadable, corrupt, from a newer format, or does not fit
-            ``model`` (other backbone, other head, other config under ``name``).
-        ValueError: ``name`` is not a valid adapter name.
+        AdapterFileError: the file is not a regular file, unreadable as an adapter file,
+            corrupt, from a newer format, or does not fit ``model`` (other backbone, other head,
+            other config under ``name``).
+        ValueError: ``name`` is not a valid adapter name, or the adapter would have to be
+            injected into a wrapped or sharded model.
         OSError: the file cannot be opened.
     """
     path = resolve_source(path)

@@ -11,6 +11,7 @@ from torch import nn
 
 from .modules import Adapter
 from .slots import iter_slots
+from .wrappers import unwrap
 
 __all__ = [
     "TRAINED_ATTR",
@@ -121,6 +122,7 @@ def freeze_backbone(
     Returns:
         ``model`` itself.
     """
+    wrapper, model = model, unwrap(model)  # names in ``also`` are the plain model's
     paths = {id(module): path for path, module in model.named_modules()}
     extra: list[tuple[str, nn.Module]] = []
     for item in also:
@@ -159,7 +161,7 @@ def freeze_backbone(
             param.requires_grad_(True)
     model.__dict__[TRAINED_ATTR] = tuple(dict.fromkeys(path for path, _ in extra))
     _pin_frozen_norms(model, trained)
-    return model
+    return wrapper
 
 
 def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:

@@ -143,11 +143,12 @@ class AdapterSlot(nn.ModuleDict):
                 return self._adapt(adapter, x)
             return self._adapt(adapter, x if adapter.placement == "parallel" else out)
         batch, groups = self.routing
-        rows = x.shape[0]
+        dim = self.site.batch_axis  # 1 for sequence-first inputs (L, N, D)
+        rows = x.shape[dim]
         if rows % batch:
             raise ValueError(
                 f"mixed batch of {batch} task names, but the module at {self.site.path} "
-                f"received {rows} rows: the leading dimension must be a multiple of the batch size"
+                f"received {rows} samples on axis {dim}: it must be a multiple of the batch size"
             )
         per_sample = rows // batch
         result: Tensor | None = None
@@ -162,11 +163,12 @@ class AdapterSlot(nn.ModuleDict):
                 idx = (idx[:, None] * per_sample + offsets).reshape(-1)
             if want_input:
                 base = x if result is None else result
-                result = base.index_copy(0, idx, self._adapt(adapter, x.index_select(0, idx)))
+                result = base.index_copy(dim, idx, self._adapt(adapter, x.index_select(dim, idx)))
             else:
                 src = x if adapter.placement == "parallel" else out
                 base = torch.zeros_like(out) if result is None else result
-                result = base.index_copy(0, idx, self._adapt(adapter, src.index_select(0, idx)))
+                term = self._adapt(adapter, src.index_select(dim, idx))
+                result = base.index_copy(dim, idx, term)
         return result
 
     def _get(self, name: str | None, want_input: bool) -> Adapter | None:

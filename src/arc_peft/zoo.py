@@ -62,11 +62,11 @@ def _size_candidates(model: nn.Module) -> list[Any]:
     return found
 
 
-def _default_sizes(model: nn.Module) -> list[Any]:
-    """timm's ``pretrained_cfg`` input size: the pretrained default, which a model built with
-    another ``img_size`` (or a ``features_only`` wrapper around one) does not take."""
+def _cfg_size(model: nn.Module) -> list[Any]:
+    """timm's ``pretrained_cfg`` (3, H, W): the weights' size, which a model built with another
+    ``img_size`` does not take, so only a fallback."""
     found = []
-    for attr in ("pretrained_cfg", "default_cfg"):  # timm's (3, H, W)
+    for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
             found.append(tuple(cfg["input_size"])[-2:])
@@ -74,9 +74,10 @@ def _default_sizes(model: nn.Module) -> list[Any]:
 
 
 def _declared_size(model: nn.Module) -> tuple[int, int] | None:
-    """The size the model was built for; failing that, the one its first declaring submodule
-    was (a user's wrapper, timm's ``features_only`` wrapper); failing that, timm's default."""
-    for candidates in (_size_candidates, _default_sizes):
+    """The size the model was built for, from itself or its first declaring submodule (CoaT's
+    ``patch_embed1``, a user's wrapper around a timm / transformers / open_clip backbone);
+    failing that, the size its pretrained configuration names."""
+    for candidates in (_size_candidates, _cfg_size):
         for _, module in model.named_modules():
             for candidate in candidates(module):
                 size = _pair(candidate)
