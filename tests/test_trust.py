@@ -4,6 +4,7 @@ atomic and tidy, and an adapted model survives pickling, wrappers and freezing."
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -305,7 +306,7 @@ def test_hyphenated_task_names(saved: Path, tmp_path: Path) -> None:
 
 def test_info_str_never_raises(saved: Path) -> None:
     info = arc_peft.read_adapter_info(saved)
-    odd = __import__("dataclasses").replace(info, backbone={"widths": 5}, head={"shapes": 3})
+    odd = dataclasses.replace(info, backbone={"widths": 5}, head={"shapes": 3})
     assert str(odd).startswith(str(saved))
 
 

@@ -157,6 +157,9 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
         raise bad(path, f"corrupt header (not valid JSON: {exc})") from None
     if not isinstance(header, dict):
         raise bad(path, "corrupt header (expected a JSON object)")
+    count = len(header) - ("__metadata__" in header)
+    if count > MAX_TENSORS:
+        raise bad(path, f"{count:,} tensors; this reader accepts at most {MAX_TENSORS:,}")
     if not _printable_json(header):
         raise bad(path, "corrupt header (a string holds an unpaired UTF-16 surrogate)")
     metadata = header.pop("__metadata__", None) or {}
@@ -164,8 +167,6 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise bad(path, "corrupt header (__metadata__ must map strings to strings)")
-    if len(header) > MAX_TENSORS:
-        raise bad(path, f"{len(header):,} tensors; this reader accepts at most {MAX_TENSORS:,}")
     data_size = file_size - 8 - size
     spans = []
     for key, entry in header.items():
