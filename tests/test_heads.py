@@ -273,3 +273,19 @@ def test_attention_pooling_is_not_a_classifier() -> None:
         transformers.SiglipConfig(vision_config=config.to_dict(), text_config={})
     )
     assert arc_peft.get_head(classifier) is classifier.classifier
+
+
+@torch.no_grad()
+def test_copies_and_pickles_keep_their_own_heads() -> None:
+    import pickle
+
+    model = two_tasks("vit")
+    x = inputs("vit")
+    arc_peft.set_active_adapter(model, "pets")
+    want = model(x)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        arc_peft.set_active_adapter(model, "cifar")  # the original changes, the copy does not
+        assert torch.equal(copied(x), want)
+        arc_peft.set_active_adapter(copied, "cifar")
+        assert torch.equal(copied(x), model(x)) and copied(x).shape[-1] == 7
+        arc_peft.set_active_adapter(model, "pets")

@@ -59,19 +59,25 @@ class TaskModules(nn.ModuleDict):
         group = self._modules.get(name) if name is not None else None
         return group._modules.get(_key(path)) if group is not None else None
 
-    def hook_for(self, path: str) -> Any:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            return self._replace(path, module, args, kwargs, output)
-
-        hook.__arc_peft_tasks__ = self  # found again by identity, as slots find their hooks
-        return hook
-
     def _replace(self, path: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.routing is not None:
             batch, parts = self.routing
             return _route(batch, parts[path], module, args, kwargs, output)
         own = self.module_for(self.active, path)
         return None if own is None else own(*args, **kwargs)
+
+
+class _TaskHook:
+    """The forward hook on the model's own module at ``path``: returns the active task's module
+    output instead. A plain object, not a closure, so that ``copy.deepcopy`` and pickling give
+    a copied model's hook the copied container (a closure would keep the original's)."""
+
+    def __init__(self, tasks: TaskModules, path: str) -> None:
+        self.tasks = tasks
+        self.path = path
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return self.tasks._replace(self.path, module, args, kwargs, output)
 
 
 def _key(path: str) -> str:
@@ -112,14 +118,14 @@ def sync(model: nn.Module) -> None:
 
 
 def _add_hook(model: nn.Module, tasks: TaskModules, path: str) -> None:
-    model.get_submodule(path).register_forward_hook(tasks.hook_for(path), with_kwargs=True)
+    model.get_submodule(path).register_forward_hook(_TaskHook(tasks, path), with_kwargs=True)
     tasks.paths = (*tasks.paths, path)
 
 
 def _remove_hook(model: nn.Module, tasks: TaskModules, path: str) -> None:
     module = model.get_submodule(path)
     for key, fn in list(module._forward_hooks.items()):
-        if getattr(fn, "__arc_peft_tasks__", None) is tasks:
+        if isinstance(fn, _TaskHook) and fn.tasks is tasks:
             del module._forward_hooks[key]
             module._forward_hooks_with_kwargs.pop(key, None)
             getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
@@ -276,7 +282,7 @@ def head_like(base: nn.Module, shapes: dict[str, Sequence[int]]) -> nn.Module:
     head = copy.deepcopy(base)
     for module in head.modules():  # the copy must not carry the task hook of the original
         for key, fn in list(module._forward_hooks.items()):
-            if hasattr(fn, "__arc_peft_tasks__"):
+            if isinstance(fn, _TaskHook):
                 del module._forward_hooks[key]
                 module._forward_hooks_with_kwargs.pop(key, None)
     for key, shape in shapes.items():
