@@ -182,9 +182,10 @@ def fit(
 
     model.train()
     step, loss_value, start = 0, float("nan"), time.perf_counter()
-    # progress=None: show bars only on a terminal, so CI logs stay readable.
+    # progress=None: show bars only on a terminal, so CI logs stay readable. A finished bar
+    # stays on screen (leave=True): it shows each phase's steps, time and last loss.
     bar = tqdm(
-        total=total, desc=desc, leave=False, disable=None if progress is None else not progress
+        total=total, desc=desc, leave=True, disable=None if progress is None else not progress
     )
     sampler = getattr(loader, "sampler", None)
     for epoch in range(epochs):

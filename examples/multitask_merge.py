@@ -6,10 +6,11 @@ backbone, and three toy tasks are made of noisy images::
     python examples/multitask_merge.py --out multitask_out
 
 1. Add three named adapters to one frozen backbone, one per task (ARC, ARC_att and AdaptMLP),
-   each with its own classifier head, and train each briefly.
-2. Switch between them (``set_active_adapter``: a flag, nothing is re-injected).
-3. Serve a batch that mixes the three tasks in one forward pass (``mixed_batch``) and check it
-   equals running each sample with its own adapter.
+   each with its own classifier head (``add_head``), and train each briefly.
+2. Switch between them (``set_active_adapter``: a flag, nothing is re-injected); the model
+   runs the active task's head.
+3. Serve a batch that mixes the three tasks in one forward pass (``mixed_batch``): each sample
+   goes through its own adapter and its own head; check it equals running each sample alone.
 4. Run the bare backbone (``disable_adapter``).
 5. Fold one ARC task into a copy of the backbone (``merge_adapter``), save its state dict, and
    reload it into a fresh plain timm model: same predictions, zero extra inference cost.
@@ -55,16 +56,17 @@ def backbone(num_classes: int = 0) -> nn.Module:
     return timm.create_model(MODEL, pretrained=False, num_classes=num_classes, **MODEL_KWARGS)
 
 
-def train(model: nn.Module, head: nn.Linear, task: str, steps: int, seed: int) -> None:
-    """Train adapter ``task`` and its head; everything else stays frozen."""
+def train(model: nn.Module, task: str, steps: int, seed: int) -> None:
+    """Train adapter ``task`` and its own head; everything else stays frozen."""
     arc_peft.set_active_adapter(model, task)
+    head = arc_peft.get_head(model)  # the active task's head
     params = [*arc_peft.adapter_parameters(model, task).values(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
         x, y = task_batch(task, 32, g)
-        loss = nn.functional.cross_entropy(head(model(x)), y)
+        loss = nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -86,13 +88,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = backbone().eval()
     arc_peft.freeze_backbone(model, train_head=False)
 
-    # 1. Several named adapters on one backbone, each with its own head.
+    # 1. Several named adapters on one backbone, each with its own head (a backbone built with
+    # num_classes=0 returns features; each task head maps them to its two classes).
     results: dict[str, float] = {}
-    heads: dict[str, nn.Linear] = {}
     for i, (task, config) in enumerate(CONFIGS.items()):
         arc_peft.inject_arc(model, config, name=task)
-        heads[task] = nn.Linear(model.num_features, 2)
-        train(model, heads[task], task, args.steps, seed=i)
+        arc_peft.add_head(model, task, 2)
+        train(model, task, args.steps, seed=i)
     counts = arc_peft.count_parameters(model)
     print(
         f"backbone {counts.total - counts.adapter:,} parameters, three adapters {counts.adapter:,}"
@@ -102,28 +104,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     g = torch.Generator().manual_seed(100)
     test = {task: task_batch(task, 128, g) for task in CONFIGS}
     with torch.no_grad():
-        for task, head in heads.items():
+        for task in CONFIGS:
             arc_peft.set_active_adapter(model, task)
             x, y = test[task]
-            accuracy = (head(model(x)).argmax(1) == y).float().mean().item()
+            accuracy = (model(x).argmax(1) == y).float().mean().item()
             results[f"accuracy_{task}"] = accuracy
             print(f"task {task:9s} ({CONFIGS[task].method:8s}) accuracy {accuracy:.2f}")
 
-    # 3. One batch, three tasks: each sample goes through its own adapter, then its own head.
-    tasks = ["updown", "redgreen", "leftright", "updown", None]
-    batch = torch.stack([test[t or "updown"][0][i] for i, t in enumerate(tasks)])
+    # 3. One batch, three tasks: each sample goes through its own adapter and its own head.
+    tasks = ["updown", "redgreen", "leftright", "updown"]
+    batch = torch.stack([test[t][0][i] for i, t in enumerate(tasks)])
     with torch.no_grad(), arc_peft.mixed_batch(model, tasks):
-        features = model(batch)
-    logits = [heads[t](f) if t else None for t, f in zip(tasks, features, strict=True)]
+        logits = model(batch)  # (4, 2): row i from task i's head
     worst = 0.0
     with torch.no_grad():
         for i, task in enumerate(tasks):
             arc_peft.set_active_adapter(model, task)
             alone = model(batch[i : i + 1])[0]
-            worst = max(worst, (features[i] - alone).abs().max().item())
+            worst = max(worst, (logits[i] - alone).abs().max().item())
     print(f"mixed batch {tasks}: max |diff| to one-sample runs {worst:.1e}")
-    predicted = [None if lg is None else lg.argmax().item() for lg in logits]
-    labels = [None if t is None else test[t][1][i].item() for i, t in enumerate(tasks)]
+    predicted = logits.argmax(1).tolist()
+    labels = [test[t][1][i].item() for i, t in enumerate(tasks)]
     print(f"mixed-batch predictions {predicted}, labels {labels}")
 
     # 4. The bare backbone, without removing anything.
@@ -134,16 +135,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         assert torch.equal(bare, model(batch))
     print("disable_adapter: bare backbone features, bit-identical to no active adapter")
 
-    # 5. A standalone model for one task: keep only its adapter, give it its head, merge. (Only
-    # a model holding a single adapter merges: the others were trained on the unmerged weights.)
+    # 5. A standalone model for one task: keep only its adapter and merge; its head becomes the
+    # model's own. (Only a model holding a single adapter merges: the others were trained on
+    # the unmerged weights.)
     def single_task_copy(task: str) -> nn.Module:
         copied = copy.deepcopy(model)
         for other in CONFIGS:
             if other != task:
                 arc_peft.delete_adapter(copied, other)
         arc_peft.set_active_adapter(copied, task)
-        copied.reset_classifier(2)
-        copied.head.load_state_dict(heads[task].state_dict())
         return copied
 
     try:

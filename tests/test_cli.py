@@ -101,3 +101,91 @@ def test_console_script(adapter_file: Path) -> None:
     )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["adapter_parameters"] == ADAPTER_PARAMS
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_python_m_inspect_imports_no_torch(adapter_file: Path) -> None:
+    """Reading a header needs no torch, timm or torchvision: that is what makes it fast."""
+    script = (
+        "import sys, runpy; sys.argv = ['arc-peft', 'inspect', sys.argv[1]]\n"
+        "try:\n    runpy.run_module('arc_peft', run_name='__main__')\n"
+        "except SystemExit as exit:\n    code = exit.code\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'torchvision', 'transformers') if m in sys.modules)\n"  # noqa: E501
+        "print('heavy:', heavy, 'code:', code)\n"
+    )
+    done = _run("-c", script, str(adapter_file))
+    assert done.returncode == 0, done.stderr
+    assert "heavy: [] code: 0" in done.stdout
+    assert "VisionTransformer, 2 blocks" in done.stdout
+    plain = _run("-m", "arc_peft", "inspect", str(adapter_file))
+    assert plain.returncode == 0 and "VisionTransformer, 2 blocks" in plain.stdout
+
+
+def test_inspect_several_files_and_compact_json(
+    adapter_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    other = tmp_path / "other.safetensors"
+    model = build("swin", num_classes=3)
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=2))
+    arc_peft.save_adapter(model, other, metadata={"dataset": "pets", "metrics": {"top1": 88.5}})
+    assert main(["inspect", str(adapter_file), str(other)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("written by") == 2 and "[dataset]   pets" in out
+    assert main(["inspect", str(adapter_file), str(other), "--json"]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(text)
+    assert [d["path"] for d in data] == [str(adapter_file), str(other)]
+    assert '"attn": [32, 32]' in text  # a list of widths on one line
+    assert main(["compare", str(adapter_file), str(other)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    row = next(line for line in table if " classes " in line)
+    assert row.startswith("*") and row.split()[-2:] == ["7", "3"]
+    assert next(line for line in table if " method " in line).startswith(" ")
+    assert "top1=88.5" in next(line for line in table if " metrics " in line)
+
+
+def test_unprintable_metadata_is_escaped(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "odd.safetensors"
+    model = build("vit")
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=2))
+    arc_peft.save_adapter(model, path, metadata={"note": "bad \udcff and \x1b[31m red\nline"})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "bad \\udcff and \\x1b[31m red\\nline" in out
+    out.encode("utf-8")  # printable anywhere: no lone surrogate, no escape sequence
+    assert "\x1b" not in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"]["note"].startswith("bad \udcff")
+
+
+def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "multi\nline.safetensors"
+    path.write_bytes(b"\x00" * 3)
+    assert main(["inspect", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("arc-peft inspect: error:")
+
+
+def test_check_a_file_against_a_timm_model(adapter_file: Path, capsys) -> None:
+    tiny = '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}'
+    ok = ["check", str(adapter_file), "--model", "vit_tiny_patch16_224", "--model-kwargs", tiny]
+    assert main(ok) == 0
+    assert "fits vit_tiny_patch16_224" in capsys.readouterr().out
+    assert main([*ok[:3], "deit_tiny_patch16_224", *ok[4:]]) == 1
+    err = capsys.readouterr().err
+    assert "made for another model" in err and err.count("\n") == 1
+    assert main([*ok[:3], "vit_small_patch16_224"]) == 1  # other widths, too
+    assert "another backbone" in capsys.readouterr().err

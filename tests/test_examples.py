@@ -4,6 +4,7 @@ and its adapter file reloads to the weights it trained (DDP: identical on every 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -135,9 +136,15 @@ def test_train_ddp_refuses_to_run_without_torchrun(image_folder: Path, tmp_path:
         train_ddp.main(_common_args(image_folder, tmp_path))
 
 
-def test_transfer_demo_quick(tmp_path: Path) -> None:
+def test_transfer_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     demo = importlib.import_module("transfer_demo")
     rows = demo.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    # Each method's row is printed as it finishes, before the summary below the table.
+    first_row = out.index("| Linear probe")
+    assert first_row < out.index("| ARC ") < out.index("reloaded from")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [r.method for r in rows] == [demo.METHOD_LABELS[m] for m in demo.METHODS]
     assert all(r.reload_identical for r in rows)
     by_name = {r.method: r for r in rows}

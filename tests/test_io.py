@@ -305,8 +305,14 @@ def test_head_for_another_number_of_classes(tmp_path: Path, target: nn.Module) -
     arc_peft.inject_arc(model, METHODS["arc"])
     path = tmp_path / "ten.safetensors"
     arc_peft.save_adapter(model, path)
-    check_rejected(target, path, r"another number of classes.*head\.weight \[10, 32\] vs \[5, 32\]")
-    arc_peft.load_adapter(target, path, load_head=False)  # the adapter itself fits
+    # Another number of classes is not an error: the stored head becomes the adapter's own.
+    arc_peft.load_adapter(target, path, name="ten", activate=True)
+    x = inputs("vit")
+    with torch.no_grad():
+        assert target(x).shape[-1] == 10
+        assert torch.equal(arc_peft.get_head(target).weight, model.head.weight)
+        arc_peft.set_active_adapter(target, None)
+        assert target(x).shape[-1] == 5  # the model's own head again
 
 
 def test_arc_file_into_adaptmlp_model(saved: Path) -> None:

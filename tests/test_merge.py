@@ -244,14 +244,65 @@ def test_eva_attention_with_a_key_offset_is_refused(name):
 
 
 @torch.no_grad()
-def test_torchvision_swin_refuses_unless_told_inputs_are_never_padded():
-    model = named(adapted("tv_swin"), "tv_swin")
-    refuse(model, "assume_no_window_padding=True")
-    # Why: on a 40x40 image (10x10 feature map, window 4) the padded tokens change the result.
+def test_torchvision_swin_refuses_only_where_its_configured_size_pads():
     x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(3))
-    expected = model(x)
-    arc_peft.merge_adapter(model, assume_no_window_padding=True)
-    assert (model(x) - expected).abs().max() > 1e-3
+    # Probed at 40 px (10x10 feature map, window 4): the windows pad, the merge is refused.
+    model = build("tv_swin")
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4), example_input=x[:1])
+    randomise(model)
+    model = named(model, "tv_swin")
+    err = refuse(model, "assume_no_window_padding=True")
+    assert "10×10 tokens in windows of 4×4" in str(err)
+    # Told otherwise, the merge is still checked at the probed size, where it is not exact.
+    refuse(model, "do not reproduce the adapted output", assume_no_window_padding=True)
+    # At the size it is configured for (no size declared: 224 px, 56x56 tokens) nothing pads:
+    # no flag needed, and the merge is exact there.
+    model = adapted("tv_swin")
+    y = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    expected = model(y)
+    arc_peft.merge_adapter(model)
+    torch.testing.assert_close(model(y), expected, **TOL)
+
+
+@pytest.mark.parametrize("name", ["swinv2", "tv_swinv2", "eva02", "eva02_swiglu", "tv_swin"])
+def test_mergeable_config_merges_cosine_rope_and_padding_models_after_training(name):
+    model = build(name)
+    example = inputs(name)[:1] if name == "tv_swin" else None  # 32 px: Swin's windows pad
+    config = arc_peft.ARCConfig(rank=4, mergeable=True)
+    arc_peft.inject_arc(model, config, example_input=example)
+    arc_peft.freeze_backbone(model)
+    attn_bias = [
+        n for n in arc_peft.adapter_parameters(model) if ".attn." in n and n.endswith("bias")
+    ]
+    assert attn_bias == []  # no trainable bias at the attention sites
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = inputs(name)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        arc_peft.merge_adapter(model)
+        torch.testing.assert_close(model(x), expected, **TOL)
+
+
+def test_mergeable_config_round_trips_and_costs_one_bias_per_attention_site(tmp_path):
+    plain, mergeable = build("vit"), build("vit")
+    arc_peft.inject_arc(plain, arc_peft.ARCConfig(rank=4))
+    arc_peft.inject_arc(mergeable, arc_peft.ARCConfig(rank=4, mergeable=True))
+    cost = arc_peft.count_parameters(plain).adapter - arc_peft.count_parameters(mergeable).adapter
+    assert cost == 2 * 32  # D = 32 per attention site, 2 blocks
+    path = tmp_path / "m.safetensors"
+    arc_peft.save_adapter(mergeable, path)
+    fresh = build("vit")
+    arc_peft.load_adapter(fresh, path)
+    assert arc_peft.adapter_configs(fresh)["default"].mergeable is True
+    assert "mergeable" not in arc_peft.ARCConfig().to_dict()  # old readers still read defaults
+    with pytest.raises(ValueError, match="mergeable='yes' is invalid"):
+        arc_peft.ARCConfig(mergeable="yes")
 
 
 @pytest.mark.parametrize("name", ["swinv2", "eva02_swiglu"])

@@ -140,6 +140,12 @@ class ARCConfig(_JSONMixin):
         allow_partial: Adapt what can be adapted when some attention module cannot be (the
             error then becomes a warning). Sites chosen away by ``blocks``, ``target_modules``
             or ``exclude_modules``, attention pooling and cross-attention are never an error.
+        mergeable: Keep every site exactly mergeable, whatever the training does: the
+            attention-site adapters have no bias ``b_l`` (it stays zero), because on RoPE
+            (EVA-02) and cosine attention (Swin V2), and where torchvision's Swin pads its
+            windows, the bias's key offset cannot be folded into the weights. Costs ``D``
+            trainable parameters per attention site (a few percent of ARC's) and the bias's
+            share of the accuracy; see docs/merging.md.
     """
 
     rank: int = 50
@@ -150,8 +156,15 @@ class ARCConfig(_JSONMixin):
     target_modules: tuple[str, ...] | None = None
     exclude_modules: tuple[str, ...] = ()
     allow_partial: bool = False
+    mergeable: bool = False
 
     method = "arc"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if not self.mergeable:  # written only when set: older arc_peft versions read the rest
+            del data["mergeable"]
+        return data
 
     def __post_init__(self) -> None:
         cls = type(self)
@@ -172,6 +185,8 @@ class ARCConfig(_JSONMixin):
         object.__setattr__(self, "dropout", float(self.dropout))
         if self.init not in ("paper", "identity"):
             _fail(cls, "init", self.init, "'paper' or 'identity'")
+        if not isinstance(self.mergeable, bool):
+            _fail(cls, "mergeable", self.mergeable, "True or False")
         _check_selection(self)
 
 

@@ -16,10 +16,10 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import safetensors.torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported only to read the tensors: describing a file needs none
+    from torch import Tensor
 
 from .config import AdapterConfig, config_from_dict
 from .errors import AdapterFileError
@@ -311,6 +311,8 @@ def read_tensors(path: str, handle: BinaryIO, header: Header) -> dict[str, Tenso
     if len(data) + len(prefix) != header.file_size:
         raise bad(path, "the file changed while it was being read")
     try:
+        import safetensors.torch
+
         tensors = safetensors.torch.load(prefix + data)
     except Exception as exc:  # the Rust reader raises its own SafetensorError type
         raise bad(path, f"corrupt safetensors data ({exc})") from None

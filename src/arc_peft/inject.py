@@ -6,8 +6,10 @@ import fnmatch
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
+from . import heads
 from .config import AdapterConfig, AdaptMLPConfig, ARCConfig
 from .discover import Site, SitePlan, discover
 from .errors import UnsupportedModelError
@@ -169,6 +171,15 @@ def _check_partial(plan: SitePlan, config: AdapterConfig) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+def _without_bias(adapter: ARC) -> None:
+    """``ARCConfig(mergeable=True)``: the attention-site adapter's bias becomes a constant zero
+    (a non-persistent buffer, so files and parameter counts leave it out): its key offset is
+    what RoPE and cosine attention cannot absorb in a merge."""
+    zero = torch.zeros_like(adapter.bias.detach())
+    del adapter.bias
+    adapter.register_buffer("bias", zero, persistent=False)
+
+
 def _build_adapters(
     model: nn.Module, chosen: list[Site], config: AdapterConfig, device: str | None = None
 ) -> list[tuple[Site, Adapter]]:
@@ -193,6 +204,8 @@ def _build_adapters(
                 **factory,
             )
             owners.setdefault((site.position, site.width), adapter)
+            if config.mergeable and site.position == "attn":
+                _without_bias(adapter)
         else:
             adapter = AdaptMLP(
                 site.width,
@@ -300,6 +313,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         raise KeyError(
             f"model has no adapter named {name!r}; it has {sorted(adapter_configs(model))}"
         )
+    heads.forget(model, name)  # its own head (and other task modules) goes with it
     for _, block, slot in slots:
         if name in slot:
             del slot[name]
@@ -316,6 +330,7 @@ def remove_arc(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` itself, now the plain backbone (its state dict has exactly the original keys).
     """
+    heads.restore_all(model)
     for _, block, slot in iter_slots(model):
         slot.detach(block)
     return model

@@ -14,19 +14,17 @@ file at the destination.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from . import heads, identity
 from .atomic import write_atomic
 from .config import AdapterConfig
 from .fileformat import (
@@ -41,6 +39,7 @@ from .fileformat import (
     read_header,
     read_tensors,
 )
+from .info import AdapterInfo, identity_fields, read_adapter_info, resolve_source, runs
 from .inject import (
     DEFAULT_ADAPTER,
     _build_adapters,
@@ -85,23 +84,10 @@ def _backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _head_path(model: nn.Module, head: nn.Module) -> str:
-    for path, module in model.named_modules():
-        if module is head:
-            return path
-    raise ValueError(  # get_head only returns submodules; this guards user-registered oddities
-        f"the classifier head {type(head).__name__} is not a submodule of {type(model).__name__}"
-    )
-
-
-def _head_state(model: nn.Module) -> tuple[str, dict[str, Tensor]]:
-    """``(module path, {model key: tensor})`` of the classifier head; empty if there is none."""
-    head = get_head(model)
-    if head is None:
-        return "", {}
-    path = _head_path(model, head)
-    prefix = f"{path}." if path else ""
-    return path, {f"{prefix}{k}": v for k, v in head.state_dict(keep_vars=True).items()}
+def _head_state(model: nn.Module, name: str | None = None) -> tuple[str, dict[str, Tensor]]:
+    """``(module path, {model key: tensor})`` of the classifier head that runs while adapter
+    ``name`` is active (its own or the model's; ``None``: the model's); empty if none."""
+    return heads.head_state(model, name)
 
 
 def _adapter_state(model: nn.Module, name: str) -> dict[str, Tensor]:
@@ -144,19 +130,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _runs(values: list[int]) -> str:
-    """``[768, 768, 384]`` -> ``"768×2, 384"``: widths per block, readable for 24-block Swins."""
-    parts: list[str] = []
-    i = 0
-    while i < len(values):
-        j = i
-        while j < len(values) and values[j] == values[i]:
-            j += 1
-        parts.append(f"{values[i]}×{j - i}" if j - i > 1 else str(values[i]))
-        i = j
-    return ", ".join(parts) if parts else "none"
-
-
 def _fingerprint_differences(stored: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     diffs = []
     if stored.get("architecture") != actual["architecture"]:
@@ -168,8 +141,8 @@ def _fingerprint_differences(stored: dict[str, Any], actual: dict[str, Any]) -> 
         want = stored_widths.get(position)
         have = actual["widths"][position]
         if want != have:
-            shown = _runs(want) if isinstance(want, list) else repr(want)
-            diffs.append(f"{position} widths per block [{shown}] vs [{_runs(have)}]")
+            shown = runs(want) if isinstance(want, list) else repr(want)
+            diffs.append(f"{position} widths per block [{shown}] vs [{runs(have)}]")
     return diffs
 
 
@@ -222,6 +195,7 @@ def save_adapter(
     path: str | os.PathLike[str],
     name: str | None = None,
     include_head: bool = True,
+    metadata: Mapping[str, Any] | None = None,
 ) -> None:
     """Save one adapter (and by default the classifier head) to a safetensors file.
 
@@ -239,7 +213,13 @@ def save_adapter(
         path: Destination file (conventionally ``*.safetensors``).
         name: The adapter to save; default: the active adapter, or the only one if none is
             active.
-        include_head: Also store the classifier head (see :func:`arc_peft.get_head`).
+        include_head: Also store the classifier head that runs while the adapter is active
+            (its own, see :func:`arc_peft.add_head`, or the model's).
+        metadata: Free-form JSON-serialisable facts to keep in the file (class names, dataset,
+            metrics); :func:`read_adapter_info` and ``arc-peft inspect`` show them.
+
+    The file also records the backbone's identity where its library gives one (timm model name
+    and pretrained tag, torchvision builder, Hugging Face ``name_or_path``).
 
     Raises:
         KeyError: the model has no adapter called ``name``.
@@ -254,8 +234,12 @@ def save_adapter(
     name = _resolve_name(model, name)
     config = adapter_configs(model)[name]
     state = dict(_adapter_state(model, name))
-    head_path, head_state = _head_state(model) if include_head else ("", {})
+    head_path, head_state = _head_state(model, name) if include_head else ("", {})
     trained_paths, trained_state = _trained_state(model, exclude=set(head_state))
+    trained_paths, trained_state = heads.with_owned(
+        model, name, trained_paths, trained_state, exclude=set(head_state)
+    )
+    user = identity.user_metadata(metadata)
     clash = sorted(set(state) & (set(head_state) | set(trained_state)))
     if clash:
         raise ValueError(f"save_adapter: head or trained keys {clash} collide with adapter keys")
@@ -289,7 +273,10 @@ def save_adapter(
         "backbone": json.dumps(_backbone_fingerprint(model), sort_keys=True),
         "head": json.dumps(group("module", head_path, head_state), sort_keys=True),
         "dtype": ",".join(dtypes),
+        "model": json.dumps(identity.model_identity(model), sort_keys=True),
     }
+    if user is not None:
+        metadata["user"] = user
     if trained_state:  # only then: files without trained modules keep their exact bytes
         metadata["trained"] = json.dumps(
             group("modules", trained_paths, trained_state), sort_keys=True
@@ -339,6 +326,7 @@ def _check_nothing_lost(
     stored = (*head_state.values(), *trained_state.values())
     kept = _slot_tensor_ids(model) | {id(t) for t in stored}
     kept |= {id(p) for p in head.parameters()} if head is not None else set()
+    kept |= {id(p) for p in heads.task_parameters(model)}  # other tasks' heads are theirs
     lost = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in kept]
     if lost:
         more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
@@ -347,133 +335,6 @@ def _check_nothing_lost(
             "so the file could not reproduce the trained model. Name their modules in "
             "freeze_backbone(model, also=[...]) (those are stored), or freeze them"
         )
-
-
-# -- the file description ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What an adapter file holds, read from its header alone (no model, no tensor data).
-
-    ``str(info)`` is a readable summary; :meth:`to_dict` is JSON-ready.
-
-    Attributes:
-        path: The file.
-        format_version: File-format version it was written with.
-        arc_peft_version: arc_peft version that wrote it.
-        name: Name the adapter had when it was saved (it can be loaded under any name).
-        config: The method configuration.
-        backbone: Fingerprint of the backbone it was trained on: ``architecture`` (class),
-            ``num_blocks`` and per-block input ``widths`` of the ``attn`` and ``mlp`` sites.
-        head: ``{"module": path, "shapes": {key: shape}}`` of the stored classifier head, or
-            ``None``.
-        dtype: Dtype(s) of the stored tensors (comma-separated if several).
-        num_tensors: Number of tensors in the file.
-        adapter_parameters: Adapter parameters (a shared ARC projection counted once).
-        head_parameters: Classifier-head parameters (0 without a head).
-        file_size: Size of the file in bytes.
-        trained: ``{"modules": [path, ...], "shapes": {key: shape}}`` of backbone modules
-            trained with ``freeze_backbone(also=...)``, or ``None``.
-        trained_parameters: Parameters (and buffers) of those modules.
-    """
-
-    path: str
-    format_version: int
-    arc_peft_version: str
-    name: str
-    config: AdapterConfig
-    backbone: dict[str, Any]
-    head: dict[str, Any] | None
-    dtype: str
-    num_tensors: int
-    adapter_parameters: int
-    head_parameters: int
-    file_size: int
-    trained: dict[str, Any] | None = None
-    trained_parameters: int = 0
-
-    @property
-    def method(self) -> str:
-        return self.config.method
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (the config as :meth:`ARCConfig.to_dict` gives it)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["config"] = self.config.to_dict()
-        data["method"] = self.method
-        return data
-
-    def __str__(self) -> str:
-        try:
-            return self._summary()
-        except Exception:  # a hand-built AdapterInfo may hold anything; str() must not fail
-            return f"{self.path!s}: an arc_peft adapter file (unreadable description)"
-
-    def _summary(self) -> str:
-        backbone = self.backbone if isinstance(self.backbone, dict) else {}
-        widths = backbone.get("widths")
-        widths = widths if isinstance(widths, dict) else {}
-        width_text = "; ".join(f"{p} {_runs(w)}" for p, w in widths.items() if isinstance(w, list))
-        blocks = backbone.get("num_blocks")
-        if self.head is None:
-            head_text = "not stored"
-        else:
-            shapes = ", ".join(f"{k} {v}" for k, v in self.head["shapes"].items())
-            head_text = f"{self.head_parameters:,} parameters ({shapes})"
-        rows = [
-            ("method", f"{self.method}: {self.config}"),
-            ("adapter", f"{self.adapter_parameters:,} parameters (saved as {self.name!r})"),
-            ("head", head_text),
-            ("backbone", f"{backbone.get('architecture')}, {blocks} blocks"),
-            ("widths", width_text),
-            ("tensors", f"{self.num_tensors} {self.dtype}, {self.file_size:,} bytes"),
-            ("written by", f"arc_peft {self.arc_peft_version}, file format {self.format_version}"),
-        ]
-        if self.trained:
-            modules = ", ".join(self.trained["modules"])
-            rows.insert(3, ("trained", f"{self.trained_parameters:,} values in {modules}"))
-        return "\n".join([self.path] + [f"  {label:<11} {text}" for label, text in rows])
-
-
-def read_adapter_info(path: str | os.PathLike[str]) -> AdapterInfo:
-    """Describe an adapter file without a model: config, counts, backbone, versions.
-
-    Only the header is read and checked (structure, sizes, metadata); tensor values are checked
-    by :func:`load_adapter`.
-
-    Raises:
-        AdapterFileError: the file is not a (readable, current) arc_peft adapter file.
-        OSError: the file cannot be opened.
-    """
-    path = os.fspath(path)
-    with open_regular(path) as handle:
-        header = read_header(path, handle)
-    check_metadata(path, header)
-    contents = parse_metadata(path, header)
-    counts = {k: math.prod(e["shape"]) for k, e in header.entries.items()}
-
-    def total(group: dict[str, Any] | None) -> int:
-        return sum(counts[k] for k in group["shapes"]) if group else 0
-
-    meta = header.metadata
-    head_params, trained_params = total(contents.head), total(contents.trained)
-    return AdapterInfo(
-        path=path,
-        format_version=int(meta["format_version"]),
-        arc_peft_version=meta["arc_peft_version"],
-        name=meta.get("name", DEFAULT_ADAPTER),
-        config=contents.config,
-        backbone=contents.backbone,
-        head=contents.head,
-        dtype=meta.get("dtype", ""),
-        num_tensors=len(counts),
-        adapter_parameters=sum(counts.values()) - head_params - trained_params,
-        head_parameters=head_params,
-        file_size=header.file_size,
-        trained=contents.trained,
-        trained_parameters=trained_params,
-    )
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -578,6 +439,7 @@ def load_adapter(
     name: str = DEFAULT_ADAPTER,
     activate: bool | None = None,
     load_head: bool = True,
+    check_model: bool = True,
 ) -> nn.Module:
     """Load an adapter file into ``model``: inject from the stored config, then copy the weights.
 
@@ -594,20 +456,32 @@ def load_adapter(
     model if it already holds adapter ``name`` (its weights are replaced); injecting into one
     is refused.
 
-    The classifier head stored in the file (if any) is copied into the model's head: on a
-    backbone shared by several tasks the head is task specific, so pass ``load_head=False`` to
-    keep the current head (and apply the stored head yourself, or not at all).
+    The classifier head stored in the file (if any) goes with the adapter. Into a model with no
+    other adapter, a head of the model's shape is copied into the model's head; otherwise (other
+    tasks on the backbone, or another number of classes) it becomes the adapter's own head,
+    which runs whenever ``name`` is active and for its samples of a
+    :func:`arc_peft.mixed_batch` (see :func:`arc_peft.add_head`). Modules trained with
+    ``freeze_backbone(also=...)`` are treated the same way. A model without a classifier (timm
+    ``features_only=True``) takes the adapter alone; its blocks may be named differently.
+
+    The file's recorded backbone identity must match: another architecture is refused (even
+    with the same widths: ``vit_tiny`` vs ``deit_tiny``), another pretrained tag or hub id warns.
 
     Args:
         model: A plain backbone built like the one the adapter was trained on, or one that
             already holds adapters.
-        path: The adapter file (from :func:`save_adapter`).
+        path: The adapter file (from :func:`save_adapter`), a folder holding
+            ``adapter.safetensors``, or ``"hf-hub:user/repo"`` (see
+            :func:`arc_peft.push_adapter_to_hub`).
         name: Name to load the adapter under.
         activate: ``True``: make it the active adapter; ``False``: leave the active adapter as
             it was before the call (none, if there was none); ``None`` (default): as
             :func:`arc_peft.inject_arc` does, a newly injected adapter becomes active only if
             no other adapter is active.
-        load_head: Copy the stored classifier head into the model's head.
+        load_head: Load the stored classifier head (``False``: the adapter runs with the
+            model's head).
+        check_model: Refuse a file recorded for another architecture (``False``: only the
+            block count and widths must agree).
 
     Returns:
         ``model`` itself.
@@ -620,20 +494,27 @@ def load_adapter(
             injected into a wrapped or sharded model.
         OSError: the file cannot be opened.
     """
-    path = os.fspath(path)
+    path = resolve_source(path)
     wrapper, model = model, unwrap(model)
     _check_name(name)
     with open_regular(path) as handle:
         header = read_header(path, handle)
         check_metadata(path, header)
         contents = parse_metadata(path, header)
+        head, trained, to_own = heads.load_plan(
+            model, name, contents.head if load_head else None, contents.trained
+        )
         # Everything the header can tell is checked before the data is read or anything built.
         expected, needs_inject = _check_against_model(
-            path, model, header, contents, name, load_head
+            path, model, header, contents, name, head, trained, check_model
         )
         if needs_inject:
             check_injectable(wrapper, "load_adapter")
         tensors = read_tensors(path, handle, header)
+    try:
+        owned = heads.build_owned(model, to_own, tensors)
+    except ValueError as exc:
+        raise bad(path, str(exc)) from None
 
     previous_active = active_adapter(model)
     if needs_inject:
@@ -646,7 +527,10 @@ def load_adapter(
             raise bad(path, problem) from None
     try:
         adapter_found = {k: v for k, v in tensors.items() if k not in contents.extra_keys()}
-        pairs = _match(path, "adapter", _adapter_state(model, name), adapter_found)
+        model_state = _adapter_state(model, name)
+        adapter_found = _renamed(adapter_found, model_state)
+        tensors = {**tensors, **adapter_found}  # also under the model's names, for staging
+        pairs = _match(path, "adapter", model_state, adapter_found)
         pairs += [(k, expected[k]) for k in expected]
         # Convert everything first (the step that can run out of memory), check the converted
         # values (1e300 is finite in float64 but inf in float32), then copy: the copies cannot
@@ -668,6 +552,9 @@ def load_adapter(
             if previous_active is not None and active_adapter(model) != previous_active:
                 set_active_adapter(model, previous_active)
         raise
+    for module_path, module in owned.items():
+        heads.set_task_module(model, name, module_path, module)
+    heads.note_loaded(model, name, trained)
     if activate is True:
         set_active_adapter(model, name)
     elif activate is False and active_adapter(model) != previous_active:
@@ -676,21 +563,37 @@ def load_adapter(
 
 
 def _check_against_model(
-    path: str, model: nn.Module, header: Header, contents: Contents, name: str, load_head: bool
+    path: str,
+    model: nn.Module,
+    header: Header,
+    contents: Contents,
+    name: str,
+    head_meta: dict[str, Any] | None,
+    trained_meta: dict[str, Any] | None,
+    check_model: bool,
 ) -> tuple[dict[str, Tensor], bool]:
-    """Check the header against ``model`` (backbone, head, trained modules, the adapter's
-    tensor shapes). Returns ``({file key: model tensor}`` for the head and trained modules,
-    whether adapter ``name`` has to be injected)."""
-    diffs = _fingerprint_differences(contents.backbone, _backbone_fingerprint(model))
+    """Check the header against ``model`` (identity, backbone, the head and trained modules
+    copied into the model, the adapter's tensor shapes). Returns ``({file key: model tensor}``
+    for that head and those trained modules, whether adapter ``name`` has to be injected)."""
+    stored_id, _ = identity_fields(path, header)
+    refusal, warning, same = identity.check_identity(stored_id, identity.model_identity(model))
+    actual = _backbone_fingerprint(model)
+    if same or not check_model or identity.wraps(model, contents.backbone.get("architecture")):
+        # The same network built another way (features_only=True): blocks and widths decide.
+        actual["architecture"] = contents.backbone.get("architecture")
+    diffs = _fingerprint_differences(contents.backbone, actual)
     if diffs:
         raise bad(
             path,
             f"made for another backbone (file vs model: {'; '.join(diffs)}). Build the model "
             "the adapter was trained on.",
         )
+    if refusal and check_model:
+        raise bad(path, f"made for another model: {refusal}")
+    if warning:
+        warnings.warn(f"{path}: {warning}", stacklevel=3)
     entries = header.entries
     targets: dict[str, Tensor] = {}
-    head_meta = contents.head if load_head else None
     if head_meta:
         _, model_head = _head_state(model)
         if not model_head:
@@ -714,9 +617,9 @@ def _check_against_model(
         stored = {k: entries[k] for k in head_meta["shapes"]}
         for key, _ in _match(path, "head", model_head, stored):
             targets[key] = model_head[key]
-    if contents.trained:
-        trained = _trained_targets(path, model, contents.trained)
-        stored = {k: entries[k] for k in contents.trained["shapes"]}
+    if trained_meta:
+        trained = _trained_targets(path, model, trained_meta)
+        stored = {k: entries[k] for k in trained_meta["shapes"]}
         for key, _ in _match(path, "trained", trained, stored):
             targets[key] = trained[key]
 
@@ -731,8 +634,22 @@ def _check_against_model(
                 f"({existing[name]}) than the file ({config}). Load it under another name "
                 f"(name=...) or remove the existing one first (arc_peft.delete_adapter).",
             )
-        _match(path, "adapter", _adapter_state(model, name), adapter_entries)
+        state = _adapter_state(model, name)
+        _match(path, "adapter", state, _renamed(adapter_entries, state))
         return targets, False
     planned = _planned_state(path, model, config)
-    _match(path, "adapter", planned, adapter_entries, versus=f"its own config {config}")
+    _match(
+        path,
+        "adapter",
+        planned,
+        _renamed(adapter_entries, planned),
+        versus=f"its own config {config}",
+    )
     return targets, True
+
+
+def _renamed(found: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any]:
+    """``found`` under the model's key names when the model holds the same blocks under other
+    names (timm ``features_only=True`` wraps or flattens them); unchanged otherwise."""
+    mapping = identity.remap_keys(set(found), set(expected))
+    return {mapping.get(k, k): v for k, v in found.items()}

@@ -13,11 +13,13 @@ Each registered target says how to fold into its module type (``Target.merge``, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from . import heads
 from .errors import MergeError
 from .fold import check_fold, generic_fold
 from .inject import EXAMPLE_ATTR, adapter_configs, delete_adapter
@@ -44,6 +46,8 @@ class _MergeRecord:
     was_active: bool
     originals: dict[str, Tensor]  # qualified tensor name -> value before the merge
     slots: list[tuple[str, AdapterSlot, Adapter]]  # (block path, detached slot, adapter)
+    # Task modules the adapter owned (its head...), now the model's own: path -> module replaced
+    replaced: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
 
 
 def _affine(adapter: ARC, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -75,6 +79,23 @@ def _record_sites(model: nn.Module, slots: list) -> Recording:
             slot.disabled = was
 
 
+def _padded_at_probe_size(rec: Recording, path: str, site: nn.Module) -> str | None:
+    """Why a window-padding site pads at the image size the probe ran at (the size the model
+    declares, the injection's ``example_input``, else 224 px, torchvision Swin's own), or
+    ``None`` if its feature map there is a whole number of windows (nothing pads)."""
+    window = getattr(site, "window_size", None)
+    call = next((c for c in rec.calls if c.path == path and c.main_input is not None), None)
+    if call is None or not isinstance(window, (list, tuple)) or len(window) != 2:
+        return "the feature map size is unknown"
+    shape = rec.shapes[call.main_input]  # (batch, height, width, channels)
+    if len(shape) != 4:
+        return "the feature map size is unknown"
+    height, width = shape[1], shape[2]
+    if height % window[0] == 0 and width % window[1] == 0:
+        return None
+    return f"{height}×{width} tokens in windows of {window[0]}×{window[1]} at the probed size"
+
+
 def merge_adapter(
     model: nn.Module,
     name: str | None = None,
@@ -102,9 +123,11 @@ def merge_adapter(
             positions); without it the merge is final.
         assume_no_window_padding: torchvision's Swin attention pads its input internally when
             the feature map is not a multiple of the window size; padded zeros stay zero without
-            the adapter but become ``b`` after a merge, so such sites are refused when their
-            adapter bias is non-zero. Pass ``True`` if your inputs never need padding (every
-            stage's feature map a multiple of its window) to merge anyway.
+            the adapter but become ``b`` after a merge. Such a site is refused when its adapter
+            bias is non-zero and it pads at the model's configured image size (the size it
+            declares, the ``example_input`` given at injection, else 224 px). Pass ``True`` if
+            your inputs never need padding (every stage's feature map a multiple of its
+            window) to merge anyway.
 
     Returns:
         ``model`` itself.
@@ -161,16 +184,19 @@ def merge_adapter(
         target = get_target(site)
         fold = target.merge if target is not None else None
         M, b = _affine(adapter, _fold_device(site))
-        if getattr(fold, PADS_INPUT, False) and bool(b.any()) and not assume_no_window_padding:
-            raise MergeError(
-                f"cannot merge adapter {name!r} at {where}: this module zero-pads its input "
-                "after the adapter when the feature map is not a multiple of the window size; "
-                "padded tokens are 0 unmerged but would become the adapter bias b (non-zero "
-                "here) merged. If your inputs never need padding, pass "
-                "assume_no_window_padding=True"
-            )
         if rec is None:
             rec = _record_sites(model, slots)
+        pads = getattr(fold, PADS_INPUT, False) and bool(b.any()) and not assume_no_window_padding
+        padded = _padded_at_probe_size(rec, site_path, site) if pads else None
+        if padded is not None:
+            raise MergeError(
+                f"cannot merge adapter {name!r} at {where}: this module zero-pads its input "
+                f"after the adapter when the feature map is not a multiple of the window size "
+                f"({padded}); padded tokens are 0 unmerged but would become the adapter bias b "
+                "(non-zero here) merged. If your inputs never need padding, pass "
+                "assume_no_window_padding=True; ARCConfig(mergeable=True) trains without that "
+                "bias"
+            )
         try:
             with torch.no_grad():
                 new_values = fold(site, M, b) if fold is not None else generic_fold(rec, site, M, b)
@@ -216,8 +242,12 @@ def merge_adapter(
     with torch.no_grad():
         for _, tensor, value in planned:
             tensor.copy_(value)
+    # The adapter's own head (and other task modules) becomes the model's: the merged model
+    # computes what the adapted one did with ``name`` active, head included.
+    replaced = heads.adopt(model, name)
     delete_adapter(model, name)
     if record is not None:
+        record.replaced = replaced
         model.__dict__.setdefault(_RECORD_ATTR, []).append(record)
     return model
 
@@ -275,6 +305,7 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
         slot[record.name] = adapter
         slot.active = record.name if record.was_active else None
         slot.attach(block)
+    heads.unadopt(model, record.name, record.replaced)
     records.pop()
     if not records:
         del model.__dict__[_RECORD_ATTR]

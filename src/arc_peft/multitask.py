@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import heads
 from .inject import adapter_configs
 from .slots import iter_slots
 
@@ -40,6 +41,7 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
         raise KeyError(f"model has no adapter named {name!r}; it has {sorted(known)}")
     for _, _, slot in slots:
         slot.active = name
+    heads.sync(model)  # the new active adapter's own head (if any) now runs
 
 
 @contextmanager
@@ -56,7 +58,8 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     for _, _, slot in slots:
         slot.disabled = True
     try:
-        yield model
+        with heads.bypassed(model):
+            yield model
     finally:
         for (_, _, slot), was in zip(slots, previous, strict=False):
             slot.disabled = was
@@ -77,8 +80,16 @@ def mixed_batch(model: nn.Module, tasks: Sequence[str | None]) -> Iterator[nn.Mo
         with arc_peft.mixed_batch(model, ["cifar", "svhn", "cifar", None]):
             logits = model(images)          # images.shape[0] == 4
 
-    Note: a per-task classifier head is not part of the backbone's forward; apply each task's
-    head to its own samples' features.
+    Adapters that own a head (:func:`arc_peft.add_head`, or loaded from a file that holds one)
+    classify their own samples: row ``i`` of the logits comes from task ``tasks[i]``'s head.
+    Heads of different sizes are padded on the right with ``-inf``, so
+    ``F.cross_entropy(logits, labels)`` is exactly every task's own loss, and
+    :func:`arc_peft.split_logits` cuts the rows back to ``{task: logits}``::
+
+        with arc_peft.mixed_batch(model, ["cifar", "pets", "cifar"]):
+            logits = model(images)                   # (3, 100): pets' rows padded after 37
+        per_task = arc_peft.split_logits(logits, ["cifar", "pets", "cifar"], model)
+        per_task["pets"].shape                       # (1, 37)
     """
     slots = _require_adapters(model, "mixed_batch")
     tasks = list(tasks)
@@ -110,7 +121,8 @@ def mixed_batch(model: nn.Module, tasks: Sequence[str | None]) -> Iterator[nn.Mo
 
     handle = model.register_forward_pre_hook(check_batch, with_kwargs=True)
     try:
-        yield model
+        with heads.routed(model, tasks):
+            yield model
     finally:
         handle.remove()
         for (_, _, slot), was in zip(slots, previous, strict=False):

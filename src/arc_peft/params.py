@@ -28,19 +28,47 @@ __all__ = [
 TRAINED_ATTR = "_arc_peft_trained"
 
 
-def get_head(model: nn.Module) -> nn.Module | None:
-    """The classifier head: timm's ``get_classifier()``, torchvision's ``heads`` (ViT) or
-    ``head`` (Swin); ``None`` if the model has none of these."""
+def get_head(model: nn.Module, name: str | None = None) -> nn.Module | None:
+    """The classifier head that runs: the active adapter's own head if it has one (see
+    :func:`arc_peft.add_head`), otherwise the model's: timm's ``get_classifier()``, else a
+    ``heads`` (torchvision ViT), ``head`` (Swin), ``fc`` or ``classifier`` attribute. ``None``
+    if the model has none.
+
+    A module containing attention is never taken for a classifier: it is an attention-pooling
+    head (Hugging Face SigLIP's ``head``) that computes features.
+
+    Args:
+        model: The model.
+        name: An adapter: the head that runs while it is active. Default: the active one.
+    """
+    head = find_head(model)
+    if head is None:
+        return None
+    from . import heads  # heads imports this module
+
+    path = next(p for p, m in model.named_modules() if m is head)
+    return heads.running(model, name if name is not None else heads.active(model), path)
+
+
+def find_head(model: nn.Module) -> nn.Module | None:
+    """The model's own classifier head (whichever adapter is active); see :func:`get_head`."""
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
-        head = get_classifier()
-        if isinstance(head, nn.Module):
-            return head
+        found = get_classifier()
+        if isinstance(found, nn.Module):
+            return found
     for attr in ("heads", "head", "fc", "classifier"):
-        head = getattr(model, attr, None)
-        if isinstance(head, nn.Module):
-            return head
+        found = getattr(model, attr, None)
+        if isinstance(found, nn.Module) and not _has_attention(found):
+            return found
     return None
+
+
+def _has_attention(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
+        for m in module.modules()
+    )
 
 
 def _adapter_modules(model: nn.Module, name: str | None = None) -> list[tuple[str, Adapter]]:
@@ -56,7 +84,7 @@ def _adapter_modules(model: nn.Module, name: str | None = None) -> list[tuple[st
 def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
     """``{parameter name: parameter}`` of the adapters named ``name`` (all adapters if ``None``).
 
-    Names are the model's own (``blocks.0.attn.arc_peft.default.scale``); a shared ARC projection
+    Names are the model's own (``blocks.0.arc_peft.attn.default.scale``); a shared ARC projection
     appears once, under the adapter that owns it.
     """
     return {

@@ -1,0 +1,616 @@
+"""Task modules: a classifier head (or any other module, e.g. a trained ``norm``) owned by one
+named adapter, so that tasks with different numbers of classes share one backbone.
+
+How it works: the model's own module stays where it is (``head``); a forward hook on it returns
+the output of the *active* adapter's own module instead, when that adapter owns one. Nothing is
+moved or copied when the active adapter changes, so the model's state-dict keys stay the same
+whatever runs: the owned modules live in one container, ``arc_peft_tasks.<adapter>.<path with
+dots as dashes>`` (``arc_peft_tasks.pets.head.weight``), which ``model.to()``,
+``model.train()`` and optimizers see like any submodule. The model's own module still runs
+(a single linear layer for a head) and its output is discarded.
+
+In a mixed-task batch (:func:`arc_peft.mixed_batch`) the hook runs each sample's own module on
+its rows; heads of different widths are padded on the right with ``-inf``, which makes
+``cross_entropy`` over the padded logits exactly each task's own loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UnsupportedModelError
+from .slots import SLOT_ATTR, iter_slots
+
+__all__ = ["TASKS_ATTR", "add_head", "split_logits", "task_modules"]
+
+TASKS_ATTR = "arc_peft_tasks"
+# ``{adapter: [module path]}``: trained modules a file loaded into the model's own modules (it
+# was the only adapter then), so that saving that adapter later stores them again. A plain
+# attribute, not state.
+BASE_ATTR = "_arc_peft_base_modules"
+
+
+class TaskModules(nn.ModuleDict):
+    """``{adapter: {path key: module}}``: the task modules of every adapter; it never runs.
+
+    ``paths`` lists the owned paths (a hook sits on the model's module at each); ``active``
+    mirrors the active adapter (kept here so the hooks need not search the model per call);
+    ``routing`` is ``(batch size, {path: [(module, sample indices)]})`` in a mixed batch.
+    """
+
+    paths: tuple[str, ...]
+    active: str | None
+    routing: tuple[int, dict[str, list[tuple[nn.Module, Tensor]]]] | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths = ()
+        self.active = None
+        self.routing = None
+
+    def module_for(self, name: str | None, path: str) -> nn.Module | None:
+        """Adapter ``name``'s own module at ``path``, or ``None``."""
+        group = self._modules.get(name) if name is not None else None
+        return group._modules.get(_key(path)) if group is not None else None
+
+    def _replace(self, path: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.routing is not None:
+            batch, parts = self.routing
+            return _route(batch, parts[path], module, args, kwargs, output)
+        own = self.module_for(self.active, path)
+        return None if own is None else own(*args, **kwargs)
+
+
+class _TaskHook:
+    """The forward hook on the model's own module at ``path``: returns the active task's module
+    output instead. A plain object, not a closure, so that ``copy.deepcopy`` and pickling give
+    a copied model's hook the copied container (a closure would keep the original's)."""
+
+    def __init__(self, tasks: TaskModules, path: str) -> None:
+        self.tasks = tasks
+        self.path = path
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return self.tasks._replace(self.path, module, args, kwargs, output)
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "-")
+
+
+def _container(model: nn.Module, create: bool = False) -> TaskModules | None:
+    tasks = model._modules.get(TASKS_ATTR)
+    if isinstance(tasks, TaskModules) or not create:
+        return tasks if isinstance(tasks, TaskModules) else None
+    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise UnsupportedModelError(
+            f"per-task modules need a model that is not an {type(model).__name__} (it would run "
+            "the container as a layer): wrap the model in an nn.Module first"
+        )
+    tasks = TaskModules().train(model.training)
+    setattr(model, TASKS_ATTR, tasks)
+    return tasks
+
+
+def _active(model: nn.Module) -> str | None:
+    for _, _, slot in iter_slots(model):
+        return slot.active
+    return None
+
+
+def active(model: nn.Module) -> str | None:
+    """The adapter whose task modules run now (``None`` inside ``disable_adapter``)."""
+    tasks = _container(model)
+    return tasks.active if tasks is not None else _active(model)
+
+
+def sync(model: nn.Module) -> None:
+    """Tell the task hooks which adapter is active (call after it changes)."""
+    tasks = _container(model)
+    if tasks is not None:
+        tasks.active = _active(model)
+
+
+def _add_hook(model: nn.Module, tasks: TaskModules, path: str) -> None:
+    model.get_submodule(path).register_forward_hook(_TaskHook(tasks, path), with_kwargs=True)
+    tasks.paths = (*tasks.paths, path)
+
+
+def _remove_hook(model: nn.Module, tasks: TaskModules, path: str) -> None:
+    module = model.get_submodule(path)
+    for key, fn in list(module._forward_hooks.items()):
+        if isinstance(fn, _TaskHook) and fn.tasks is tasks:
+            del module._forward_hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
+            getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
+    tasks.paths = tuple(p for p in tasks.paths if p != path)
+
+
+def owned(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """``{path: module}`` of the task modules adapter ``name`` owns."""
+    tasks = _container(model)
+    if tasks is None:
+        return {}
+    found = {p: tasks.module_for(name, p) for p in tasks.paths}
+    return {p: m for p, m in found.items() if m is not None}
+
+
+def running(model: nn.Module, name: str | None, path: str) -> nn.Module:
+    """The module that runs at ``path`` while adapter ``name`` is active."""
+    tasks = _container(model)
+    own = tasks.module_for(name, path) if tasks is not None else None
+    return own if own is not None else model.get_submodule(path)
+
+
+def _check_path(model: nn.Module, path: str) -> nn.Module:
+    if not path or path == TASKS_ATTR or path.startswith(f"{TASKS_ATTR}."):
+        raise ValueError(f"{path!r} cannot be a task module: name a submodule of the backbone")
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        children = [n for n, _ in model.named_children()]
+        raise ValueError(
+            f"{path!r} is not a submodule of {type(model).__name__}; top-level modules are "
+            f"{children}"
+        ) from None
+    sites = {slot.site.path for _, _, slot in iter_slots(model)}
+    sites |= {slot.site.output_path for _, _, slot in iter_slots(model)}
+    for sub_path, sub in module.named_modules(prefix=path):
+        if SLOT_ATTR in sub._modules or sub_path in sites:
+            raise ValueError(
+                f"{path!r} cannot be owned by one task: it holds an adapter site ({sub_path}); "
+                "name a module inside the block instead (a norm, a linear layer, the head)"
+            )
+    return module
+
+
+def set_task_module(model: nn.Module, name: str, path: str, module: nn.Module) -> None:
+    """Give adapter ``name`` its own ``module`` at ``path`` (replacing one it owned there)."""
+    from .inject import adapter_configs  # inject imports this module
+
+    if name not in adapter_configs(model):
+        raise KeyError(
+            f"model has no adapter named {name!r}; it has {sorted(adapter_configs(model))}"
+        )
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"a task module must be an nn.Module, got {type(module).__name__}")
+    base = _check_path(model, path)
+    tasks = _container(model, create=True)
+    assert tasks is not None
+    if name not in tasks:
+        tasks[name] = nn.ModuleDict()
+    tasks[name][_key(path)] = module.train(base.training)
+    if path not in tasks.paths:
+        _add_hook(model, tasks, path)
+    sync(model)
+
+
+def note_loaded(model: nn.Module, name: str, trained: dict[str, Any] | None) -> None:
+    """Record that adapter ``name``'s trained modules were loaded into the model's own."""
+    if trained:
+        model.__dict__.setdefault(BASE_ATTR, {})[name] = list(trained["modules"])
+
+
+def forget(model: nn.Module, name: str) -> None:
+    """Drop every task module of adapter ``name`` (it is being deleted)."""
+    model.__dict__.get(BASE_ATTR, {}).pop(name, None)
+    tasks = _container(model)
+    if tasks is not None and name in tasks:
+        del tasks[name]
+        _prune(model, tasks)
+
+
+def adopt(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """Make adapter ``name``'s task modules the model's own (a merge); returns the modules they
+    replace, ``{path: module}``, so that an unmerge can restore them."""
+    replaced: dict[str, nn.Module] = {}
+    tasks = _container(model)
+    if tasks is None:
+        return replaced
+    for path, module in owned(model, name).items():
+        _remove_hook(model, tasks, path)
+        replaced[path] = model.get_submodule(path)
+        _install(model, path, module)
+    if name in tasks:
+        del tasks[name]
+    _prune(model, tasks)
+    return replaced
+
+
+def unadopt(model: nn.Module, name: str, replaced: dict[str, nn.Module]) -> None:
+    """Undo :func:`adopt`: the modules at ``replaced``'s paths go back to adapter ``name`` and
+    the modules they replaced return to their places."""
+    for path, base in replaced.items():
+        mine = model.get_submodule(path)
+        _install(model, path, base)
+        set_task_module(model, name, path, mine)
+
+
+def restore_all(model: nn.Module) -> None:
+    """Remove every task module and hook (no adapter is left)."""
+    tasks = _container(model)
+    if tasks is None:
+        return
+    for path in tasks.paths:
+        _remove_hook(model, tasks, path)
+    delattr(model, TASKS_ATTR)
+
+
+def _prune(model: nn.Module, tasks: TaskModules) -> None:
+    """Unhook paths no adapter owns any more; remove the container when it is empty."""
+    for path in tasks.paths:
+        if all(tasks.module_for(owner, path) is None for owner in tasks):
+            _remove_hook(model, tasks, path)
+    if not tasks.paths:
+        delattr(model, TASKS_ATTR)
+
+
+def _install(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    module.train(parent.training)
+    setattr(parent, attr, module)
+
+
+# -- building heads --------------------------------------------------------------------------------
+
+
+def _last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
+    found = None
+    for path, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            found = (path, sub)
+    return found
+
+
+def head_like(base: nn.Module, shapes: dict[str, Sequence[int]]) -> nn.Module:
+    """A copy of ``base`` whose linear layers take the given parameter ``shapes`` (keys relative
+    to ``base``), freshly initialised where a shape changed; raises ``ValueError`` naming the
+    tensor when the structure cannot take them. A base without parameters (``nn.Identity``, a
+    model built with ``num_classes=0``) becomes an ``nn.Linear`` if the shapes are one's."""
+    own = dict(base.state_dict())
+    if not own and set(shapes) in ({"weight", "bias"}, {"weight"}) and len(shapes["weight"]) == 2:
+        out_f, in_f = shapes["weight"]
+        factory = _factory(base)
+        return nn.Linear(in_f, out_f, bias="bias" in shapes, **factory)
+    head = copy.deepcopy(base)
+    for module in head.modules():  # the copy must not carry the task hook of the original
+        for key, fn in list(module._forward_hooks.items()):
+            if isinstance(fn, _TaskHook):
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+    for key, shape in shapes.items():
+        if key not in own or list(own[key].shape) == list(shape):
+            continue
+        owner_path, _, leaf = key.rpartition(".")
+        layer = head.get_submodule(owner_path)
+        if not isinstance(layer, nn.Linear) or leaf not in ("weight", "bias"):
+            raise ValueError(
+                f"cannot give {key} the shape {list(shape)}: it belongs to a "
+                f"{type(layer).__name__}, and only linear layers are resized"
+            )
+        out_f = shape[0]
+        in_f = shape[1] if leaf == "weight" else layer.in_features
+        if leaf == "weight" and in_f != layer.in_features:
+            raise ValueError(
+                f"{key} has shape {list(shape)} but the layer takes {layer.in_features} "
+                "features: the head was made for another backbone width"
+            )
+        fresh = nn.Linear(
+            in_f, out_f, bias=layer.bias is not None, device=layer.weight.device,
+            dtype=layer.weight.dtype,
+        )  # fmt: skip
+        if owner_path:
+            _install(head, owner_path, fresh)
+        else:
+            head = fresh
+    missing = set(head.state_dict()) ^ set(shapes)
+    if missing:
+        raise ValueError(
+            f"the head's tensors {sorted(shapes)} do not fit a copy of {type(base).__name__} "
+            f"(its tensors: {sorted(head.state_dict())})"
+        )
+    return head
+
+
+def _factory(module: nn.Module) -> dict:
+    for tensor in module.parameters():
+        return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
+
+
+def head_path(model: nn.Module) -> str:
+    """Path of the model's classifier head (see :func:`arc_peft.get_head`)."""
+    from .params import find_head
+
+    head = find_head(model)
+    if head is None:
+        raise ValueError(
+            f"{type(model).__name__} has no classifier head arc_peft can find (no "
+            "get_classifier(), heads, head, fc or classifier)"
+        )
+    for path, module in model.named_modules():
+        if module is head:
+            return path
+    raise ValueError(f"the head of {type(model).__name__} is not one of its submodules")
+
+
+def add_head(model: nn.Module, name: str, head: nn.Module | int) -> nn.Module:
+    """Give adapter ``name`` its own classifier head; returns the head.
+
+    Args:
+        model: A model holding the adapter ``name``.
+        name: The adapter (task) that owns the head.
+        head: A module, or a number of classes: a copy of the model's own head whose last
+            linear layer outputs that many classes (freshly initialised).
+
+    Whenever ``name`` is active (:func:`arc_peft.set_active_adapter`) the model runs this head;
+    in a :func:`arc_peft.mixed_batch` each sample gets its own task's head.
+    :func:`arc_peft.save_adapter` stores it, :func:`arc_peft.load_adapter` gives it back to
+    the adapter it is loaded as.
+    """
+    path = head_path(model)
+    base = running(model, None, path)
+    if isinstance(head, int) and not isinstance(head, bool):
+        if head < 1:
+            raise ValueError(f"add_head: num_classes={head} is invalid: expected an int >= 1")
+        last = _last_linear(base)
+        if last is None:
+            features = _in_features(model)
+            head = nn.Linear(features, head, **_factory(model))
+        else:
+            layer_path, layer = last
+            shapes = {k: list(v.shape) for k, v in base.state_dict().items()}
+            shapes[f"{layer_path}.weight" if layer_path else "weight"] = [head, layer.in_features]
+            if layer.bias is not None:
+                shapes[f"{layer_path}.bias" if layer_path else "bias"] = [head]
+            head = head_like(base, shapes)
+    elif not isinstance(head, nn.Module):
+        raise TypeError(
+            f"add_head expects an nn.Module or a number of classes, got {type(head).__name__}"
+        )
+    set_task_module(model, name, path, head)
+    return head
+
+
+def _in_features(model: nn.Module) -> int:
+    num_features = getattr(model, "num_features", None)
+    if isinstance(num_features, int):
+        return num_features
+    raise ValueError(
+        f"add_head: the head of {type(model).__name__} has no linear layer to copy and the model "
+        "declares no num_features; pass a head module instead of a number of classes"
+    )
+
+
+def task_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of every adapter's task modules."""
+    tasks = _container(model)
+    return list(tasks.parameters()) if tasks is not None else []
+
+
+def task_modules(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """``{path: module}`` of the modules adapter ``name`` owns (its head, and any module it
+    carries from ``freeze_backbone(also=...)``)."""
+    return owned(model, name)
+
+
+# -- what a file carries -------------------------------------------------------------------------
+
+
+def prefixed(path: str, module: nn.Module) -> dict[str, Tensor]:
+    prefix = f"{path}." if path else ""
+    return {f"{prefix}{k}": v for k, v in module.state_dict(keep_vars=True).items()}
+
+
+def head_state(model: nn.Module, name: str) -> tuple[str, dict[str, Tensor]]:
+    """``(head path, {model key: tensor})`` of the head that runs while ``name`` is active;
+    ``("", {})`` if the model has no head."""
+    from .params import find_head
+
+    if find_head(model) is None:
+        return "", {}
+    path = head_path(model)
+    return path, prefixed(path, running(model, name, path))
+
+
+def with_owned(
+    model: nn.Module,
+    name: str,
+    paths: list[str],
+    state: dict[str, Tensor],
+    exclude: set[str],
+) -> tuple[list[str], dict[str, Tensor]]:
+    """The trained modules a file of adapter ``name`` stores (``freeze_backbone(also=...)``'s
+    ``paths`` and ``state``), with the modules ``name`` owns added or taking their place."""
+    own = {
+        p: m
+        for p, m in owned(model, name).items()
+        if not any(k.startswith(f"{p}.") for k in exclude)
+    }
+    for path in model.__dict__.get(BASE_ATTR, {}).get(name, ()):
+        # Loaded as the only adapter, its trained modules went into the model's own.
+        own.setdefault(path, model.get_submodule(path))
+    if not own:
+        return paths, state
+    state = {k: v for k, v in state.items() if not any(k.startswith(f"{p}.") for p in own)}
+    for path, module in own.items():
+        state.update(prefixed(path, module))
+    return sorted({*paths, *own}), state
+
+
+def load_plan(
+    model: nn.Module,
+    name: str,
+    head: dict[str, Any] | None,
+    trained: dict[str, Any] | None,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, tuple[str, dict[str, Any]]]]:
+    """Split a file's ``head`` and ``trained`` groups (``{"module"/"modules", "shapes"}``) into
+    what is copied into the model's own modules and what adapter ``name`` will own.
+
+    Returns ``(head to copy, trained to copy, {model path: (file path, {key: shape})} to own)``.
+    As the only adapter, a head that fits the model's and the trained modules are copied in, as
+    in a one-task model; with other adapters on the model, or a head of another shape, they
+    become ``name``'s own. A model without a classifier (a ``features_only`` backbone) takes no
+    head.
+    """
+    from .inject import adapter_configs
+    from .params import find_head
+
+    alone = not set(adapter_configs(model)) - {name}
+    own: dict[str, tuple[str, dict[str, Any]]] = {}
+    if head is not None and find_head(model) is not None:
+        path = head_path(model)
+        base = {k: list(v.shape) for k, v in prefixed(path, model.get_submodule(path)).items()}
+        prefix = f"{head['module']}." if head["module"] else ""
+        relabel = {f"{path}.{k[len(prefix):]}" if path else k[len(prefix) :]: s
+                   for k, s in head["shapes"].items()}  # fmt: skip
+        if not alone or relabel != base:
+            own[path] = (head["module"], head["shapes"])
+            head = None
+    elif head is not None:
+        head = None
+    if trained is not None and not alone:
+        for path in trained["modules"]:
+            keys = {k: s for k, s in trained["shapes"].items() if k.startswith(f"{path}.")}
+            own[path] = (path, keys)
+        trained = None
+    return head, trained, own
+
+
+def build_owned(
+    model: nn.Module, plan: dict[str, tuple[str, dict[str, Any]]], tensors: dict[str, Tensor]
+) -> dict[str, nn.Module]:
+    """The modules of a :func:`load_plan`, filled from the file's ``tensors``; ``ValueError``
+    names what does not fit. The model is not changed."""
+    built = {}
+    for path, (file_path, shapes) in plan.items():
+        prefix = f"{file_path}." if file_path else ""
+        try:
+            built[path] = module_like(model, path, {k[len(prefix) :]: tensors[k] for k in shapes})
+        except ValueError as exc:
+            raise ValueError(f"the stored {path} does not fit: {exc}") from None
+    return built
+
+
+def module_like(model: nn.Module, path: str, state: dict[str, Tensor]) -> nn.Module:
+    """A copy of the model's own module at ``path`` holding ``state`` (keys relative to it);
+    raises ``ValueError`` when it does not fit. The model is not changed."""
+    _check_path(model, path)
+    base = running(model, None, path)
+    module = head_like(base, {k: list(v.shape) for k, v in state.items()})
+    ref = dict(module.state_dict(keep_vars=True))
+    with torch.no_grad():
+        for key, value in state.items():
+            ref[key].copy_(value.to(device=ref[key].device, dtype=ref[key].dtype))
+    return module
+
+
+# -- mixed batches ---------------------------------------------------------------------------------
+
+
+def _route(
+    batch: int,
+    parts: list[tuple[nn.Module, Tensor]],
+    own: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    output: Tensor,
+) -> Tensor:
+    """Each group of samples through its own module, the model's own module's samples taken
+    from its ``output`` (it ran on the whole batch); narrower outputs padded with ``-inf``."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    rows = x.shape[0]
+    if rows % batch:
+        raise ValueError(
+            f"mixed batch of {batch} task names, but a task module received {rows} rows"
+        )
+    k = rows // batch
+    outs = []
+    for module, samples in parts:
+        idx = samples.to(x.device)
+        if k > 1:  # row r of a (batch * k)-row input belongs to sample r // k
+            idx = (idx[:, None] * k + torch.arange(k, device=x.device)).reshape(-1)
+        if module is own:
+            outs.append((idx, output.index_select(0, idx)))
+            continue
+        sub_args = (x.index_select(0, idx), *args[1:]) if args else ()
+        sub_kwargs = kwargs if args else {next(iter(kwargs)): x.index_select(0, idx)}
+        outs.append((idx, module(*sub_args, **sub_kwargs)))
+    width = max(out.shape[-1] for _, out in outs)
+    first = outs[0][1]
+    result = first.new_full((rows, *first.shape[1:-1], width), float("-inf"))
+    for idx, out in outs:
+        if out.shape[-1] < width:  # a head with fewer classes
+            out = nn.functional.pad(out, (0, width - out.shape[-1]), value=float("-inf"))
+        result = result.index_copy(0, idx, out)
+    return result
+
+
+@contextmanager
+def bypassed(model: nn.Module) -> Iterator[None]:
+    """Within the block the model's own modules run (the bare backbone, head included)."""
+    container = _container(model)
+    if container is None:
+        yield
+        return
+    previous = container.active
+    container.active = None
+    try:
+        yield
+    finally:
+        container.active = previous
+
+
+@contextmanager
+def routed(model: nn.Module, tasks: Sequence[str | None]) -> Iterator[None]:
+    """Within the block, every owned path runs each sample through its own task's module."""
+    container = _container(model)
+    if container is None:
+        yield
+        return
+    parts: dict[str, list[tuple[nn.Module, Tensor]]] = {}
+    for path in container.paths:
+        groups: dict[int, tuple[nn.Module, list[int]]] = {}
+        for i, task in enumerate(tasks):
+            module = running(model, task, path)
+            groups.setdefault(id(module), (module, []))[1].append(i)
+        parts[path] = [(m, torch.tensor(ix, dtype=torch.long)) for m, ix in groups.values()]
+    previous = container.routing
+    container.routing = (len(tasks), parts)
+    try:
+        yield
+    finally:
+        container.routing = previous
+
+
+def split_logits(
+    logits: Tensor, tasks: Sequence[str | None], model: nn.Module | None = None
+) -> dict[str | None, Tensor]:
+    """``{task: its samples' logits, in batch order}`` from a mixed batch's padded logits.
+
+    Each task's columns are cut to its own head's width: taken from ``model`` when given (the
+    head's last linear layer), otherwise the columns that are not ``-inf`` padding.
+    """
+    if logits.shape[0] != len(tasks):
+        raise ValueError(
+            f"split_logits got {logits.shape[0]} rows of logits for {len(tasks)} task names"
+        )
+    result: dict[str | None, Tensor] = {}
+    for task in dict.fromkeys(tasks):
+        rows = logits[[i for i, t in enumerate(tasks) if t == task]]
+        width = None
+        if model is not None:
+            last = _last_linear(running(model, task, head_path(model)))
+            width = last[1].out_features if last is not None else None
+        if width is None:
+            finite = ~torch.isneginf(rows).all(dim=0)
+            width = int(finite.nonzero().max()) + 1 if bool(finite.any()) else 0
+        result[task] = rows[..., :width]
+    return result

@@ -1,0 +1,201 @@
+"""Sharing adapters on the Hugging Face Hub, as timm and peft users expect.
+
+A repo written here holds three files::
+
+    adapter.safetensors    the adapter file (see docs/file-format.md)
+    adapter_config.json    method, config, backbone identity, counts, metadata (small, readable)
+    README.md              a generated model card
+
+``huggingface_hub`` is an optional extra (``pip install "arc-peft[hub]"``), imported only when
+a Hub repo is named: local files and folders never need it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is not imported to read a file's description
+    from torch import nn
+
+__all__ = [
+    "ADAPTER_FILE",
+    "CONFIG_FILE",
+    "HUB_PREFIX",
+    "create_model",
+    "push_adapter_to_hub",
+    "resolve",
+    "save_adapter_folder",
+]
+
+HUB_PREFIX = "hf-hub:"
+ADAPTER_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter_config.json"
+CARD_FILE = "README.md"
+
+
+def _hub() -> Any:
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ImportError(
+            "loading from or pushing to the Hugging Face Hub needs huggingface_hub: "
+            'pip install "arc-peft[hub]"'
+        ) from None
+    return huggingface_hub
+
+
+def _split(source: str) -> tuple[str, str | None]:
+    """``"hf-hub:user/repo@rev"`` -> ``("user/repo", "rev")``."""
+    repo = source[len(HUB_PREFIX) :]
+    repo, _, revision = repo.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(
+            f"{source!r} is not a Hub source: expected 'hf-hub:user/repo' (optionally '@revision')"
+        )
+    return repo, revision or None
+
+
+def resolve(source: str | os.PathLike[str]) -> str:
+    """The local adapter file for ``source``: a file path (returned as is), a folder holding
+    ``adapter.safetensors`` (a Hub repo's layout), or ``"hf-hub:user/repo[@revision]"``
+    (downloaded to, or found offline in, huggingface_hub's cache)."""
+    path = os.fspath(source)
+    if isinstance(path, str) and path.startswith(HUB_PREFIX):
+        repo, revision = _split(path)
+        return _hub().hf_hub_download(repo, ADAPTER_FILE, revision=revision)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_FILE)):
+        return os.path.join(path, ADAPTER_FILE)
+    return path  # a directory without one is refused by the reader, naming it
+
+
+def _card(info: Any, repo_id: str | None) -> str:
+    """The generated model card (Markdown with the Hub's YAML header)."""
+    model = info.model or {}
+    base = model.get("hub_id") or model.get("name_or_path") or model.get("architecture")
+    tags = ["arc-peft", info.method, "image-classification"]
+    lines = ["---", "library_name: arc-peft", "tags:"] + [f"- {t}" for t in tags]
+    if model.get("library") == "timm" and model.get("hub_id"):
+        lines.append(f"base_model: {model['hub_id']}")
+    lines += ["---", "", f"# {repo_id or info.name}", ""]
+    lines.append(
+        f"An arc_peft **{info.method}** adapter ({info.config}) for "
+        f"`{base or info.backbone.get('architecture')}`: {info.adapter_parameters:,} adapter "
+        f"parameters, {info.head_parameters:,} head parameters, {info.file_size:,} bytes."
+    )
+    metrics = info.metadata.get("metrics")
+    if isinstance(metrics, Mapping) and metrics:
+        lines += ["", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in metrics.items()]
+    source = f"{HUB_PREFIX}{repo_id}" if repo_id else "path/to/this/folder"
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import arc_peft",
+        "",
+        f'model = arc_peft.create_model("{source}")  # backbone + adapter + head',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_adapter_folder(
+    model: nn.Module,
+    folder: str | os.PathLike[str],
+    name: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    repo_id: str | None = None,
+) -> str:
+    """Write adapter ``name`` as a Hub repo's files into ``folder`` (created if needed):
+    ``adapter.safetensors``, ``adapter_config.json`` and a generated ``README.md``. Returns the
+    folder; :func:`arc_peft.load_adapter` and :func:`create_model` read it directly."""
+    from .io import read_adapter_info, save_adapter
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    file = os.path.join(folder, ADAPTER_FILE)
+    save_adapter(model, file, name=name, metadata=metadata)
+    info = read_adapter_info(file)
+    config = info.to_dict()
+    config.pop("path")
+    with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    with open(os.path.join(folder, CARD_FILE), "w", encoding="utf-8") as handle:
+        handle.write(_card(info, repo_id))
+    return folder
+
+
+def push_adapter_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    name: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload arc_peft adapter",
+) -> str:
+    """Push adapter ``name`` (default: the active one) to the Hub repo ``repo_id``, created if
+    needed: the adapter file, its JSON config and a model card naming the backbone, method,
+    parameter count and any ``metadata["metrics"]``. Returns the commit URL.
+
+    Load it back with ``arc_peft.load_adapter(model, "hf-hub:" + repo_id)``, or build backbone
+    and adapter in one call with :func:`create_model`.
+    """
+    hub = _hub()
+    api = hub.HfApi(token=token)
+    with tempfile.TemporaryDirectory() as folder:
+        save_adapter_folder(model, folder, name=name, metadata=metadata, repo_id=repo_id)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message=commit_message
+        )
+    return str(getattr(commit, "commit_url", commit))
+
+
+def create_model(
+    source: str | os.PathLike[str], pretrained: bool = True, **kwargs: Any
+) -> nn.Module:
+    """Build the backbone an adapter file records and load the adapter into it, in one call.
+
+    Args:
+        source: An adapter file, a folder holding one, or ``"hf-hub:user/repo"``.
+        pretrained: Load the backbone's pretrained weights (the tag the adapter was trained
+            on). ``False`` builds it randomly initialised (tests, offline use).
+        kwargs: Passed on to ``timm.create_model`` (e.g. ``img_size`` for a custom size).
+
+    Only timm backbones can be built from the file alone (their identity names the model and
+    its pretrained tag); for others build the model yourself and call
+    :func:`arc_peft.load_adapter`.
+    """
+    from .io import load_adapter, read_adapter_info
+
+    file = resolve(source)
+    info = read_adapter_info(file)
+    model_id = info.model
+    if model_id.get("library") != "timm":
+        raise ValueError(
+            f"{source}: create_model builds timm backbones; this adapter was trained on "
+            f"{model_id.get('library') or 'an unrecorded'} model "
+            f"({model_id.get('architecture') or info.backbone.get('architecture')}): build it "
+            "yourself and call arc_peft.load_adapter(model, ...)"
+        )
+    import timm
+
+    name = model_id["architecture"]
+    if model_id.get("tag"):
+        name = f"{name}.{model_id['tag']}"
+    if info.head is not None and "num_classes" not in kwargs:
+        # The stored head decides the classes; the model's own head then has the same shape.
+        weight = [s for k, s in info.head["shapes"].items() if k.endswith("weight")]
+        if weight:
+            kwargs["num_classes"] = weight[-1][0]
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    return load_adapter(model, file)

@@ -1,0 +1,186 @@
+"""Describing an adapter file from its header alone: :class:`AdapterInfo` and
+:func:`read_adapter_info`.
+
+Nothing here imports torch (nor does anything it imports), so ``import arc_peft`` followed by
+``arc_peft.read_adapter_info`` and the ``arc-peft inspect`` command line answer in a fraction
+of a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import identity
+from .config import AdapterConfig
+from .fileformat import Header, bad, check_metadata, open_regular, parse_metadata, read_header
+
+__all__ = ["AdapterInfo", "read_adapter_info", "resolve_source", "runs"]
+
+DEFAULT_ADAPTER = "default"  # the name a file without one was saved under (inject's default)
+
+
+def runs(values: list[int]) -> str:
+    """``[768, 768, 384]`` -> ``"768×2, 384"``: widths per block, readable for 24-block Swins."""
+    parts: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j < len(values) and values[j] == values[i]:
+            j += 1
+        parts.append(f"{values[i]}×{j - i}" if j - i > 1 else str(values[i]))
+        i = j
+    return ", ".join(parts) if parts else "none"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter file holds, read from its header alone (no model, no tensor data).
+
+    ``str(info)`` is a readable summary; :meth:`to_dict` is JSON-ready.
+
+    Attributes:
+        path: The file.
+        format_version: File-format version it was written with.
+        arc_peft_version: arc_peft version that wrote it.
+        name: Name the adapter had when it was saved (it can be loaded under any name).
+        config: The method configuration.
+        backbone: Fingerprint of the backbone it was trained on: ``architecture`` (class),
+            ``num_blocks`` and per-block input ``widths`` of the ``attn`` and ``mlp`` sites.
+        head: ``{"module": path, "shapes": {key: shape}}`` of the stored classifier head, or
+            ``None``.
+        dtype: Dtype(s) of the stored tensors (comma-separated if several).
+        num_tensors: Number of tensors in the file.
+        adapter_parameters: Adapter parameters (a shared ARC projection counted once).
+        head_parameters: Classifier-head parameters (0 without a head).
+        file_size: Size of the file in bytes.
+        trained: ``{"modules": [path, ...], "shapes": {key: shape}}`` of backbone modules
+            trained with ``freeze_backbone(also=...)``, or ``None``.
+        trained_parameters: Parameters (and buffers) of those modules.
+        model: Identity of the backbone (``library``, ``architecture``, and ``tag`` /
+            ``hub_id`` / ``name_or_path`` where known); ``{}`` if unknown.
+        metadata: The free-form metadata given to :func:`save_adapter`.
+    """
+
+    path: str
+    format_version: int
+    arc_peft_version: str
+    name: str
+    config: AdapterConfig
+    backbone: dict[str, Any]
+    head: dict[str, Any] | None
+    dtype: str
+    num_tensors: int
+    adapter_parameters: int
+    head_parameters: int
+    file_size: int
+    trained: dict[str, Any] | None = None
+    trained_parameters: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (the config as :meth:`ARCConfig.to_dict` gives it)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["config"] = self.config.to_dict()
+        data["method"] = self.method
+        return data
+
+    def __str__(self) -> str:
+        try:
+            return self._summary()
+        except Exception:  # a hand-built AdapterInfo may hold anything; str() must not fail
+            return f"{self.path!s}: an arc_peft adapter file (unreadable description)"
+
+    def _summary(self) -> str:
+        backbone = self.backbone if isinstance(self.backbone, dict) else {}
+        widths = backbone.get("widths")
+        widths = widths if isinstance(widths, dict) else {}
+        width_text = "; ".join(f"{p} {runs(w)}" for p, w in widths.items() if isinstance(w, list))
+        blocks = backbone.get("num_blocks")
+        if self.head is None:
+            head_text = "not stored"
+        else:
+            shapes = ", ".join(f"{k} {v}" for k, v in self.head["shapes"].items())
+            head_text = f"{self.head_parameters:,} parameters ({shapes})"
+        rows = [
+            ("method", f"{self.method}: {self.config}"),
+            ("adapter", f"{self.adapter_parameters:,} parameters (saved as {self.name!r})"),
+            ("head", head_text),
+            ("backbone", f"{backbone.get('architecture')}, {blocks} blocks"),
+            ("widths", width_text),
+            ("tensors", f"{self.num_tensors} {self.dtype}, {self.file_size:,} bytes"),
+            ("written by", f"arc_peft {self.arc_peft_version}, file format {self.format_version}"),
+        ]
+        if self.trained:
+            modules = ", ".join(self.trained["modules"])
+            rows.insert(3, ("trained", f"{self.trained_parameters:,} values in {modules}"))
+        rows[3:3] = identity.describe(self.model, self.metadata)
+        return "\n".join([self.path] + [f"  {label:<11} {text}" for label, text in rows])
+
+
+def resolve_source(source: str | os.PathLike[str]) -> str:
+    """A local file for ``source``: a path, a folder holding ``adapter.safetensors`` (a Hub
+    repo's layout) or ``"hf-hub:user/repo"`` (see :mod:`arc_peft.hub`)."""
+    from .hub import resolve  # imports huggingface_hub only for "hf-hub:" sources
+
+    return resolve(source)
+
+
+def identity_fields(path: str, header: Header) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The file's model identity and user metadata (``{}`` when absent)."""
+    try:
+        meta = header.metadata
+        return identity.json_object(meta, "model"), identity.json_object(meta, "user")
+    except ValueError as exc:
+        raise bad(path, f"corrupt metadata: {exc}") from None
+
+
+def read_adapter_info(path: str | os.PathLike[str]) -> AdapterInfo:
+    """Describe an adapter file without a model: config, counts, backbone, versions.
+
+    Only the header is read and checked (structure, sizes, metadata); tensor values are checked
+    by :func:`load_adapter`.
+
+    Raises:
+        AdapterFileError: the file is not a (readable, current) arc_peft adapter file.
+        OSError: the file cannot be opened.
+    """
+    path = resolve_source(path)
+    with open_regular(path) as handle:
+        header = read_header(path, handle)
+    check_metadata(path, header)
+    contents = parse_metadata(path, header)
+    model_id, user = identity_fields(path, header)
+    counts = {k: math.prod(e["shape"]) for k, e in header.entries.items()}
+
+    def total(group: dict[str, Any] | None) -> int:
+        return sum(counts[k] for k in group["shapes"]) if group else 0
+
+    meta = header.metadata
+    head_params, trained_params = total(contents.head), total(contents.trained)
+    return AdapterInfo(
+        path=path,
+        format_version=int(meta["format_version"]),
+        arc_peft_version=meta["arc_peft_version"],
+        name=meta.get("name", DEFAULT_ADAPTER),
+        config=contents.config,
+        backbone=contents.backbone,
+        head=contents.head,
+        dtype=meta.get("dtype", ""),
+        num_tensors=len(counts),
+        adapter_parameters=sum(counts.values()) - head_params - trained_params,
+        head_parameters=head_params,
+        file_size=header.file_size,
+        trained=contents.trained,
+        trained_parameters=trained_params,
+        model=model_id,
+        metadata=user,
+    )
