@@ -213,7 +213,9 @@ def fresh_peak_mib(make_step: Callable[[], Callable[[], None]], threads: int) ->
         _CONTEXT = mp.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(["torch", "timm", "arc_peft"])
     queue = _CONTEXT.Queue()
-    proc = _CONTEXT.Process(target=_worker, args=({"make_step": make_step, "threads": threads}, queue))
+    proc = _CONTEXT.Process(
+        target=_worker, args=({"make_step": make_step, "threads": threads}, queue)
+    )
     proc.start()
     try:
         result = queue.get(timeout=3600)

@@ -46,7 +46,9 @@ def timm_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs)
 
 
-def _frozen(model: nn.Module, trainable: Callable[[str, nn.Module], bool] | None = None) -> nn.Module:
+def _frozen(
+    model: nn.Module, trainable: Callable[[str, nn.Module], bool] | None = None
+) -> nn.Module:
     """Freeze all but the head and the modules ``trainable`` selects."""
     arc_peft.freeze_backbone(model)
     if trainable is not None:
@@ -105,7 +107,9 @@ def _peft(kind: str) -> Callable:
         model = timm_model(name, kwargs)
         # How people apply them to a timm ViT: the fused qkv projection, peft's defaults.
         if kind == "lora":
-            model = peft.inject_adapter_in_model(peft.LoraConfig(r=8, target_modules=["qkv"]), model)
+            model = peft.inject_adapter_in_model(
+                peft.LoraConfig(r=8, target_modules=["qkv"]), model
+            )
             layers = {id(m) for m in lora_layers(model)}
             _frozen(model)
             for module in model.modules():
@@ -281,9 +285,7 @@ METHODS = {
         Method("vera", "peft VeRA r=256 (qkv)", _peft("vera")),
         Method("adapter_plus", "Adapter+ dim 8 (adapter-plus)", _adapter_plus),
         Method("official_arc", "official ARC code", _official("ARC")),
-        Method(
-            "official_floor", "official code's floor", _official("none"), grads_to_input=True
-        ),
+        Method("official_floor", "official code's floor", _official("none"), grads_to_input=True),
     ]
 }
 

@@ -70,7 +70,7 @@ def _inference(rows: list[dict]) -> list[str]:
             for m in methods
         ]
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _training(rows: list[dict]) -> list[str]:
@@ -89,7 +89,7 @@ def _training(rows: list[dict]) -> list[str]:
             f"{_f(r['saved_mib'], 1)} | {_f(r.get('saved_mib_ratio_floor'), 3)} | "
             f"{_f(r.get('peak_mib'), 0)} | {_f(r.get('peak_mib_ratio_floor'), 3)} |"
         )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _scaling(rows: list[dict]) -> list[str]:
@@ -106,7 +106,7 @@ def _scaling(rows: list[dict]) -> list[str]:
             f"{_f(r['train_spread'])} | {_f(r['saved_ratio_floor'], 3)} | "
             f"{_f(r['infer_ratio'], 3)} | {r['floor_step_ms']:.1f} |"
         )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def markdown(results: dict) -> str:
@@ -182,7 +182,9 @@ def plot(results: dict, path: Path) -> None:
         width = 0.8 / (2 * len(dtypes))
         for i, dtype in enumerate(dtypes):
             got = {r["method"]: r for r in training if (r["model"], r["dtype"]) == (model, dtype)}
-            for j, (key, kind) in enumerate((("time_ratio_floor", "time"), ("saved_mib_ratio_floor", "saved"))):
+            for j, (key, kind) in enumerate(
+                (("time_ratio_floor", "time"), ("saved_mib_ratio_floor", "saved"))
+            ):
                 offset = (2 * i + j) * width
                 ax.bar(
                     [k + offset for k in range(len(methods))],
@@ -200,15 +202,21 @@ def plot(results: dict, path: Path) -> None:
     ax = axes[1]
     for axis in dict.fromkeys(r["axis"] for r in scaling):
         rows = [r for r in scaling if r["axis"] == axis]
-        ax.plot(range(len(rows)), [r["train_ratio_floor"] for r in rows], "o-", label=f"{axis}: time")
-        ax.plot(range(len(rows)), [r["saved_ratio_floor"] for r in rows], "x--", label=f"{axis}: saved")
+        ax.plot(
+            range(len(rows)), [r["train_ratio_floor"] for r in rows], "o-", label=f"{axis}: time"
+        )
+        ax.plot(
+            range(len(rows)), [r["saved_ratio_floor"] for r in rows], "x--", label=f"{axis}: saved"
+        )
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xlabel("grid point (small → large along each axis)")
     ax.set_ylabel("ARC training step / floor")
     if scaling:
         ax.legend(fontsize=6, ncol=2)
     env = results["environment"]
-    fig.suptitle(f"arc_peft · {env['device']} · torch {env['torch']} · {env['date'][:10]}", fontsize=9)
+    fig.suptitle(
+        f"arc_peft · {env['device']} · torch {env['torch']} · {env['date'][:10]}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

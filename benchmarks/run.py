@@ -18,11 +18,11 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import methods, report  # noqa: E402
-from benchmarks.sections import RUNNERS, log  # noqa: E402
-from benchmarks.settings import parse_args  # noqa: E402
+from benchmarks import methods, report
+from benchmarks.sections import RUNNERS, log
+from benchmarks.settings import parse_args
 
 
 def main(argv: list[str] | None = None) -> dict:

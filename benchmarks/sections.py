@@ -105,9 +105,7 @@ def run_training(settings: Settings, notes: list[str]) -> list[dict]:
         models = {m: build(name, m, settings) for m in methods}
         for dtype in settings.dtypes:
             fns = {
-                m: train_step_fn(
-                    models[m], x, y, dtype, METHODS[m].grads_to_input, METHODS[m].lean
-                )
+                m: train_step_fn(models[m], x, y, dtype, METHODS[m].grads_to_input, METHODS[m].lean)
                 for m in methods
             }
             times = interleaved(
@@ -246,7 +244,9 @@ def run_files(settings: Settings, notes: list[str]) -> dict:
         )
     names = iter(["task_a", "task_b"] * 1000)
     switch = {"switch": lambda: arc_peft.set_active_adapter(model, next(names))}
-    result["switch_us"] = 1e6 * median(interleaved(switch, 50, 1, settings.device, "wall")["switch"])
+    result["switch_us"] = 1e6 * median(
+        interleaved(switch, 50, 1, settings.device, "wall")["switch"]
+    )
     log(f"files: {result['file_bytes'] / 1e3:.1f} kB, switch {result['switch_us']:.0f} us")
     return result
 

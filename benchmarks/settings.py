@@ -57,7 +57,7 @@ def _list(text: str) -> list[str]:
 def parse_args(argv: list[str] | None) -> Settings:
     p = argparse.ArgumentParser(
         prog="python benchmarks/run.py",
-        description="Speed and memory of arc_peft's adapters against the frozen backbone and peers.",
+        description="Speed and memory of arc_peft's adapters against the floor and peers.",
     )
     p.add_argument("--models", default="vit_small_patch16_224,vit_base_patch16_224")
     p.add_argument("--train-models", default=None, help="default: --models")

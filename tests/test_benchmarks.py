@@ -62,9 +62,7 @@ def test_quick_rows_cover_every_method_and_precision(quick):
     inference = results["inference"]
     for dtype in ("fp32", "bf16"):
         for batch in (1, 4):
-            got = {
-                r["method"]: r for r in inference if (r["dtype"], r["batch"]) == (dtype, batch)
-            }
+            got = {r["method"]: r for r in inference if (r["dtype"], r["batch"]) == (dtype, batch)}
             assert set(got) == _expected(INFER_METHODS)
             assert got["plain"]["time_ratio_plain"] == 1.0
     training = results["training"]
@@ -117,7 +115,9 @@ def test_missing_peers_are_skipped_with_a_note(monkeypatch, tmp_path):
     monkeypatch.setattr(
         sections, "missing", lambda k: "peft is not installed" if k == "lora" else real(k)
     )
-    results = _main(["--quick", "--repeats", "1", "--sections", "inference", "--out", str(tmp_path)])
+    results = _main(
+        ["--quick", "--repeats", "1", "--sections", "inference", "--out", str(tmp_path)]
+    )
     assert "lora" not in {r["method"] for r in results["inference"]}
     assert "peft is not installed" in (tmp_path / "results.md").read_text()
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import arc_peft
 from arc_peft import lean
-from arc_peft.lean import _LeanARC, lean_disabled, recompute_source
+from arc_peft.lean import _LeanAdaptMLP, _LeanARC, lean_disabled, recompute_source
 
 from models import MATRIX, build, inputs
 
@@ -82,6 +82,24 @@ def test_gradcheck_saved_input_when_no_norm_produced_it():
     assert torch.autograd.gradcheck(fn, (x_in, u, s, b))
 
 
+@pytest.mark.parametrize("from_norm", [True, False], ids=["recomputed", "saved"])
+def test_gradcheck_adaptmlp(from_norm):
+    g = torch.Generator().manual_seed(5)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    x_in, w_down, b_down, w_up, b_up = rand(2, 4, 6), rand(3, 6), rand(3), rand(6, 3), rand(6)
+
+    def fn(x_in, w_down, b_down, w_up, b_up):
+        x = F.layer_norm(x_in, (6,)) if from_norm else x_in * 2.0
+        source = recompute_source(x)
+        assert (source is not None) == from_norm
+        return _LeanAdaptMLP.apply(x, w_down, b_down, w_up, b_up, 0.1, 0.0, source)
+
+    assert torch.autograd.gradcheck(fn, (x_in, w_down, b_down, w_up, b_up))
+
+
 def test_dropout_mask_is_the_one_nn_dropout_draws():
     u, s, b = (t.detach().float().requires_grad_() for t in _arc_params(rank=40))
     x = torch.randn(64, 6, requires_grad=True)
@@ -109,7 +127,7 @@ def _randomised(model: nn.Module, config: arc_peft.AdapterConfig) -> nn.Module:
 
 def _step(model: nn.Module, x: torch.Tensor, plain: bool, autocast: bool = False) -> tuple:
     torch.manual_seed(7)  # the same dropout masks on both paths
-    with (lean_disabled() if plain else torch.enable_grad()):
+    with lean_disabled() if plain else torch.enable_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = model(x)
         out.float().square().mean().backward()
@@ -158,6 +176,12 @@ def test_lean_and_plain_paths_agree_on_every_architecture(name, monkeypatch):
         # embedding's output needs none) reads a LayerNorm's output, recomputed in backward.
         assert all(found) and len(found) >= 3, found
 
+
+@pytest.mark.parametrize("name", ["vit", "swin", "eva02_swiglu", "tv_vit"])
+def test_adaptmlp_lean_and_plain_paths_agree(name):
+    config = arc_peft.AdaptMLPConfig(bottleneck=4, dropout=0.3)
+    _assert_paths_agree(_randomised(build(name), config), inputs(name))
+    _assert_paths_agree(_randomised(build(name), config), inputs(name), autocast=True)
 
 
 @pytest.mark.parametrize("name", ["vit", "swin", "eva02"])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lean import arc_forward
+from .lean import adaptmlp_forward, arc_forward
 
 __all__ = ["ARC", "AdaptMLP", "Adapter"]
 
@@ -180,6 +180,12 @@ class AdaptMLP(Adapter):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and self.norm is None and not self.learnable_scale:
+            # Training: the same ops, keeping less for the backward pass (arc_peft.lean).
+            p = self.dropout.p if self.dropout.training else 0.0
+            out = adaptmlp_forward(x, self.down, self.up, self.scale, p)
+            if out is not None:
+                return out
         if self.layernorm == "in":
             x = self.norm(x)
         h = self.up(self.dropout(F.relu(self.down(x))))
