@@ -146,11 +146,13 @@ def _assert_paths_agree(model: nn.Module, x: torch.Tensor, autocast: bool = Fals
             torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
         return
     # Under bfloat16 the two paths round differently: the lean path's gradients must be about as
-    # close to the float32 ones as plain autograd's in bfloat16 are (rounding, not a bug).
+    # close to the float32 ones as plain autograd's in bfloat16 are, give or take a few bfloat16
+    # ulps (8 significant bits) of the gradient's size: rounding, not a bug.
     _, exact = _step(model, x, plain=True)
     for name, grad in plain_grads.items():
         rounding = (grad - exact[name]).abs().max().item()
-        assert (lean_grads[name] - exact[name]).abs().max().item() <= 2 * rounding + 1e-6, name
+        ulps = 2**-6 * exact[name].abs().max().item()
+        assert (lean_grads[name] - exact[name]).abs().max().item() <= 2 * rounding + ulps, name
 
 
 # Models whose every attention and MLP input is a LayerNorm's output, with no re-layout between
