@@ -281,3 +281,57 @@ def test_plain_path_without_autograd_and_under_the_switch():
         assert calls
     finally:
         _LeanARC.apply = original  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("name", ["hf_vit", "hf_dinov2", "hf_swin", "oc_tower", "oc_clip_visual"])
+def test_lean_and_plain_paths_agree_on_other_ecosystems(name):
+    from ecosystems import ECOSYSTEMS
+
+    spec = ECOSYSTEMS[name]
+    pytest.importorskip(spec.library)
+    model = spec.build()
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4, dropout=0.2), example_input=spec.inputs())
+    arc_peft.freeze_backbone(model, train_head=False)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in arc_peft.adapter_parameters(model).values():
+            param.copy_(0.3 * torch.randn(param.shape, generator=g))
+    model.train()
+    x = spec.inputs()
+    results = []
+    for plain in (True, False):
+        torch.manual_seed(7)
+        with lean_disabled() if plain else torch.enable_grad():
+            out = spec.call(model, x)
+            out.square().mean().backward()
+        results.append(
+            (out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+        model.zero_grad(set_to_none=True)
+    (plain_out, plain_grads), (lean_out, lean_grads) = results
+    assert torch.equal(lean_out, plain_out) and plain_grads
+    for pname, grad in plain_grads.items():
+        torch.testing.assert_close(lean_grads[pname], grad, rtol=1e-4, atol=1e-6, msg=pname)
+
+
+def test_lean_path_under_ddp(tmp_path):
+    """DistributedDataParallel (one gloo process) reduces the lean path's gradients as usual."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        model = _randomised(build("vit"), arc_peft.ARCConfig(rank=4, dropout=0.1))
+        reference = copy.deepcopy(model)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        x = inputs("vit")
+        _, expected = _step(reference, x, plain=True)
+        _, got = _step(ddp, x, plain=False)
+        assert set(got) == {f"module.{n}" for n in expected}
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[f"module.{name}"], grad, rtol=1e-4, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
