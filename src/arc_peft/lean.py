@@ -1,13 +1,17 @@
-"""ARC's memory-lean training path: keep for the backward pass only what the backbone keeps anyway.
+"""The adapters' memory-lean training path: keep for the backward pass only what the frozen
+backbone keeps anyway, plus the ``N×r`` bottleneck.
 
-Plain autograd through ``x + dropout(x·U·diag(s))·Uᵀ + b`` saves the adapter's input ``x`` (an
-``N×D`` token tensor) for the gradient of ``U``, plus the ``N×r`` bottleneck and the dropout
-noise. The frozen backbone saves none of these: a frozen linear keeps no input. In a pre-norm
-block ``x`` is a norm's output, and the norm has already saved what it needs to recompute it (its
-input and statistics). So :class:`_LeanARC` saves the dropout mask only (``N×r`` booleans) and, in
-the backward pass, recomputes ``x`` from what the norm saved and ``x·U`` from ``x``. Where no such
-norm produced the input, it saves ``x`` and the mask: still what the gradient of ``U, s, b``
-needs, and less than plain autograd.
+Plain autograd through ARC, ``x + dropout(x·U·diag(s))·Uᵀ + b``, saves the adapter's input ``x``
+(an ``N×D`` token tensor) for the gradient of ``U``, plus the bottleneck and the dropout noise.
+The frozen backbone saves no such tensor: a frozen linear keeps no input. In a pre-norm block
+``x`` is a LayerNorm's output, and the LayerNorm has already saved its own input and statistics
+for its backward pass. So :class:`_LeanARC` saves the bottleneck after dropout (``N×r``) and the
+dropout mask (``N×r`` booleans), and computes the one term that needs ``x`` — ``xᵀ·∂a``, the
+``D×r`` gradient of ``U·diag(s)`` — from the norm's saved input in one GEMM
+(:func:`_grad_us`): nothing token-sized is recomputed or kept. Where no norm produced ``x`` it
+saves ``x`` too: still what the gradients of ``U, s, b`` need, and less than plain autograd.
+:class:`_LeanAdaptMLP` does the same for AdaptMLP (it saves only its bottleneck after dropout,
+whose sign also says where ReLU and dropout let a gradient through).
 
 How the norm is found: by the autograd node that produced ``x``, not by module — a table of the
 ops whose saved tensors determine their output (:data:`_NORMS`), through any chain of
@@ -18,10 +22,10 @@ backward frees them (the norm's node runs after every consumer of its output). A
 a mixed-task batch, a cast) takes the saving path, and so does everything under saved-tensor
 hooks (activation checkpointing, which recomputes the whole region anyway).
 
-The forward pass runs the same torch ops as :meth:`arc_peft.ARC.forward`, in the same order and
+The forward pass runs the same torch ops as the modules' own ``forward``, in the same order and
 under the same autocast state, so its outputs are identical to the plain path's; gradients agree
-to float rounding. Under ``torch.compile`` and without autograd the plain path runs (the compiler
-chooses what to save itself).
+to float rounding (``tests/test_lean.py``: gradcheck in float64, every architecture). Under
+``torch.compile`` and without autograd the plain path runs (the compiler chooses what to save).
 """
 
 from __future__ import annotations
