@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import tempfile
 import time
@@ -13,6 +14,7 @@ from torch import nn
 
 import arc_peft
 
+from . import methods
 from .measure import (
     fresh_peak_mib,
     infer_fn,
@@ -91,6 +93,7 @@ def run_inference(settings: Settings, notes: list[str]) -> list[dict]:
 def _step_for_memory(
     name: str, method: str, settings: Settings, dtype: str
 ) -> Any:  # top level: pickled into the fresh process
+    methods.OFFICIAL_SOURCE[:] = [settings.official_arc] if settings.official_arc else []
     model = build(name, method, settings)
     x, y = make_batch(settings, settings.train_batch)
     spec = METHODS[method]
@@ -122,7 +125,11 @@ def run_training(settings: Settings, notes: list[str]) -> list[dict]:
                 )
                 model.zero_grad(set_to_none=True)
                 if settings.memory:
-                    row["peak_mib"] = _peak(name, row["method"], settings, dtype)
+                    try:
+                        row["peak_mib"] = _peak(name, row["method"], settings, dtype)
+                    except RuntimeError as exc:  # one failed measure must not end the run
+                        row["peak_mib"] = math.nan
+                        notes.append(f"peak memory of {row['method']} {dtype}: {exc}")
             floor = {k: v for k, v in next(r for r in part if r["method"] == "floor").items()}
             full = next((r for r in part if r["method"] == "full"), None)
             for row in part:
