@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .lean import adaptmlp_forward, arc_forward
+
 __all__ = ["ARC", "AdaptMLP", "Adapter"]
 
 
@@ -85,6 +87,13 @@ class ARC(Adapter):
 
     def forward(self, x: Tensor) -> Tensor:
         u = self.U
+        if torch.is_grad_enabled():
+            # Training: the same ops through an autograd Function that keeps less for the
+            # backward pass (arc_peft.lean); None where it does not apply.
+            p = self.dropout.p if self.dropout.training else 0.0
+            out = arc_forward(x, u, self.scale, self.bias, p)
+            if out is not None:
+                return out
         flat = x.reshape(-1, x.shape[-1])
         # Fold diag(s) into U once per call (D×r) instead of scaling every token's bottleneck.
         h = self.dropout(flat @ (u * self.scale))
@@ -171,6 +180,12 @@ class AdaptMLP(Adapter):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and self.norm is None and not self.learnable_scale:
+            # Training: the same ops, keeping less for the backward pass (arc_peft.lean).
+            p = self.dropout.p if self.dropout.training else 0.0
+            out = adaptmlp_forward(x, self.down, self.up, self.scale, p)
+            if out is not None:
+                return out
         if self.layernorm == "in":
             x = self.norm(x)
         h = self.up(self.dropout(F.relu(self.down(x))))

@@ -1,0 +1,1 @@
+"""The benchmark package: ``python benchmarks/run.py --help`` (see README.md here)."""

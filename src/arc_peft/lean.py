@@ -1,0 +1,307 @@
+"""The adapters' memory-lean training path: keep for the backward pass only what the frozen
+backbone keeps anyway, plus the ``N×r`` bottleneck.
+
+Plain autograd through ARC, ``x + dropout(x·U·diag(s))·Uᵀ + b``, saves the adapter's input ``x``
+(an ``N×D`` token tensor) for the gradient of ``U``, plus the bottleneck and the dropout noise.
+The frozen backbone saves no such tensor: a frozen linear keeps no input. In a pre-norm block
+``x`` is a LayerNorm's output, and the LayerNorm has already saved its own input and statistics
+for its backward pass. So :class:`_LeanARC` saves the bottleneck after dropout (``N×r``) and the
+dropout mask (``N×r`` booleans), and computes the one term that needs ``x`` — ``xᵀ·∂a``, the
+``D×r`` gradient of ``U·diag(s)`` — from the norm's saved input in one GEMM
+(:func:`_grad_us`): nothing token-sized is recomputed or kept. Where no norm produced ``x`` it
+saves ``x`` too: still what the gradients of ``U, s, b`` need, and less than plain autograd.
+:class:`_LeanAdaptMLP` does the same for AdaptMLP (it saves only its bottleneck after dropout,
+whose sign also says where ReLU and dropout let a gradient through).
+
+How the norm is found: by the autograd node that produced ``x``, not by module — a table of the
+ops whose saved tensors determine their output (:data:`_NORMS`), through any chain of
+permutations and transposes (channels-first sites, ``LayerNorm2d``). ``x``'s node is only looked
+at in the forward pass; its saved tensors are read in the backward pass, before the norm's own
+backward frees them (the norm's node runs after every consumer of its output). Any other producer
+(an RMS norm written in elementwise ops, windows partitioned after the norm, a routed sub-batch of
+a mixed-task batch, a cast) takes the saving path, and so does everything under saved-tensor
+hooks (activation checkpointing, which recomputes the whole region anyway).
+
+The forward pass runs the same torch ops as the modules' own ``forward``, in the same order and
+under the same autocast state, so its outputs are identical to the plain path's; gradients agree
+to float rounding (``tests/test_lean.py``: gradcheck in float64, every architecture). Under
+``torch.compile`` and without autograd the plain path runs (the compiler chooses what to save).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["LEAN", "adaptmlp_forward", "arc_forward", "lean_disabled", "recompute_source"]
+
+
+class _Switch:
+    """Whether :class:`~arc_peft.ARC` trains through the lean path (on by default)."""
+
+    enabled: bool = True
+
+
+LEAN = _Switch()
+
+
+@contextlib.contextmanager
+def lean_disabled() -> Iterator[None]:
+    """Train through plain autograd inside this block (to compare the two paths)."""
+    before, LEAN.enabled = LEAN.enabled, False
+    try:
+        yield
+    finally:
+        LEAN.enabled = before
+
+
+def _layer_norm(node: Any) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    # native_layer_norm saves (input, mean, rstd, weight, bias); mean/rstd keep the normalised
+    # dim as size 1, so they broadcast against the input (and follow it through permutes).
+    return (
+        node._saved_input,
+        node._saved_result1,
+        node._saved_result2,
+        node._saved_weight,
+        node._saved_bias,
+    )
+
+
+# The autograd nodes of normalisations whose saved tensors determine their output, by the op's
+# name (derivatives.yaml): each gives ``(x, mean, rstd, w, b)`` with output
+# ``(x - mean)·rstd·w + b`` (``w``, ``b`` on the last axis, or None). The norm's own backward
+# needs these saved tensors anyway, so keeping them costs nothing. (GroupNorm is not one: it does
+# not save its bias, which its backward does not need.)
+_NORMS: dict[str, Callable[[Any], tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]]] = {
+    "NativeLayerNormBackward0": _layer_norm,
+}
+# Pure layout changes between the norm and the adapter, replayed on the recomputed tensor.
+_VIEWS: dict[str, Callable[[Any, Tensor], Tensor]] = {
+    "PermuteBackward0": lambda node, y: y.permute(node._saved_dims),
+    "TransposeBackward0": lambda node, y: y.transpose(node._saved_dim0, node._saved_dim1),
+}
+
+
+def _has_saved(node: Any, names: tuple[str, ...]) -> bool:
+    # Looked up on the class: reading the attribute on the node would unpack the saved tensor,
+    # which under activation checkpointing means recomputing the checkpointed region.
+    return all(hasattr(type(node), f"_saved_{n}") for n in names)
+
+
+_NEEDS = {
+    "NativeLayerNormBackward0": ("input", "result1", "result2", "weight", "bias"),
+    "PermuteBackward0": ("dims",),
+    "TransposeBackward0": ("dim0", "dim1"),
+}
+
+
+def recompute_source(x: Tensor) -> tuple[Any, ...] | None:
+    """The chain of autograd nodes (norm first, then layout changes) that recomputes ``x`` from
+    tensors its producer saved anyway, or ``None`` when ``x`` was not produced that way (or the
+    norm's channel axis does not end up last in ``x``, where the adapter reads channels)."""
+    node, chain = x.grad_fn, []
+    while node is not None:
+        name = type(node).__name__
+        if not _has_saved(node, _NEEDS.get(name, ("?",))):
+            return None
+        chain.append(node)
+        if name in _NORMS:
+            if len(node._saved_normalized_shape) != 1:
+                return None
+            chain.reverse()
+            return tuple(chain) if _channel_ends_last(chain[1:], x.dim()) else None
+        if name not in _VIEWS:
+            return None
+        edges = node.next_functions
+        if not edges or edges[0][1] != 0:
+            return None
+        node = edges[0][0]
+    return None
+
+
+def _channel_ends_last(views: list[Any], ndim: int) -> bool:
+    axis = ndim - 1  # the norm normalises (and its affine acts on) its last axis
+    for node in views:
+        if type(node).__name__ == "PermuteBackward0":
+            axis = [d % ndim for d in node._saved_dims].index(axis)
+        else:
+            pair = (node._saved_dim0 % ndim, node._saved_dim1 % ndim)
+            axis = pair[1] if axis == pair[0] else pair[0] if axis == pair[1] else axis
+    return axis == ndim - 1
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved tensors are being packed (activation checkpointing, CPU offloading): then
+    reading the norm's saved input would unpack it a second time, which checkpointing forbids, so
+    the input is saved instead (inside a checkpointed region nothing is kept anyway)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def _recompute(chain: tuple[Any, ...]) -> tuple[Tensor, ...]:
+    """The norm's ``(x, mean, rstd, w, b)`` laid out as the adapter's input."""
+    x, mean, rstd, w, b = _NORMS[type(chain[0]).__name__](chain[0])
+    for node in chain[1:]:
+        view = _VIEWS[type(node).__name__]
+        x, mean, rstd = view(node, x), view(node, mean), view(node, rstd)
+    return x, mean, rstd, w, b
+
+
+class _LeanARC(torch.autograd.Function):
+    """``x + dropout(x·U·diag(s))·Uᵀ + b`` saving the ``N×r`` bottleneck and the dropout mask,
+    and ``x`` only where it cannot be recomputed from a norm's saved tensors."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        u: Tensor,
+        s: Tensor,
+        bias: Tensor,
+        p: float,
+        source: tuple[Any, ...] | None,
+    ) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        # The same ops as ARC.forward (see there for why), so the outputs are identical.
+        a = flat @ (u * s)
+        mask = None
+        if p > 0:
+            h, mask = torch.native_dropout(a, p, True)  # what nn.Dropout runs, with its mask
+        else:
+            h = a
+        out = torch.addmm(flat, h, u.t()) if h.dtype == flat.dtype else flat + h @ u.t()
+        out.add_(bias)
+        ctx.source, ctx.scale, ctx.shape = source, 1.0 / (1.0 - p), x.shape
+        ctx.x_dtype, ctx.bias_dtype = x.dtype, bias.dtype
+        ctx.save_for_backward(u, s, mask, h, flat if source is None else None)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        u, s, mask, h, flat = ctx.saved_tensors
+        cd = h.dtype  # the bottleneck's dtype: the GEMMs' under autocast
+        g = grad.reshape(-1, u.shape[0])
+        gc, usc = g.to(cd), (u * s).to(cd)
+        dh = gc @ u.to(cd)  # N×r
+        da = dh if mask is None else torch.ops.aten.native_dropout_backward(dh, mask, ctx.scale)
+        grad_x = grad_u = grad_s = grad_b = None
+        if ctx.needs_input_grad[0]:
+            if g.dtype == cd:  # the residual's gradient accumulated inside the GEMM
+                grad_x = torch.addmm(g, da, usc.t()).view(ctx.shape)
+            else:
+                grad_x = (g + (da @ usc.t()).to(g.dtype)).view(ctx.shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            d_us = _grad_us(ctx, flat, da, u.shape[0]).to(u.dtype)  # gradient of U·diag(s)
+            if ctx.needs_input_grad[1]:
+                grad_u = d_us * s + (gc.t() @ h).to(u.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_s = (d_us * u).sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_b = g.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_u, grad_s, grad_b, None, None
+
+
+def _grad_us(ctx: Any, flat: Tensor | None, da: Tensor, dim: int) -> Tensor:
+    """``inputᵀ·da`` (``D×r``), with the input saved or recomputed from its norm."""
+    if flat is None:
+        x, mean, rstd, w, b = _recompute(ctx.source)
+        if x.dtype == mean.dtype:  # the norm ran in its input's precision (float32)
+            # input = (x - mean)·rstd·w + b, so per channel d and column k
+            #   Σ_n input[n,d]·da[n,k] = w[d]·(Σ_n x[n,d]·rstd[n]·da[n,k]
+            #                                  - Σ_n mean[n]·rstd[n]·da[n,k]) + b[d]·Σ_n da[n,k]:
+            # one GEMM on the norm's own input, nothing token-sized recomputed. (Under autocast
+            # in float32: closer to exact than the bfloat16 copy of the input plain autograd
+            # multiplies, and no token-sized cast.)
+            da = da.to(x.dtype)
+            rstd, mean = rstd.reshape(-1, 1), mean.reshape(-1, 1)
+            out = x.reshape(-1, dim).t() @ (da * rstd)
+            out.sub_((mean * rstd).t() @ da)
+            if w is not None:
+                out.mul_(w[:, None])
+            if b is not None:
+                out.add_(b[:, None] * da.sum(0))
+            return out
+        # Another precision: rebuild the input as the norm output it (then cast like autocast).
+        flat = (x - mean).mul_(rstd)
+        flat = flat * w if w is not None else flat
+        flat = (flat + b if b is not None else flat).to(ctx.x_dtype).reshape(-1, dim)
+    return flat.to(da.dtype).t() @ da
+
+
+def arc_forward(x: Tensor, u: Tensor, s: Tensor, bias: Tensor, p: float) -> Tensor | None:
+    """The lean training forward of ARC, or ``None`` where the plain path should run (no
+    autograd, compiling, switched off)."""
+    if not _lean_applies(x, (u, s, bias)):
+        return None
+    source = recompute_source(x) if x.requires_grad and not _saved_tensor_hooks_active() else None
+    return _LeanARC.apply(x, u, s, bias, p, source)
+
+
+def _lean_applies(x: Tensor, params: tuple[Tensor, ...]) -> bool:
+    if not LEAN.enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return x.requires_grad or any(p.requires_grad for p in params)
+
+
+class _LeanAdaptMLP(torch.autograd.Function):
+    """``s · up(dropout(ReLU(down(x))))`` saving only the ``N×r`` bottleneck after dropout (it
+    gives the gradient of ``up`` and, by its sign, where ReLU and dropout let gradients through)
+    and ``x`` only where it cannot be recomputed from a norm's saved tensors."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        w_down: Tensor,
+        b_down: Tensor,
+        w_up: Tensor,
+        b_up: Tensor,
+        scale: float,
+        p: float,
+        source: tuple[Any, ...] | None,
+    ) -> Tensor:
+        # The same ops as AdaptMLP.forward, so the outputs are identical.
+        h = torch.relu(F.linear(x, w_down, b_down))
+        if p > 0:
+            h = torch.native_dropout(h, p, True)[0]
+        out = F.linear(h, w_up, b_up) * scale
+        ctx.source, ctx.scale, ctx.drop_scale = source, scale, 1.0 / (1.0 - p)
+        ctx.x_dtype, ctx.shape = x.dtype, x.shape
+        ctx.save_for_backward(w_down, b_down, w_up, b_up, h, x if source is None else None)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        w_down, b_down, w_up, b_up, h, flat = ctx.saved_tensors
+        dim, cd = w_down.shape[1], h.dtype
+        h = h.reshape(-1, h.shape[-1])
+        d_out = (grad * ctx.scale).reshape(-1, grad.shape[-1]).to(cd)
+        # Where h > 0 both ReLU and dropout passed the value: the only places a gradient flows.
+        dz = (d_out @ w_up.to(cd)).mul_(h > 0).mul_(ctx.drop_scale)
+        grads: list[Tensor | None] = [None] * 8
+        if ctx.needs_input_grad[0]:
+            grads[0] = (dz @ w_down.to(cd)).to(ctx.x_dtype).view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            x = flat.reshape(-1, dim) if flat is not None else None
+            grads[1] = _grad_us(ctx, x, dz, dim).t().to(w_down.dtype)
+        if ctx.needs_input_grad[2]:
+            grads[2] = dz.sum(0).to(b_down.dtype)
+        if ctx.needs_input_grad[3]:
+            grads[3] = (d_out.t() @ h).to(w_up.dtype)
+        if ctx.needs_input_grad[4]:
+            grads[4] = d_out.sum(0).to(b_up.dtype)
+        return tuple(grads)
+
+
+def adaptmlp_forward(x: Tensor, down: Any, up: Any, scale: float, p: float) -> Tensor | None:
+    """The lean training forward of AdaptMLP (fixed scale, no LayerNorm), or ``None``."""
+    params = (down.weight, down.bias, up.weight, up.bias)
+    if not _lean_applies(x, params):
+        return None
+    source = recompute_source(x) if x.requires_grad and not _saved_tensor_hooks_active() else None
+    return _LeanAdaptMLP.apply(x, *params, scale, p, source)

@@ -1,0 +1,337 @@
+"""ARC's memory-lean training path (arc_peft.lean) computes what plain autograd computes.
+
+Checked: float64 gradcheck of every path (input recomputed from a LayerNorm, through permutations,
+or saved); identical outputs and equal gradients against plain autograd on every
+architecture of the model matrix, in float32 and under bfloat16 autocast, with dropout, with
+activation checkpointing and with a mixed-task batch; and that it keeps less for the backward
+pass (bytes saved, a deterministic measure — no timing here).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import arc_peft
+from arc_peft import lean
+from arc_peft.lean import _LeanAdaptMLP, _LeanARC, lean_disabled, recompute_source
+
+from models import MATRIX, build, inputs
+
+
+def _arc_params(dim: int = 6, rank: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        for shape in ((dim, rank), (rank,), (dim,))
+    ]
+
+
+def _plain_arc(x, u, s, b):
+    return x + (x @ (u * s)) @ u.t() + b
+
+
+def test_gradcheck_recomputed_from_layer_norm():
+    g = torch.Generator().manual_seed(1)
+    x_in = torch.randn(2, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    bn = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    u, s, b = _arc_params()
+
+    def fn(x_in, w, bn, u, s, b):
+        x = F.layer_norm(x_in, (6,), w, bn)
+        source = recompute_source(x)
+        assert source is not None and len(source) == 1
+        return _LeanARC.apply(x, u, s, b, 0.0, source)
+
+    assert torch.autograd.gradcheck(fn, (x_in, w, bn, u, s, b))
+    expected = _plain_arc(F.layer_norm(x_in, (6,), w, bn), u, s, b)
+    torch.testing.assert_close(fn(x_in, w, bn, u, s, b), expected)
+
+
+def test_gradcheck_recomputed_through_permutes_channels_first():
+    # timm's LayerNorm2d (permute, layer_norm, permute back), then the slot's movedim.
+    g = torch.Generator().manual_seed(2)
+    x_in = torch.randn(2, 6, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    u, s, b = _arc_params()
+
+    def fn(x_in, u, s, b):
+        x = F.layer_norm(x_in.permute(0, 2, 3, 1), (6,)).permute(0, 3, 1, 2)
+        x = x.movedim(1, -1)
+        source = recompute_source(x)
+        assert source is not None and len(source) == 3
+        return _LeanARC.apply(x, u, s, b, 0.0, source)
+
+    assert torch.autograd.gradcheck(fn, (x_in, u, s, b))
+
+
+def test_gradcheck_saved_input_when_no_norm_produced_it():
+    g = torch.Generator().manual_seed(4)
+    x_in = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    u, s, b = _arc_params()
+
+    def fn(x_in, u, s, b):
+        x = x_in * 2.0  # no norm: the input itself is saved
+        assert recompute_source(x) is None
+        return _LeanARC.apply(x, u, s, b, 0.0, None)
+
+    assert torch.autograd.gradcheck(fn, (x_in, u, s, b))
+
+
+@pytest.mark.parametrize("from_norm", [True, False], ids=["recomputed", "saved"])
+def test_gradcheck_adaptmlp(from_norm):
+    g = torch.Generator().manual_seed(5)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    x_in, w_down, b_down, w_up, b_up = rand(2, 4, 6), rand(3, 6), rand(3), rand(6, 3), rand(6)
+
+    def fn(x_in, w_down, b_down, w_up, b_up):
+        x = F.layer_norm(x_in, (6,)) if from_norm else x_in * 2.0
+        source = recompute_source(x)
+        assert (source is not None) == from_norm
+        return _LeanAdaptMLP.apply(x, w_down, b_down, w_up, b_up, 0.1, 0.0, source)
+
+    assert torch.autograd.gradcheck(fn, (x_in, w_down, b_down, w_up, b_up))
+
+
+def test_dropout_mask_is_the_one_nn_dropout_draws():
+    u, s, b = (t.detach().float().requires_grad_() for t in _arc_params(rank=40))
+    x = torch.randn(64, 6, requires_grad=True)
+    p = 0.5
+    torch.manual_seed(0)
+    got = _LeanARC.apply(x, u, s, b, p, None)
+    torch.manual_seed(0)
+    expected = x + F.dropout(x @ (u * s), p, True) @ u.t() + b
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    grads = torch.autograd.grad(got.square().sum(), (x, u, s, b))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, u, s, b))
+    for a, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def _randomised(model: nn.Module, config: arc_peft.AdapterConfig) -> nn.Module:
+    arc_peft.inject_arc(model, config)
+    arc_peft.freeze_backbone(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in arc_peft.adapter_parameters(model).values():
+            param.copy_(0.3 * torch.randn(param.shape, generator=g))
+    return model.train()
+
+
+def _step(model: nn.Module, x: torch.Tensor, plain: bool, autocast: bool = False) -> tuple:
+    torch.manual_seed(7)  # the same dropout masks on both paths
+    with lean_disabled() if plain else torch.enable_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        out.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out, grads
+
+
+def _assert_paths_agree(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> None:
+    plain_out, plain_grads = _step(model, x, plain=True, autocast=autocast)
+    lean_out, lean_grads = _step(model, x, plain=False, autocast=autocast)
+    assert torch.equal(lean_out, plain_out)  # the same ops in the same order
+    assert set(lean_grads) == set(plain_grads) and plain_grads
+    if not autocast:
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        return
+    # Under bfloat16 the two paths round differently: the lean path's gradients must be about as
+    # close to the float32 ones as plain autograd's in bfloat16 are, give or take a few bfloat16
+    # ulps (8 significant bits) of the gradient's size: rounding, not a bug.
+    _, exact = _step(model, x, plain=True)
+    for name, grad in plain_grads.items():
+        rounding = (grad - exact[name]).abs().max().item()
+        ulps = 2**-6 * exact[name].abs().max().item()
+        assert (lean_grads[name] - exact[name]).abs().max().item() <= 2 * rounding + ulps, name
+
+
+# Models whose every attention and MLP input is a LayerNorm's output, with no re-layout between
+# (Swin partitions windows after the norm; Swin V2 is post-norm: those sites save their input).
+PRE_NORM = ("vit", "deit", "deit3", "dinov2", "clip", "eva02", "eva02_swiglu", "beit", "tv_vit")
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_lean_and_plain_paths_agree_on_every_architecture(name, monkeypatch):
+    model = _randomised(build(name), arc_peft.ARCConfig(rank=4, dropout=0.3))
+    found = []
+
+    def spy(x):
+        source = recompute_source(x)
+        found.append(source is not None)
+        return source
+
+    monkeypatch.setattr(lean, "recompute_source", spy)
+    _assert_paths_agree(model, inputs(name))
+    assert found  # the lean path ran
+    if name in PRE_NORM:
+        # Every site whose input needs a gradient (all but the first: the frozen patch
+        # embedding's output needs none) reads a LayerNorm's output, recomputed in backward.
+        assert all(found) and len(found) >= 3, found
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "eva02_swiglu", "tv_vit"])
+def test_adaptmlp_lean_and_plain_paths_agree(name):
+    config = arc_peft.AdaptMLPConfig(bottleneck=4, dropout=0.3)
+    _assert_paths_agree(_randomised(build(name), config), inputs(name))
+    _assert_paths_agree(_randomised(build(name), config), inputs(name), autocast=True)
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "eva02"])
+def test_lean_and_plain_paths_agree_under_bf16_autocast(name):
+    model = _randomised(build(name), arc_peft.ARCConfig(rank=4, dropout=0.1))
+    _assert_paths_agree(model, inputs(name), autocast=True)
+
+
+def test_lean_path_with_activation_checkpointing():
+    model = _randomised(build("vit"), arc_peft.ARCConfig(rank=4, dropout=0.1))
+    x = inputs("vit")
+    _, plain_grads = _step(model, x, plain=True)
+    model.set_grad_checkpointing(True)
+    _, lean_grads = _step(model, x, plain=False)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lean_path_in_a_mixed_task_batch():
+    model = build("vit")
+    for task in ("a", "b"):
+        arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4, dropout=0.0), name=task)
+    model = _randomised(model, arc_peft.ARCConfig(rank=4, dropout=0.0))
+    for param in arc_peft.adapter_parameters(model).values():
+        param.requires_grad_(True)  # every task trains in a mixed batch
+    x = inputs("vit", batch=3)
+    results = []
+    for plain in (True, False):
+        with arc_peft.mixed_batch(model, ["a", "b", "default"]):
+            results.append(_step(model, x, plain=plain))
+    (plain_out, plain_grads), (lean_out, lean_grads) = results
+    torch.testing.assert_close(lean_out, plain_out)
+    assert any(".a." in n for n in plain_grads) and any(".b." in n for n in plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct activation storage the autograd graph of ``model(x)`` holds for the
+    backward pass (read off the graph: saved-tensor hooks would switch the recompute off)."""
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+    stack, visited = [model(x).grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        names = [n for n in dir(node) if n.startswith("_saved_")]
+        values = [getattr(node, n) for n in names] + list(getattr(node, "saved_tensors", ()))
+        for value in values:
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in weights:
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sum(seen.values())
+
+
+def test_lean_path_keeps_no_copy_of_the_norm_output():
+    """With the lean path, ARC keeps about what the frozen backbone keeps (the floor: frozen
+    backbone, gradients flowing to the input); plain autograd keeps each site's input more."""
+    x = inputs("vit", batch=4)
+    floor = build("vit").train()
+    arc_peft.freeze_backbone(floor)
+    floor_bytes = _saved_bytes(floor, x.clone().requires_grad_())
+    model = _randomised(build("vit"), arc_peft.ARCConfig(rank=4))
+    lean_bytes = _saved_bytes(model, x)
+    with lean_disabled():
+        plain_bytes = _saved_bytes(model, x)
+    tokens = x.shape[0] * 17  # 4×4 patches + the class token
+    site_input = tokens * 32 * 4  # N×D float32
+    sites = len(arc_peft.slots.iter_slots(model))
+    assert plain_bytes - lean_bytes >= (sites - 1) * site_input
+    assert lean_bytes <= 1.03 * floor_bytes
+
+
+def test_plain_path_without_autograd_and_under_the_switch():
+    model = _randomised(build("vit"), arc_peft.ARCConfig(rank=4))
+    x = inputs("vit")
+    calls = []
+    original = _LeanARC.apply
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    _LeanARC.apply = counting  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            model(x)
+        with lean_disabled():
+            model(x)
+        assert not calls
+        copy.deepcopy(model)(x)
+        assert calls
+    finally:
+        _LeanARC.apply = original  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("name", ["hf_vit", "hf_dinov2", "hf_swin", "oc_tower", "oc_clip_visual"])
+def test_lean_and_plain_paths_agree_on_other_ecosystems(name):
+    from ecosystems import ECOSYSTEMS
+
+    spec = ECOSYSTEMS[name]
+    pytest.importorskip(spec.library)
+    model = spec.build()
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4, dropout=0.2), example_input=spec.inputs())
+    arc_peft.freeze_backbone(model, train_head=False)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in arc_peft.adapter_parameters(model).values():
+            param.copy_(0.3 * torch.randn(param.shape, generator=g))
+    model.train()
+    x = spec.inputs()
+    results = []
+    for plain in (True, False):
+        torch.manual_seed(7)
+        with lean_disabled() if plain else torch.enable_grad():
+            out = spec.call(model, x)
+            out.square().mean().backward()
+        results.append(
+            (out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+        model.zero_grad(set_to_none=True)
+    (plain_out, plain_grads), (lean_out, lean_grads) = results
+    assert torch.equal(lean_out, plain_out) and plain_grads
+    for pname, grad in plain_grads.items():
+        torch.testing.assert_close(lean_grads[pname], grad, rtol=1e-4, atol=1e-6, msg=pname)
+
+
+def test_lean_path_under_ddp(tmp_path):
+    """DistributedDataParallel (one gloo process) reduces the lean path's gradients as usual."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        model = _randomised(build("vit"), arc_peft.ARCConfig(rank=4, dropout=0.1))
+        reference = copy.deepcopy(model)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        x = inputs("vit")
+        _, expected = _step(reference, x, plain=True)
+        _, got = _step(ddp, x, plain=False)
+        assert set(got) == {f"module.{n}" for n in expected}
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[f"module.{name}"], grad, rtol=1e-4, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
