@@ -259,16 +259,27 @@ def check(name: str, device: str = "cpu", **kwargs: Any) -> dict:
 
 def merge_status(adapted: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, features: bool) -> str:
     """``"exact"`` when merging the (non-zero) ARC adapter reproduces the adapted output,
-    ``"refused: <reason>"`` when the merge says it cannot, ``"WRONG ..."`` otherwise (a bug)."""
+    ``"refused: <reason>"`` when the merge says it cannot, ``"WRONG ..."`` otherwise (a bug).
+
+    Judged against the adapted model in float64: a random model can amplify float32 rounding
+    (TinyViT: 9e-4), and the merged model must be as close to the truth as the unmerged one."""
+
+    def run(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return _first(model.forward_features(inputs) if features else model(inputs)).double()
+
+    reference = run(copy.deepcopy(adapted).double(), x.double())
+    scale = max(reference.abs().max().item(), 1e-12)
+    unmerged_err = (y.double() - reference).abs().max().item() / scale
     try:
         arc_peft.merge_adapter(adapted)
     except arc_peft.MergeError as exc:
         reason = str(exc).split(": ", 1)[-1]
         return f"refused: {reason[:160]}"
-    with torch.no_grad():
-        merged = _first(adapted.forward_features(x) if features else adapted(x))
-    err = (merged.float() - y.float()).abs().max().item() / max(y.float().abs().max().item(), 1e-12)
-    return "exact" if err < 1e-4 else f"WRONG: merged output differs by {err:.1e} (relative)"
+    err = (run(adapted, x) - reference).abs().max().item() / scale
+    if err <= max(1e-4, 10 * unmerged_err):
+        return "exact"
+    return f"WRONG: merged output differs by {err:.1e} (relative; unmerged {unmerged_err:.1e})"
 
 
 def _first(y: Any) -> torch.Tensor:
@@ -428,7 +439,8 @@ def markdown(rows: list[dict], all_summary: str | None) -> str:
         params = f"{r['params'] / 1e6:.1f}M" if "params" in r else ""
         kinds = ", ".join(r.get("attn_kinds", []))
         mkinds = ", ".join(r.get("mlp_kinds", []))
-        merge = r.get("merge", "not checked (meta device)").replace("|", "\\|").replace("\n", " ")
+        merge = _short(r.get("merge", "not checked (meta device)"))
+        merge = merge.replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| {r['family']} | `{r['entrypoint']}` | {params} | {'yes' if r['ok'] else '**no**'} "
             f"| {r.get('attn', '')} ({kinds}) | {r.get('mlp', '')} ({mkinds}) | {merge} | {note} |"
@@ -442,6 +454,13 @@ def pooling_only(row: dict) -> bool:
     purpose): no self-attention to adapt, so not counted."""
     items = row.get("left_out", [])
     return row.get("attn") == 0 and bool(items) and all(i["on_purpose"] for i in items)
+
+
+def _short(merge: str) -> str:
+    """A merge status without the advice part of the refusal message."""
+    if "(max difference" in merge:
+        merge = merge[: merge.index(")", merge.index("(max difference")) + 1]
+    return merge.split(", so the adapter")[0].split(". ")[0]
 
 
 def all_summary_text(path: Path) -> str | None:

@@ -346,8 +346,8 @@ def _mlp_input_call(
 ) -> int | None:
     """The call an MLP whose first layer reads ``x`` is adapted at: the outermost one taking
     ``x`` that holds every projection reading it (``w0(x)``, ``w1(x)`` of a gated MLP), or
-    taking a tensor ``x`` was computed from by per-token ops (a norm inside the MLP module, a
-    clamp inside each projection module)."""
+    taking a tensor ``x`` was computed from by per-token ops other than a norm (a clamp inside
+    each projection module)."""
     rec = finder.rec
     best = None
     t: int | None = x
@@ -371,7 +371,9 @@ def _mlp_input_call(
             break
         op = rec.ops[producer]
         sources = [i for i in op.inputs if i in rec.from_input]
-        if finder.projects(op) or len(sources) != 1 or op.name in NONLINEAR:
+        # ARC adapts what the MLP's layers read: a norm opening the MLP module (timm NormMlp,
+        # torchvision MaxViT's Sequential) stays before the adapter, as the block's norm does
+        if finder.projects(op) or len(sources) != 1 or op.name in NONLINEAR or "norm" in op.name:
             break
         t = sources[0]
     return best
