@@ -76,9 +76,9 @@ def test_adaptmlp_matches_the_equation(layernorm, scale):
     s = layer.scale if scale == "learnable" else 0.1
     h = layer.norm(x) if layernorm == "in" else x
     h = torch.relu(h @ layer.down.weight.T + layer.down.bias) @ layer.up.weight.T + layer.up.bias
-    if layernorm == "out":
-        h = layer.norm(h)
-    torch.testing.assert_close(layer(x), s * h)
+    # the official order: scale, then the output LayerNorm (LN(s·h), not s·LN(h))
+    out = layer.norm(s * h) if layernorm == "out" else s * h
+    torch.testing.assert_close(layer(x), out)
 
 
 def test_adaptmlp_lora_init_gives_zero_output_and_counts():

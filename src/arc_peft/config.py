@@ -202,7 +202,8 @@ class AdaptMLPConfig(_JSONMixin):
         placement: ``"parallel"`` (paper default: the adapter sees the MLP's input and its output
             is added to the MLP's) or ``"sequential"`` (the adapter sees the MLP's output).
         layernorm: ``None`` (official default), ``"in"`` (LayerNorm on the adapter's input) or
-            ``"out"`` (on its output, before scaling).
+            ``"out"`` (on its scaled output, ``LN(s · up(...))``, as the official code; the
+            norm then undoes the size of ``s``, its own affine weight sets the branch's size).
         blocks: Block indices to adapt (negative counts from the end, e.g. ``(-2, -1)`` for the
             last two); ``None`` adapts every block. A block is a run of attention sites and
             the MLP sites after them (one transformer block in a ViT).

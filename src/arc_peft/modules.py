@@ -137,7 +137,11 @@ class AdaptMLP(Adapter):
         placement: ``"parallel"`` — output = ``mlp(x) + AdaptMLP(x)``; ``"sequential"`` —
             output = ``mlp(x) + AdaptMLP(mlp(x))``. Used by the injection hook, not by
             :meth:`forward`, which returns the scaled adapter branch alone.
-        layernorm: ``None``, ``"in"`` or ``"out"``.
+        layernorm: ``None``, ``"in"`` (LayerNorm on the adapter's input) or ``"out"``
+            (LayerNorm on the scaled output, ``LN(s · up(...))``, as the official code). A
+            LayerNorm undoes any positive scale of its input, so with ``"out"`` ``s`` has no
+            effect beyond its sign (and the norm's ``eps``): the norm's affine weight sets the
+            branch's size.
     """
 
     transforms_input = False
@@ -188,10 +192,10 @@ class AdaptMLP(Adapter):
                 return out
         if self.layernorm == "in":
             x = self.norm(x)
-        h = self.up(self.dropout(F.relu(self.down(x))))
-        if self.layernorm == "out":
+        h = self.up(self.dropout(F.relu(self.down(x)))) * self.scale
+        if self.layernorm == "out":  # after the scale, as the official code: LN(s · up(...))
             h = self.norm(h)
-        return h * self.scale
+        return h
 
     def extra_repr(self) -> str:
         scale = "learnable" if self.learnable_scale else f"{float(self.scale):g}"
