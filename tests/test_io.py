@@ -386,7 +386,7 @@ def _overlap(header: dict) -> None:
 @pytest.mark.parametrize(
     "mutate, match",
     [
-        (_set_meta("format_version", "2"), r"file-format version 2.*Upgrade"),
+        (_set_meta("format_version", "2"), r"file-format version 2.*Update arc-peft"),
         (_set_meta("format_version", "one"), "format_version"),
         (  # plain target: refused from the header, nothing built; injected: config differs
             _set_meta("config", json.dumps({"method": "arc", "rank": 5})),

@@ -3,7 +3,7 @@
 The bytes go to a temporary file in the destination's folder (``os.replace`` is atomic only
 within one file system), which is flushed, ``fsync``ed and moved over the destination. The
 temporary file is removed on any failure, Ctrl-C included; one left by a killed process is
-removed by a later save to the same file once it is stale (see :func:`_sweep`).
+removed by a later save to the same file once it is stale (see ``_sweep``).
 """
 
 from __future__ import annotations

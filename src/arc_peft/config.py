@@ -251,7 +251,7 @@ AdapterConfig = Union[ARCConfig, AdaptMLPConfig]  # noqa: UP007 - a runtime alia
 
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
-    """Rebuild a config from :meth:`to_dict` output, dispatching on its ``method`` tag."""
+    """Rebuild a config from ``to_dict`` output, dispatching on its ``method`` tag."""
     if not isinstance(data, dict):
         raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
     method = data.get("method")

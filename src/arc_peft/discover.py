@@ -1,6 +1,6 @@
 """Finding where adapters go, on architectures nobody registered: sites from one recorded forward.
 
-The structure every vision transformer shares, read off a :class:`~arc_peft.probe.Recording`:
+The structure every vision transformer shares, read off a ``Recording``:
 
 * **Attention** is an op that mixes tokens by their content: ``scaled_dot_product_attention``,
   ``multi_head_attention_forward``, or a product of two activations (``q @ kᵀ``, ``attn @ v``).
@@ -18,7 +18,7 @@ The structure every vision transformer shares, read off a :class:`~arc_peft.prob
   convolution (channels-first hybrids).
 * A **block** is a run of attention sites followed by the MLP sites after them.
 
-Registered targets (:func:`arc_peft.register_target`) are the override: a module of a registered
+Registered targets (``arc_peft.register_target``) are the override: a module of a registered
 type is a site of that position whatever the probe concluded.
 """
 

@@ -1,10 +1,10 @@
 """Reading adapter files defensively: every way a file can be wrong is an
-:class:`~arc_peft.AdapterFileError`, found in time and memory bounded by small limits.
+``AdapterFileError``, found in time and memory bounded by small limits.
 
 The order matters for the bounds: the file is checked to be a regular file before it is read
 (a FIFO or ``/dev/zero`` would block or never end); the 8-byte length prefix and the header are
 read and validated (size, tensor count, every entry, the metadata) before the tensor data is
-read; and :func:`arc_peft.load_adapter` compares the header's claims with the model before it
+read; and ``arc_peft.load_adapter`` compares the header's claims with the model before it
 reads the data or builds anything. The format itself is described in ``docs/file-format.md``.
 """
 
@@ -231,7 +231,7 @@ def check_metadata(path: str, header: Header) -> None:
             path,
             f"written by arc_peft {meta.get('arc_peft_version', '?')[:40]} with file-format "
             f"version {version}; this arc_peft ({__version__}) reads versions up to "
-            f"{FORMAT_VERSION}. Upgrade: pip install -U arc-peft",
+            f"{FORMAT_VERSION}. Update arc-peft (git pull, then pip install -e .) to read it",
         )
     missing = [k for k in _REQUIRED_METADATA if k not in meta]
     if missing:

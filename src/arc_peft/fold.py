@@ -94,7 +94,7 @@ def check_fold(
     axis: int,
     places: tuple[tuple[int | None, str | None], ...],
 ) -> None:
-    """Raise :class:`MergeError` unless ``module`` with ``new_values`` computes in float64 what
+    """Raise ``MergeError`` unless ``module`` with ``new_values`` computes in float64 what
     ``module`` computes on the adapted input, on the input the probe gave it."""
     call = _site_call(rec, module)
     if call.captured is None:

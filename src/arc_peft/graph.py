@@ -1,7 +1,7 @@
-"""Queries over one recorded forward (:class:`~arc_peft.probe.Recording`): which ops read a
+"""Queries over one recorded forward (``Recording``): which ops read a
 tensor, at which width and on which channel axis, which ops are attention and which tensor their
-queries, keys and values come from. Site discovery (:mod:`arc_peft.discover`) and the generic
-merge fold (:mod:`arc_peft.fold`) are built on these.
+queries, keys and values come from. Site discovery (``arc_peft.discover``) and the generic
+merge fold (``arc_peft.fold``) are built on these.
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ class Finder:
 
     def attention_site(self, index: int) -> tuple[int | None, int | None]:
         """``(input tid, site call)`` of attention op ``index``: the latest common input of its
-        operands that a module takes (see :meth:`call_of_tensor`); ``(None, None)`` for pooling
+        operands that a module takes (see ``call_of_tensor``); ``(None, None)`` for pooling
         and cross-attention, ``(tid, None)`` when no module takes any such input."""
         candidates = self.attention_inputs(index)
         around = self.rec.ops[index].call

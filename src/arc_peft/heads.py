@@ -9,7 +9,7 @@ dots as dashes>`` (``arc_peft_tasks.pets.head.weight``), which ``model.to()``,
 ``model.train()`` and optimizers see like any submodule. The model's own module still runs
 (a single linear layer for a head) and its output is discarded.
 
-In a mixed-task batch (:func:`arc_peft.mixed_batch`) the hook runs each sample's own module on
+In a mixed-task batch (``arc_peft.mixed_batch``) the hook runs each sample's own module on
 its rows; heads of different widths are padded on the right with ``-inf``, which makes
 ``cross_entropy`` over the padded logits exactly each task's own loss.
 """
@@ -224,7 +224,7 @@ def adopt(model: nn.Module, name: str) -> dict[str, nn.Module]:
 
 
 def unadopt(model: nn.Module, name: str, replaced: dict[str, nn.Module]) -> None:
-    """Undo :func:`adopt`: the modules at ``replaced``'s paths go back to adapter ``name`` and
+    """Undo ``adopt``: the modules at ``replaced``'s paths go back to adapter ``name`` and
     the modules they replaced return to their places."""
     for path, base in replaced.items():
         mine = model.get_submodule(path)
@@ -326,7 +326,7 @@ def _factory(module: nn.Module) -> dict:
 
 
 def head_path(model: nn.Module) -> str:
-    """Path of the model's classifier head (see :func:`arc_peft.get_head`)."""
+    """Path of the model's classifier head (see ``arc_peft.get_head``)."""
     from .params import find_head
 
     head = find_head(model)
@@ -350,9 +350,9 @@ def add_head(model: nn.Module, name: str, head: nn.Module | int) -> nn.Module:
         head: A module, or a number of classes: a copy of the model's own head whose last
             linear layer outputs that many classes (freshly initialised).
 
-    Whenever ``name`` is active (:func:`arc_peft.set_active_adapter`) the model runs this head;
-    in a :func:`arc_peft.mixed_batch` each sample gets its own task's head.
-    :func:`arc_peft.save_adapter` stores it, :func:`arc_peft.load_adapter` gives it back to
+    Whenever ``name`` is active (``arc_peft.set_active_adapter``) the model runs this head;
+    in a ``arc_peft.mixed_batch`` each sample gets its own task's head.
+    ``arc_peft.save_adapter`` stores it, ``arc_peft.load_adapter`` gives it back to
     the adapter it is loaded as.
     """
     path = head_path(model)
@@ -487,7 +487,7 @@ def load_plan(
 def build_owned(
     model: nn.Module, plan: dict[str, tuple[str, dict[str, Any]]], tensors: dict[str, Tensor]
 ) -> dict[str, nn.Module]:
-    """The modules of a :func:`load_plan`, filled from the file's ``tensors``; ``ValueError``
+    """The modules of a ``load_plan``, filled from the file's ``tensors``; ``ValueError``
     names what does not fit. The model is not changed."""
     built = {}
     for path, (file_path, shapes) in plan.items():

@@ -114,7 +114,7 @@ def save_adapter_folder(
 ) -> str:
     """Write adapter ``name`` as a Hub repo's files into ``folder`` (created if needed):
     ``adapter.safetensors``, ``adapter_config.json`` and a generated ``README.md``. Returns the
-    folder; :func:`arc_peft.load_adapter` and :func:`create_model` read it directly."""
+    folder; ``arc_peft.load_adapter`` and ``create_model`` read it directly."""
     from .io import read_adapter_info, save_adapter
 
     folder = os.fspath(folder)
@@ -147,7 +147,7 @@ def push_adapter_to_hub(
     parameter count and any ``metadata["metrics"]``. Returns the commit URL.
 
     Load it back with ``arc_peft.load_adapter(model, "hf-hub:" + repo_id)``, or build backbone
-    and adapter in one call with :func:`create_model`.
+    and adapter in one call with ``create_model``.
     """
     hub = _hub()
     api = hub.HfApi(token=token)
@@ -173,7 +173,7 @@ def create_model(
 
     Only timm backbones can be built from the file alone (their identity names the model and
     its pretrained tag); for others build the model yourself and call
-    :func:`arc_peft.load_adapter`.
+    ``arc_peft.load_adapter``.
     """
     from .io import load_adapter, read_adapter_info
 

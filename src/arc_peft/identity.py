@@ -9,7 +9,7 @@ The identity is a small JSON object stored in the file's metadata under ``"model
   told from the model's configuration;
 - Hugging Face: ``{"library": "transformers", "architecture": "ViTModel", "name_or_path": ...}``.
 
-A different ``architecture`` of the same library is refused by :func:`arc_peft.load_adapter`
+A different ``architecture`` of the same library is refused by ``arc_peft.load_adapter``
 (a ``vit_tiny`` adapter does not belong in ``deit_tiny`` even though every width agrees); a
 different pretrained tag, hub id or ``name_or_path`` only warns (same network, other weights).
 """
@@ -164,7 +164,7 @@ def wraps(model: nn.Module, architecture: Any) -> bool:
 
 
 def describe(model: dict[str, Any], metadata: dict[str, Any]) -> list[tuple[str, str]]:
-    """Rows for :class:`arc_peft.AdapterInfo`'s summary (model identity, user metadata), in the
+    """Rows for ``arc_peft.AdapterInfo``'s summary (model identity, user metadata), in the
     ``(label, text)`` form of its other rows."""
     rows = []
     if model:

@@ -1,5 +1,5 @@
-"""Describing an adapter file from its header alone: :class:`AdapterInfo` and
-:func:`read_adapter_info`.
+"""Describing an adapter file from its header alone: ``AdapterInfo`` and
+``read_adapter_info``.
 
 Nothing here imports torch (nor does anything it imports), so ``import arc_peft`` followed by
 ``arc_peft.read_adapter_info`` and the ``arc-peft inspect`` command line answer in a fraction
@@ -40,7 +40,7 @@ def runs(values: list[int]) -> str:
 class AdapterInfo:
     """What an adapter file holds, read from its header alone (no model, no tensor data).
 
-    ``str(info)`` is a readable summary; :meth:`to_dict` is JSON-ready.
+    ``str(info)`` is a readable summary; ``to_dict`` is JSON-ready.
 
     Attributes:
         path: The file.
@@ -62,7 +62,7 @@ class AdapterInfo:
         trained_parameters: Parameters (and buffers) of those modules.
         model: Identity of the backbone (``library``, ``architecture``, and ``tag`` /
             ``hub_id`` / ``name_or_path`` where known); ``{}`` if unknown.
-        metadata: The free-form metadata given to :func:`save_adapter`.
+        metadata: The free-form metadata given to ``save_adapter``.
     """
 
     path: str
@@ -87,7 +87,7 @@ class AdapterInfo:
         return self.config.method
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (the config as :meth:`ARCConfig.to_dict` gives it)."""
+        """A JSON-serialisable dict (the config as ``ARCConfig.to_dict`` gives it)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["config"] = self.config.to_dict()
         data["method"] = self.method
@@ -128,7 +128,7 @@ class AdapterInfo:
 
 def resolve_source(source: str | os.PathLike[str]) -> str:
     """A local file for ``source``: a path, a folder holding ``adapter.safetensors`` (a Hub
-    repo's layout) or ``"hf-hub:user/repo"`` (see :mod:`arc_peft.hub`)."""
+    repo's layout) or ``"hf-hub:user/repo"`` (see ``arc_peft.hub``)."""
     from .hub import resolve  # imports huggingface_hub only for "hf-hub:" sources
 
     return resolve(source)
@@ -147,7 +147,7 @@ def read_adapter_info(path: str | os.PathLike[str]) -> AdapterInfo:
     """Describe an adapter file without a model: config, counts, backbone, versions.
 
     Only the header is read and checked (structure, sizes, metadata); tensor values are checked
-    by :func:`load_adapter`.
+    by ``load_adapter``.
 
     Raises:
         AdapterFileError: the file is not a (readable, current) arc_peft adapter file.

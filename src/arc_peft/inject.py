@@ -74,7 +74,7 @@ def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
 
 
 def site_plan(model: nn.Module, example_input: Any = None, refresh: bool = False) -> SitePlan:
-    """Every adapter site of ``model`` (see :mod:`arc_peft.discover`), found by one probe forward
+    """Every adapter site of ``model`` (see ``arc_peft.discover``), found by one probe forward
     and kept on the model; adapters already injected are bypassed while probing.
 
     Args:
@@ -231,7 +231,7 @@ def inject_arc(
 ) -> nn.Module:
     """Add an ARC or AdaptMLP adapter to every attention / MLP site of ``model``, in place.
 
-    Sites are found by one probe forward (see :func:`site_plan`): every self-attention module
+    Sites are found by one probe forward (see ``site_plan``): every self-attention module
     (any timm, torchvision, Hugging Face transformers or open_clip vision model) and the MLP
     after it in its block. Attention pooling and cross-attention are left out on purpose; any
     other attention module that cannot be adapted is an error (or, with
@@ -240,7 +240,7 @@ def inject_arc(
 
     Args:
         model: The backbone (e.g. from ``timm.create_model``).
-        config: :class:`ARCConfig` or :class:`AdaptMLPConfig`.
+        config: ``ARCConfig`` or ``AdaptMLPConfig``.
         name: Name of this adapter; several named adapters can live on one backbone. Letters,
             digits, ``_`` and ``-`` (``"cifar-100"``), not an attribute of a module
             (``"training"``).

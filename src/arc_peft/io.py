@@ -71,7 +71,7 @@ __all__ = [
 def _backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
     """What an adapter file must agree with: architecture, block count and every site's width.
 
-    Computed from the model's sites (see :func:`arc_peft.site_plan`), so it is the same before
+    Computed from the model's sites (see ``arc_peft.site_plan``), so it is the same before
     and after injection and for any model built the same way (pretrained or not).
     """
     plan = site_plan(model)
@@ -214,9 +214,9 @@ def save_adapter(
         name: The adapter to save; default: the active adapter, or the only one if none is
             active.
         include_head: Also store the classifier head that runs while the adapter is active
-            (its own, see :func:`arc_peft.add_head`, or the model's).
+            (its own, see ``arc_peft.add_head``, or the model's).
         metadata: Free-form JSON-serialisable facts to keep in the file (class names, dataset,
-            metrics); :func:`read_adapter_info` and ``arc-peft inspect`` show them.
+            metrics); ``read_adapter_info`` and ``arc-peft inspect`` show them.
 
     The file also records the backbone's identity where its library gives one (timm model name
     and pretrained tag, torchvision builder, Hugging Face ``name_or_path``).
@@ -225,7 +225,7 @@ def save_adapter(
         KeyError: the model has no adapter called ``name``.
         ValueError: ``name`` is ``None`` and no single adapter can be chosen, a weight is NaN
             or infinite (such a file could not be loaded back), or, after
-            :func:`arc_peft.freeze_backbone`, a parameter the file would not hold is trainable.
+            ``arc_peft.freeze_backbone``, a parameter the file would not hold is trainable.
         OSError: the file cannot be written.
     """
     from . import __version__  # here, not at import time: the package imports this module
@@ -449,7 +449,7 @@ def load_adapter(
     changes, and on any error the model is left exactly as it was. Tensors are converted to the
     device and dtype of the model's parameters they replace (and checked for NaN/inf after the
     conversion). Modules trained with ``freeze_backbone(also=...)`` that the file stores are
-    loaded too. Every bad file is an :class:`~arc_peft.AdapterFileError`, found in bounded time
+    loaded too. Every bad file is an ``AdapterFileError``, found in bounded time
     and memory (see the limits in the file-format docs).
 
     ``model`` may be a ``torch.compile`` / DDP / ``DataParallel`` wrapper or an FSDP2-sharded
@@ -460,7 +460,7 @@ def load_adapter(
     other adapter, a head of the model's shape is copied into the model's head; otherwise (other
     tasks on the backbone, or another number of classes) it becomes the adapter's own head,
     which runs whenever ``name`` is active and for its samples of a
-    :func:`arc_peft.mixed_batch` (see :func:`arc_peft.add_head`). Modules trained with
+    ``arc_peft.mixed_batch`` (see ``arc_peft.add_head``). Modules trained with
     ``freeze_backbone(also=...)`` are treated the same way. A model without a classifier (timm
     ``features_only=True``) takes the adapter alone; its blocks may be named differently.
 
@@ -470,13 +470,13 @@ def load_adapter(
     Args:
         model: A plain backbone built like the one the adapter was trained on, or one that
             already holds adapters.
-        path: The adapter file (from :func:`save_adapter`), a folder holding
+        path: The adapter file (from ``save_adapter``), a folder holding
             ``adapter.safetensors``, or ``"hf-hub:user/repo"`` (see
-            :func:`arc_peft.push_adapter_to_hub`).
+            ``arc_peft.push_adapter_to_hub``).
         name: Name to load the adapter under.
         activate: ``True``: make it the active adapter; ``False``: leave the active adapter as
             it was before the call (none, if there was none); ``None`` (default): as
-            :func:`arc_peft.inject_arc` does, a newly injected adapter becomes active only if
+            ``arc_peft.inject_arc`` does, a newly injected adapter becomes active only if
             no other adapter is active.
         load_head: Load the stored classifier head (``False``: the adapter runs with the
             model's head).

@@ -5,16 +5,16 @@ Plain autograd through ARC, ``x + dropout(x·U·diag(s))·Uᵀ + b``, saves the 
 (an ``N×D`` token tensor) for the gradient of ``U``, plus the bottleneck and the dropout noise.
 The frozen backbone saves no such tensor: a frozen linear keeps no input. In a pre-norm block
 ``x`` is a LayerNorm's output, and the LayerNorm has already saved its own input and statistics
-for its backward pass. So :class:`_LeanARC` saves the bottleneck after dropout (``N×r``) and the
+for its backward pass. So ``_LeanARC`` saves the bottleneck after dropout (``N×r``) and the
 dropout mask (``N×r`` booleans), and computes the one term that needs ``x`` — ``xᵀ·∂a``, the
 ``D×r`` gradient of ``U·diag(s)`` — from the norm's saved input in one GEMM
-(:func:`_grad_us`): nothing token-sized is recomputed or kept. Where no norm produced ``x`` it
+(``_grad_us``): nothing token-sized is recomputed or kept. Where no norm produced ``x`` it
 saves ``x`` too: still what the gradients of ``U, s, b`` need, and less than plain autograd.
-:class:`_LeanAdaptMLP` does the same for AdaptMLP (it saves only its bottleneck after dropout,
+``_LeanAdaptMLP`` does the same for AdaptMLP (it saves only its bottleneck after dropout,
 whose sign also says where ReLU and dropout let a gradient through).
 
 How the norm is found: by the autograd node that produced ``x``, not by module — a table of the
-ops whose saved tensors determine their output (:data:`_NORMS`), through any chain of
+ops whose saved tensors determine their output (``_NORMS``), through any chain of
 permutations and transposes (channels-first sites, ``LayerNorm2d``). ``x``'s node is only looked
 at in the forward pass; its saved tensors are read in the backward pass, before the norm's own
 backward frees them (the norm's node runs after every consumer of its output). Any other producer
@@ -42,7 +42,7 @@ __all__ = ["LEAN", "adaptmlp_forward", "arc_forward", "lean_disabled", "recomput
 
 
 class _Switch:
-    """Whether :class:`~arc_peft.ARC` trains through the lean path (on by default)."""
+    """Whether ``ARC`` trains through the lean path (on by default)."""
 
     enabled: bool = True
 

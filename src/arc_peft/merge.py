@@ -3,12 +3,12 @@
 ARC is linear: in eval mode it maps its site's input ``x`` to ``x·M + b`` with
 ``M = I + U·diag(s)·Uᵀ``. The attention / MLP module that reads ``x`` does so only through linear
 layers ``y = x·Wᵀ + c``, so the adapter disappears into them: ``W' = W·M`` and ``c' = c + W·b``.
-After :func:`merge_adapter` the model is the plain backbone (same modules, same parameter names)
+After ``merge_adapter`` the model is the plain backbone (same modules, same parameter names)
 with new values in those weights; its state dict loads with ``strict=True`` into a fresh backbone.
 
 Each registered target says how to fold into its module type (``Target.merge``, see
-:data:`arc_peft.targets.MergeFn`); when a fold is not exact the merge is refused with a
-:class:`~arc_peft.errors.MergeError` naming the site and the reason. See ``docs/merging.md``.
+``arc_peft.targets.MergeFn``); when a fold is not exact the merge is refused with a
+``MergeError`` naming the site and the reason. See ``docs/merging.md``.
 """
 
 from __future__ import annotations
@@ -111,14 +111,14 @@ def merge_adapter(
     every new tensor is computed and checked (shape, finite) before any is written.
 
     Only a model holding this one adapter can be merged: folding it changes the weights every
-    other adapter was trained on top of. Save the others first (:func:`arc_peft.save_adapter`)
+    other adapter was trained on top of. Save the others first (``arc_peft.save_adapter``)
     and delete them, or merge a ``copy.deepcopy`` of the model.
 
     Args:
         model: A model holding exactly one adapter, an ARC adapter.
         name: The adapter to merge; default: the active one.
         keep_original: Keep a copy of every weight the merge changes (and the adapter itself) so
-            that :func:`unmerge_adapter` can restore the adapted model bit for bit. Costs the
+            that ``unmerge_adapter`` can restore the adapted model bit for bit. Costs the
             memory of those weights (about 57% of a ViT-B's parameters with ARC at both
             positions); without it the merge is final.
         assume_no_window_padding: torchvision's Swin attention pads its input internally when
@@ -135,7 +135,7 @@ def merge_adapter(
     Raises:
         KeyError: ``model`` has no adapter ``name``.
         MergeError: no adapter is active and no ``name`` was given; other adapters exist; the
-            call is inside :func:`arc_peft.disable_adapter` / :func:`arc_peft.mixed_batch`; or
+            call is inside ``arc_peft.disable_adapter`` / ``arc_peft.mixed_batch``; or
             some site cannot absorb the adapter exactly (AdaptMLP, cosine attention whose key
             offset is non-zero, a layer without the bias the fold needs...). The message names
             the site; the model is unchanged.
@@ -253,7 +253,7 @@ def merge_adapter(
 
 
 def unmerge_adapter(model: nn.Module) -> nn.Module:
-    """Undo the last :func:`merge_adapter` made with ``keep_original=True``, in place.
+    """Undo the last ``merge_adapter`` made with ``keep_original=True``, in place.
 
     Restores the changed weights bit for bit and puts the adapter back (active again if it was
     active when merged), so the model is exactly the adapted model it was before the merge.

@@ -1,4 +1,4 @@
-"""The adapter layers themselves: :class:`ARC` and :class:`AdaptMLP`, ordinary ``nn.Module`` s."""
+"""The adapter layers themselves: ``ARC`` and ``AdaptMLP``, ordinary ``nn.Module`` s."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ __all__ = ["ARC", "AdaptMLP", "Adapter"]
 
 
 class Adapter(nn.Module):
-    """Base class of every adapter layer: what :func:`arc_peft.freeze_backbone` and
-    :func:`arc_peft.count_parameters` recognise as adapter state (structurally, by type).
+    """Base class of every adapter layer: what ``arc_peft.freeze_backbone`` and
+    ``arc_peft.count_parameters`` recognise as adapter state (structurally, by type).
 
     ``transforms_input`` tells where the adapter acts: ``True`` — it maps the sub-module's input
     to a new input (ARC); ``False`` — it adds to the sub-module's output (AdaptMLP).
@@ -38,7 +38,7 @@ class ARC(Adapter):
         dropout: Dropout probability on the ``r``-dimensional bottleneck.
         scale_init: ``"zeros"`` (the layer starts as an exact identity) or ``"xavier"``
             (xavier-uniform on a ``(1, r)`` tensor, the official MLP-position init).
-        share_with: An :class:`ARC` whose ``U`` this layer uses instead of owning one.
+        share_with: An ``ARC`` whose ``U`` this layer uses instead of owning one.
     """
 
     def __init__(
@@ -136,7 +136,7 @@ class AdaptMLP(Adapter):
         dropout: Dropout probability on the bottleneck.
         placement: ``"parallel"`` — output = ``mlp(x) + AdaptMLP(x)``; ``"sequential"`` —
             output = ``mlp(x) + AdaptMLP(mlp(x))``. Used by the injection hook, not by
-            :meth:`forward`, which returns the scaled adapter branch alone.
+            ``forward``, which returns the scaled adapter branch alone.
         layernorm: ``None``, ``"in"`` (LayerNorm on the adapter's input) or ``"out"``
             (LayerNorm on the scaled output, ``LN(s · up(...))``, as the official code). A
             LayerNorm undoes any positive scale of its input, so with ``"out"`` ``s`` has no

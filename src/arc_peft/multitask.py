@@ -80,11 +80,11 @@ def mixed_batch(model: nn.Module, tasks: Sequence[str | None]) -> Iterator[nn.Mo
         with arc_peft.mixed_batch(model, ["cifar", "svhn", "cifar", None]):
             logits = model(images)          # images.shape[0] == 4
 
-    Adapters that own a head (:func:`arc_peft.add_head`, or loaded from a file that holds one)
+    Adapters that own a head (``arc_peft.add_head``, or loaded from a file that holds one)
     classify their own samples: row ``i`` of the logits comes from task ``tasks[i]``'s head.
     Heads of different sizes are padded on the right with ``-inf``, so
     ``F.cross_entropy(logits, labels)`` is exactly every task's own loss, and
-    :func:`arc_peft.split_logits` cuts the rows back to ``{task: logits}``::
+    ``arc_peft.split_logits`` cuts the rows back to ``{task: logits}``::
 
         with arc_peft.mixed_batch(model, ["cifar", "pets", "cifar"]):
             logits = model(images)                   # (3, 100): pets' rows padded after 37

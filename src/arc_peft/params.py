@@ -1,5 +1,5 @@
 """Freezing and counting. What is an adapter is decided structurally: a parameter is adapter state
-if it belongs to an :class:`~arc_peft.modules.Adapter` module, never by its name."""
+if it belongs to an ``Adapter`` module, never by its name."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ TRAINED_ATTR = "_arc_peft_trained"
 
 def get_head(model: nn.Module, name: str | None = None) -> nn.Module | None:
     """The classifier head that runs: the active adapter's own head if it has one (see
-    :func:`arc_peft.add_head`), otherwise the model's: timm's ``get_classifier()``, else a
+    ``arc_peft.add_head``), otherwise the model's: timm's ``get_classifier()``, else a
     ``heads`` (torchvision ViT), ``head`` (Swin), ``fc`` or ``classifier`` attribute. ``None``
     if the model has none.
 
@@ -51,7 +51,7 @@ def get_head(model: nn.Module, name: str | None = None) -> nn.Module | None:
 
 
 def find_head(model: nn.Module) -> nn.Module | None:
-    """The model's own classifier head (whichever adapter is active); see :func:`get_head`."""
+    """The model's own classifier head (whichever adapter is active); see ``get_head``."""
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
         found = get_classifier()
@@ -110,13 +110,13 @@ def freeze_backbone(
     frozen backbone would drift and the saved adapter would not reproduce the trained model.
     Calling ``freeze_backbone`` again recomputes which layers are pinned this way.
 
-    Modules named in ``also`` are recorded on the model; :func:`arc_peft.save_adapter` stores
+    Modules named in ``also`` are recorded on the model; ``arc_peft.save_adapter`` stores
     them with the adapter (and, after this call, refuses to save if some other parameter was
     made trainable, which the file would lose).
 
     Args:
         model: The adapted model (a plain model gives a linear probe).
-        train_head: Keep the classifier head trainable (see :func:`get_head`).
+        train_head: Keep the classifier head trainable (see ``get_head``).
         also: Extra submodules to keep trainable, by name (``"norm"``, ``"blocks.11"``) or object.
 
     Returns:

@@ -1,10 +1,10 @@
 """One recorded forward pass: which modules ran, which tensor operations each issued, and how the
 tensors flowed between them.
 
-Site discovery (:mod:`arc_peft.discover`) and the generic merge (:mod:`arc_peft.fold`) ask
+Site discovery (``arc_peft.discover``) and the generic merge (``arc_peft.fold``) ask
 questions of this record ("which tensor do q, k and v all come from?", "which linear layers read
 this input?") instead of knowing module classes. The record is built by a
-:class:`~torch.overrides.TorchFunctionMode`, which sees every torch function and tensor method
+``TorchFunctionMode``, which sees every torch function and tensor method
 call, plus forward pre/post hooks on every module for the call tree; both are removed afterwards.
 
 Tensors are numbered in creation order (``tid``); a tensor seen for the first time as an input
@@ -73,7 +73,7 @@ _KEEP_ARGS = {
 
 
 class Recording:
-    """What one forward pass did. Build it with :func:`record`."""
+    """What one forward pass did. Build it with ``record``."""
 
     def __init__(self, model: nn.Module, keep: Iterable[nn.Module] = ()) -> None:
         self.model = model
@@ -255,7 +255,7 @@ class _Mode(TorchFunctionMode):
 
 def record(model: nn.Module, example: Any, keep: Iterable[nn.Module] = ()) -> Recording:
     """Run ``model`` once on ``example`` (a tensor, a tuple of arguments or a dict of keyword
-    arguments) in eval mode without gradients, and return the :class:`Recording`.
+    arguments) in eval mode without gradients, and return the ``Recording``.
 
     Calls of the modules in ``keep`` also keep their arguments (for the merge check). The model's
     train/eval modes are restored afterwards, and every hook is removed even on failure.

@@ -1,4 +1,4 @@
-"""The per-site runtime: an :class:`AdapterSlot` holds the named adapters of one attention or MLP
+"""The per-site runtime: an ``AdapterSlot`` holds the named adapters of one attention or MLP
 module (a *site*) and applies them through forward hooks on that module.
 
 Why hooks rather than a wrapper module: the adapted module keeps its place and its parameter
@@ -40,7 +40,7 @@ class AdapterSlot(nn.ModuleDict):
 
     Exactly one of three modes applies at a time: *disabled* (the bare module runs), *routed*
     (each sample of a mixed-task batch goes through its own adapter, see
-    :func:`arc_peft.mixed_batch`) or *active* (every sample goes through ``active``, or through
+    ``arc_peft.mixed_batch``) or *active* (every sample goes through ``active``, or through
     no adapter when ``active`` is ``None`` or has no adapter at this site).
     """
 

@@ -69,13 +69,13 @@ def register_target(
         module_type: The class to adapt (an ``nn.Module`` subclass).
         position: ``"attn"`` or ``"mlp"``.
         width: Returns the input width; default: read from the probe forward.
-        merge: Optional exact-merge function (see :data:`MergeFn`).
+        merge: Optional exact-merge function (see ``MergeFn``).
         source: A label for the supported-models table.
         replace: Allow overriding an existing registration (built-in merge rules included).
-            Takes effect at the next :func:`arc_peft.inject_arc`, not on adapters already there.
+            Takes effect at the next ``arc_peft.inject_arc``, not on adapters already there.
 
     Returns:
-        The registered :class:`Target`.
+        The registered ``Target``.
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"register_target expects an nn.Module subclass, got {module_type!r}")
@@ -106,7 +106,7 @@ def registry_generation() -> int:
 
 
 def get_target(module: nn.Module) -> Target | None:
-    """The registered :class:`Target` for ``module``'s exact type, or ``None``."""
+    """The registered ``Target`` for ``module``'s exact type, or ``None``."""
     _ensure_builtins()
     return _REGISTRY.get(type(module))
 
@@ -126,7 +126,7 @@ def registered_targets() -> list[Target]:
 # softmax(q·kᵀ) attention) or makes the merge impossible.
 
 # Marks a merge function whose module zero-pads its input *after* the adapter has run (see
-# :func:`_pads_input`); ``arc_peft.merge_adapter`` reads it.
+# ``_pads_input``); ``arc_peft.merge_adapter`` reads it.
 PADS_INPUT = "pads_input"
 
 _KEY_FREE = "a key offset adds a constant to each query's scores, which softmax ignores"
@@ -326,7 +326,7 @@ def _merge_multihead_attention(module: nn.Module, M: Tensor, b: Tensor) -> dict[
 def _pads_input(fn: MergeFn) -> MergeFn:
     """Mark ``fn``: its module zero-pads the adapted input internally (torchvision's shifted
     window attention, when the feature map is not a multiple of the window). Padded zeros stay
-    zeros unmerged but become ``b`` merged, so :func:`arc_peft.merge_adapter` refuses such a
+    zeros unmerged but become ``b`` merged, so ``arc_peft.merge_adapter`` refuses such a
     merge unless ``b == 0`` or the caller states that its inputs are never padded."""
     setattr(fn, PADS_INPUT, True)
     return fn
