@@ -65,6 +65,8 @@ CASES = {
     # separable attention: softmax(q) * k summed over the tokens, no matmul at all
     "mobilevitv2_050": (dict(img_size=64), ("LinearSelfAttention",), 9),
     "visformer_tiny": (dict(img_size=64), ("Attention",), 8),
+    # a gated MLP that normalises inline before its two projections: adapted at its input
+    "vitamin_small_224": (dict(img_size=64), ("Attention",), 14),
     # inner (pixel) and outer (patch) attention per block, each with its MLP
     "tnt_s_patch16_224": (dict(img_size=32, depth=2), ("Attention",), 4),
 }

@@ -371,9 +371,12 @@ def _mlp_input_call(
             break
         op = rec.ops[producer]
         sources = [i for i in op.inputs if i in rec.from_input]
+        if finder.projects(op) or len(sources) != 1 or op.name in NONLINEAR:
+            break
         # ARC adapts what the MLP's layers read: a norm opening the MLP module (timm NormMlp,
-        # torchvision MaxViT's Sequential) stays before the adapter, as the block's norm does
-        if finder.projects(op) or len(sources) != 1 or op.name in NONLINEAR or "norm" in op.name:
+        # torchvision MaxViT's Sequential) stays before the adapter, as the block's norm does,
+        # unless no module takes the norm's output (ViTamin's gated MLP normalises inline)
+        if "norm" in op.name and best is not None:
             break
         t = sources[0]
     return best
