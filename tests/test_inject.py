@@ -405,17 +405,20 @@ class _GatedMixer(nn.Module):
         return self.proj(tokens) * tokens.mean(dim=1, keepdim=True)
 
 
+class _MixerNet(nn.Module):
+    """A block the probe understands, then a ``_GatedMixer`` it cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Block(16)
+        self.mixer = _GatedMixer(16)
+
+    def forward(self, x):
+        return self.mixer(self.block(x))
+
+
 def test_register_target_overrides_discovery(custom_targets):
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = _Block(16)
-            self.mixer = _GatedMixer(16)
-
-        def forward(self, x):
-            return self.mixer(self.block(x))
-
-    model, x = Net(), torch.randn(2, 3, 16)
+    model, x = _MixerNet(), torch.randn(2, 3, 16)
     assert [s.path for s in arc_peft.site_plan(model, x).sites] == ["block.mixer", "block.ff"]
     arc_peft.register_target(_GatedMixer, "attn")
     try:
@@ -432,16 +435,7 @@ def test_register_target_reaches_a_model_probed_before(custom_targets):
     """A plan kept on the model is stale once a target is registered: the next inject_arc
     probes again (with the example input given before) and sees the new site."""
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = _Block(16)
-            self.mixer = _GatedMixer(16)
-
-        def forward(self, x):
-            return self.mixer(self.block(x))
-
-    model, x = Net(), torch.randn(2, 3, 16)
+    model, x = _MixerNet(), torch.randn(2, 3, 16)
     arc_peft.inject_arc(model, ARCConfig(rank=2, positions=("attn",)), "a", example_input=x)
     assert [s.site.path for _, _, s in iter_slots(model)] == ["block.mixer"]
     arc_peft.register_target(_GatedMixer, "attn")

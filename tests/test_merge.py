@@ -295,29 +295,6 @@ def test_mergeable_config_round_trips_and_costs_one_bias_per_attention_site(tmp_
         arc_peft.ARCConfig(mergeable="yes")
 
 
-@pytest.mark.parametrize("name", ["swinv2", "eva02_swiglu"])
-def test_documented_recipe_frozen_attention_bias_makes_cosine_and_rope_models_mergeable(name):
-    model = build(name)
-    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
-    arc_peft.freeze_backbone(model)
-    for _, _, slot in iter_slots(model):
-        if slot.position == "attn":
-            slot["default"].bias.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=0.1)
-    x = inputs(name)
-    model.train()
-    for _ in range(2):
-        optimizer.zero_grad()
-        model(x).square().mean().backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        expected = model(x)
-        arc_peft.merge_adapter(model)
-        torch.testing.assert_close(model(x), expected, **TOL)
-
-
 @torch.no_grad()
 def test_torchvision_swin_merges_when_the_bias_is_zero_even_with_padding():
     model = adapted("tv_swin", zero_attn_bias=True)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UnsupportedModelError
-from .slots import SLOT_ATTR, iter_slots
+from .slots import SLOT_ATTR, iter_slots, remove_hooks
 
 __all__ = ["TASKS_ATTR", "add_head", "split_logits", "task_modules"]
 
@@ -123,12 +123,9 @@ def _add_hook(model: nn.Module, tasks: TaskModules, path: str) -> None:
 
 
 def _remove_hook(model: nn.Module, tasks: TaskModules, path: str) -> None:
-    module = model.get_submodule(path)
-    for key, fn in list(module._forward_hooks.items()):
-        if isinstance(fn, _TaskHook) and fn.tasks is tasks:
-            del module._forward_hooks[key]
-            module._forward_hooks_with_kwargs.pop(key, None)
-            getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
+    remove_hooks(
+        model.get_submodule(path), lambda fn: isinstance(fn, _TaskHook) and fn.tasks is tasks
+    )
     tasks.paths = tuple(p for p in tasks.paths if p != path)
 
 
@@ -281,10 +278,7 @@ def head_like(base: nn.Module, shapes: dict[str, Sequence[int]]) -> nn.Module:
         return nn.Linear(in_f, out_f, bias="bias" in shapes, **factory)
     head = copy.deepcopy(base)
     for module in head.modules():  # the copy must not carry the task hook of the original
-        for key, fn in list(module._forward_hooks.items()):
-            if isinstance(fn, _TaskHook):
-                del module._forward_hooks[key]
-                module._forward_hooks_with_kwargs.pop(key, None)
+        remove_hooks(module, lambda fn: isinstance(fn, _TaskHook))
     for key, shape in shapes.items():
         if key not in own or list(own[key].shape) == list(shape):
             continue

@@ -25,7 +25,7 @@ from .discover import Site
 from .errors import UnsupportedModelError
 from .modules import Adapter
 
-__all__ = ["SLOT_ATTR", "AdapterSlot", "BlockSlots", "holder_of", "iter_slots"]
+__all__ = ["SLOT_ATTR", "AdapterSlot", "BlockSlots", "holder_of", "iter_slots", "remove_hooks"]
 
 # The attribute under which a block holds its slots (part of every adapter parameter's name).
 SLOT_ATTR = "arc_peft"
@@ -103,17 +103,7 @@ class AdapterSlot(nn.ModuleDict):
     def detach(self, holder: nn.Module) -> None:
         """Remove this slot and its hooks, leaving the holder and site modules as they were."""
         for module, _ in self._hooked(holder):
-            # Hooks are found by identity, not by stored handles: a deep-copied model holds
-            # copies of the handles that would point at the original model's hook dictionaries.
-            for hooks_attr, extra_attrs in (
-                ("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
-                ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
-            ):
-                hooks = getattr(module, hooks_attr)
-                for key in [k for k, fn in hooks.items() if getattr(fn, "__self__", None) is self]:
-                    del hooks[key]
-                    for extra in extra_attrs:
-                        getattr(module, extra, {}).pop(key, None)
+            remove_hooks(module, lambda fn: getattr(fn, "__self__", None) is self)
         slots = holder._modules[SLOT_ATTR]
         del slots[self.key]
         if len(slots) == 0:
@@ -264,6 +254,22 @@ def holder_of(model: nn.Module, path: str) -> tuple[str, nn.Module]:
         f"cannot attach adapter state for {path}: every module above it is an nn.Sequential, "
         "ModuleList or ModuleDict; wrap the model in an nn.Module first"
     )
+
+
+def remove_hooks(module: nn.Module, match: Any) -> None:
+    """Remove the forward (pre-)hooks of ``module`` for which ``match(hook)`` is true.
+
+    Hooks are found by identity, not by stored handles: a deep-copied model holds copies of the
+    handles that would point at the original model's hook dictionaries."""
+    for hooks_attr, extra_attrs in (
+        ("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
+        ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+    ):
+        hooks = getattr(module, hooks_attr)
+        for key in [k for k, fn in hooks.items() if match(fn)]:
+            del hooks[key]
+            for extra in extra_attrs:
+                getattr(module, extra, {}).pop(key, None)
 
 
 def iter_slots(model: nn.Module) -> list[tuple[str, nn.Module, AdapterSlot]]:
