@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import arc_peft  # noqa: E402
 from arc_peft import discover as _discover  # noqa: E402
 from arc_peft.graph import Finder  # noqa: E402
-from arc_peft.modules import Adapter  # noqa: E402
+from arc_peft.modules import ARC  # noqa: E402
 
 DOCS = ROOT / "docs" / "models.md"
 CACHE = Path(os.environ.get("ARC_PEFT_COVERAGE_CACHE", "/tmp/arc_peft_coverage"))
@@ -217,17 +217,16 @@ def check(name: str, device: str = "cpu", **kwargs: Any) -> dict:
                             p.normal_(0, 0.02)
             adapted = copy.deepcopy(model)
             arc_peft.inject_arc(adapted, arc_peft.ARCConfig(rank=4))
-            adapters = [m for m in adapted.modules() if isinstance(m, Adapter)]
+            adapters = [m for m in adapted.modules() if isinstance(m, ARC)]  # the site layers
             row["adapters"] = len(adapters)
             called = set()
             handles = [
                 m.register_forward_hook(lambda mod, a, o: called.add(id(mod))) for m in adapters
             ]
             g = torch.Generator().manual_seed(1)
-            for m in adapters:
-                for p in m.parameters(recurse=False):
-                    with torch.no_grad():
-                        p.copy_(0.3 * torch.randn(p.shape, generator=g).to(p))
+            for p in arc_peft.adapter_parameters(adapted).values():
+                with torch.no_grad():
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g).to(p))
             x = arc_peft.zoo.example_input(model, batch=2)
             # the features, not the logits: some heads start at zero (Hiera)
             features = hasattr(model, "forward_features")

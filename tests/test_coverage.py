@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import arc_peft
-from arc_peft.modules import Adapter
+from arc_peft.modules import ARC
 
 timm = pytest.importorskip("timm")
 
@@ -119,14 +119,13 @@ def test_family_fully_adapted(name: str) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
     adapted = copy.deepcopy(model)
     arc_peft.inject_arc(adapted, arc_peft.ARCConfig(rank=4), example_input=x[:1])
-    adapters = [m for m in adapted.modules() if isinstance(m, Adapter)]
+    adapters = [m for m in adapted.modules() if isinstance(m, ARC)]  # the site layers
     assert len(adapters) == len(plan.sites)
     ran: set[int] = set()
     hooks = [m.register_forward_hook(lambda m, a, o: ran.add(id(m))) for m in adapters]
     with torch.no_grad():
-        for m in adapters:
-            for p in m.parameters(recurse=False):  # small: BatchNorm stems overflow otherwise
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        for p in arc_peft.adapter_parameters(adapted).values():  # small: BatchNorm stems overflow
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
         y0, y = model.forward_features(x), adapted.forward_features(x)
     for h in hooks:
         h.remove()

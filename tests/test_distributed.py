@@ -1,5 +1,6 @@
 """Two CPU processes (gloo): DDP keeps ranks identical and its file is the plain model's; FSDP2
-(``fully_shard``) trains, gathers on save, and loads before or after sharding.
+(``fully_shard``, of the whole model, per block or per module) trains, gathers on save, and loads
+before or after sharding.
 
 Each test spawns its ranks; a rank raises on any failed check, which fails the test.
 """
@@ -112,12 +113,15 @@ def _fully_shard():
     return fully_shard
 
 
-def _shard(model: nn.Module, per_module: bool) -> nn.Module:
-    """Shard the whole model, or (the per-layer recipe) each block's attention and MLP modules
-    and then the root: the adapters, whose shared ``U`` spans blocks, stay in the root group."""
+def _shard(model: nn.Module, units: str) -> nn.Module:
+    """Shard the whole model (``"model"``), each block then the root (``"block"``, the usual
+    recipe), or each block's attention and MLP modules then the root (``"module"``). ARC's
+    shared ``U`` is held by the model, above the blocks, so it falls in the root's unit."""
     fully_shard = _fully_shard()
-    if per_module:
-        for block in model.blocks:
+    for block in model.blocks if units != "model" else ():
+        if units == "block":
+            fully_shard(block)
+        else:
             fully_shard(block.attn)
             fully_shard(block.mlp)
     fully_shard(model)
@@ -129,8 +133,8 @@ def _fsdp_rank(rank: int, tmp: str) -> None:
     try:
         x = inputs("vit")
         path = os.path.join(tmp, "fsdp.safetensors")
-        for per_module in (False, True):
-            model = _shard(_adapted(), per_module)
+        for units in ("model", "block", "module"):
+            model = _shard(_adapted(), units)
             try:
                 arc_peft.inject_arc(model, ARC, name="late")
             except ValueError as exc:
@@ -146,9 +150,11 @@ def _fsdp_rank(rank: int, tmp: str) -> None:
             assert info.backbone["architecture"].endswith(".VisionTransformer"), info
 
             plain = arc_peft.load_adapter(build("vit"), path)  # no sharding at all
-            before = _shard(arc_peft.load_adapter(build("vit"), path), per_module)
-            after = _shard(_adapted(), per_module)
-            arc_peft.load_adapter(after, path)  # into DTensor parameters
+            before = _shard(arc_peft.load_adapter(build("vit"), path), units)
+            after = _shard(_adapted(), units)
+            with torch.no_grad():
+                after(x)  # the root unit keeps its parameters unsharded after a forward pass
+            arc_peft.load_adapter(after, path)  # into the kept shards, not the unsharded copies
             with torch.no_grad():
                 for loaded in (plain, before, after):
                     torch.testing.assert_close(loaded.eval()(x), expected, rtol=1e-6, atol=1e-6)

@@ -9,6 +9,8 @@ from torch import nn
 
 import arc_peft
 from arc_peft import AdaptMLPConfig, ARCConfig, UnsupportedModelError
+from arc_peft.modules import SharedProjection
+from arc_peft.shared import entry_path, iter_shared
 from arc_peft.slots import iter_slots
 
 from models import MATRIX, build, inputs
@@ -257,8 +259,14 @@ def test_blocks_select_the_last_k():
     model = build("swin")  # 4 blocks in 4 stages of different widths
     arc_peft.inject_arc(model, ARCConfig(rank=4, blocks=(-2, -1)))
     assert sorted({slot.block for _, _, slot in iter_slots(model)}) == [2, 3]
-    owners = [s["default"] for _, _, s in iter_slots(model) if s["default"].owner is None]
+    owners = {id(s["default"].owner) for _, _, s in iter_slots(model)}
     assert len(owners) == 4  # 2 positions x 2 widths: U is shared per (position, width)
+    # one site per group here (a block per stage), so each U is held by that block
+    assert sorted(entry_path(e) for e in iter_shared(model)) == [
+        f"layers.{stage}.blocks.0.arc_peft_shared.default.{position}-{width}"
+        for stage, width in ((2, 64), (3, 128))
+        for position in ("attn", "mlp")
+    ]
     with pytest.raises(ValueError, match=r"blocks=\(4,\) is out of range .* \[-4, 3\]"):
         arc_peft.inject_arc(build("swin"), ARCConfig(blocks=(4,)))
 
@@ -268,14 +276,42 @@ def test_projection_shared_per_position_and_listed_once():
     arc_peft.inject_arc(model, ARCConfig(rank=4))
     slots = iter_slots(model)
     attn = [s["default"] for _, _, s in slots if s.position == "attn"]
-    assert attn[0].owner is None and all(a.owner is attn[0] for a in attn[1:])
-    assert all(a.U is attn[0].projection for a in attn)
+    held = model.arc_peft_shared["default"]["attn-32"]  # above the blocks, on the model
+    assert isinstance(held, SharedProjection) and held.anchor == "blocks.0.attn"
+    assert all(a.owner is held and a.U is held.projection for a in attn)
+    assert not any("projection" in dict(a.named_parameters()) for a in attn)
     names = [n for n, _ in model.named_parameters() if n.endswith(".projection")]
     assert names == [
-        "blocks.0.arc_peft.attn.default.projection",
-        "blocks.0.arc_peft.mlp.default.projection",
+        "arc_peft_shared.default.attn-32.projection",
+        "arc_peft_shared.default.mlp-32.projection",
     ]
     assert [k for k in model.state_dict() if k.endswith(".projection")] == names
+
+
+def test_shared_projection_is_held_above_every_site_it_serves():
+    # Swin with two blocks per stage: each stage's U is held by the stage (the nearest module
+    # above its blocks that is not a container), so a per-block FSDP unit never holds another
+    # block's U. The same for a Hugging Face ViT, whose blocks sit in a ModuleList.
+    swin = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=56, window_size=7,
+        embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1),
+    )  # fmt: skip
+    arc_peft.inject_arc(swin, ARCConfig(rank=4))
+    held = {entry_path(e): e[3].anchor for e in iter_shared(swin)}
+    assert held == {
+        f"layers.{i}.arc_peft_shared.default.{position}-{16 * 2**i}": (
+            f"layers.{i}.blocks.0.{'attn' if position == 'attn' else 'mlp'}"
+        )
+        for i in range(4)
+        for position in ("attn", "mlp")
+    }
+    for path, _, slot in iter_slots(swin):
+        stage = path.split(".")[1]
+        assert entry_path(_shared_of(swin, slot["default"])).startswith(f"layers.{stage}.")
+
+
+def _shared_of(model: nn.Module, layer: nn.Module):
+    return next(e for e in iter_shared(model) if e[3] is layer.owner)
 
 
 def test_extra_arguments_pass_through_untouched():
@@ -474,7 +510,7 @@ def test_deepcopy_keeps_sharing_and_hooks():
     x = inputs("vit")
     assert torch.equal(clone(x), model(x))
     attn = [s["default"] for _, _, s in iter_slots(clone) if s.position == "attn"]
-    assert attn[1].owner is attn[0]
+    assert attn[1].owner is attn[0].owner is clone.arc_peft_shared["default"]["attn-32"]
     arc_peft.remove_arc(clone)
     assert not torch.equal(clone(x), model(x))  # the copy's hooks were removed...
     assert iter_slots(model)  # ...and the original keeps its own

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from arc_peft import ARC, AdaptMLP
+from arc_peft.modules import SharedProjection
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
@@ -49,6 +50,23 @@ def test_arc_shares_u_with_its_owner_and_lists_it_once():
         ARC(8, 4, share_with=owner)
     with pytest.raises(ValueError, match="share U"):
         ARC(8, 3, share_with=other)  # only an owner can be shared
+
+
+def test_arc_layers_read_a_shared_projection_held_apart():
+    held = SharedProjection(8, 3, anchor="blocks.0.attn")
+    layers = torch.nn.ModuleList([ARC(8, 3, share_with=held) for _ in range(2)])
+    assert all(layer.U is held.projection for layer in layers)
+    assert not any("projection" in n for n, _ in layers.named_parameters())
+    with torch.no_grad():
+        for layer in layers:
+            layer.scale.fill_(1.0)
+    x = torch.randn(4, 8)
+    layers[1].eval()(layers[0].eval()(x)).sum().backward()
+    assert held.projection.grad is not None and held.projection.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="share U"):
+        ARC(8, 4, share_with=held)
+    with pytest.raises(RuntimeError, match="holds ARC's U"):
+        held(x)
 
 
 def test_arc_initialisation():

@@ -69,6 +69,6 @@ def test_count_summary_line():
     assert text.startswith(f"trainable {counts.trainable} of {counts.total / 1e3:.3g}K")
     assert text.endswith("| sites adapted: attn 2, mlp 2")
     assert f"({pct:.2f}%)" in text and f"adapters {counts.adapter:,}" in text
-    owners = [k for k in counts.breakdown if k.endswith("blocks.0.arc_peft.attn.default")]
-    assert counts.breakdown[owners[0]] == 32 * 4 + 4 + 32  # the owner carries the shared U
+    assert counts.breakdown["blocks.0.arc_peft.attn.default"] == 4 + 32  # s and b
+    assert counts.breakdown["arc_peft_shared.default.attn-32"] == 32 * 4  # the shared U, once
     assert counts.breakdown["blocks.1.arc_peft.attn.default"] == 4 + 32

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import heads
+from . import heads, shared
 from .config import AdapterConfig, AdaptMLPConfig, ARCConfig
 from .discover import Site, SitePlan, discover
 from .errors import UnsupportedModelError
-from .modules import ARC, Adapter, AdaptMLP
+from .modules import ARC, Adapter, AdaptMLP, SharedProjection
 from .slots import AdapterSlot, holder_of, iter_slots
 from .targets import registry_generation
 from .wrappers import check_injectable
@@ -185,7 +185,7 @@ def _build_adapters(
 ) -> list[tuple[Site, Adapter]]:
     """A new adapter for every chosen site, not yet attached (``device="meta"``: shapes only,
     nothing allocated, which is how a file's claims are checked before anything is built)."""
-    owners: dict[tuple[str, int], ARC] = {}
+    owners: dict[tuple[str, int], SharedProjection] = {}
     planned: list[tuple[Site, Adapter]] = []
     for site in chosen:
         module = model.get_submodule(site.path)
@@ -194,16 +194,17 @@ def _build_adapters(
             factory["device"] = device
         if isinstance(config, ARCConfig):
             paper_zero = site.position == "attn" or config.init == "identity"
-            owner = owners.get((site.position, site.width))
+            group = (site.position, site.width)
+            if group not in owners:  # U is drawn first, as when the group's first ARC owned it
+                owners[group] = SharedProjection(site.width, config.rank, site.path, **factory)
             adapter: Adapter = ARC(
                 site.width,
                 config.rank,
                 dropout=config.dropout,
                 scale_init="zeros" if paper_zero else "xavier",
-                share_with=owner,
+                share_with=owners[group],
                 **factory,
             )
-            owners.setdefault((site.position, site.width), adapter)
             if config.mergeable and site.position == "attn":
                 _without_bias(adapter)
         else:
@@ -220,6 +221,22 @@ def _build_adapters(
         adapter.train(module.training)  # a new layer follows the model's train/eval mode
         planned.append((site, adapter))
     return planned
+
+
+def _shared_entries(
+    model: nn.Module, planned: list[tuple[Site, Adapter]], name: str
+) -> list[shared.Entry]:
+    """Where each shared projection of ``planned`` goes (see ``arc_peft.shared``)."""
+    groups: dict[int, tuple[str, SharedProjection, list[str]]] = {}
+    for site, adapter in planned:
+        owner = getattr(adapter, "owner", None)
+        if isinstance(owner, SharedProjection):
+            key = shared.group_key(site.position, site.width)
+            groups.setdefault(id(owner), (key, owner, []))[2].append(site.path)
+    return [
+        (shared.place(model, paths), name, key, projection)
+        for key, projection, paths in groups.values()
+    ]
 
 
 def inject_arc(
@@ -286,6 +303,7 @@ def inject_arc(
     # Build every adapter before touching the model, so a failure leaves it unchanged.
     planned = _build_adapters(model, chosen, config)
     holders = {site.path: holder_of(model, site.path) for site, _ in planned}
+    projections = _shared_entries(model, planned, name)
 
     make_active = not existing or all(slot.active is None for _, _, slot in iter_slots(model))
     present = {slot.site.path: slot for _, _, slot in iter_slots(model)}
@@ -297,6 +315,7 @@ def inject_arc(
             slot.attach(holder)
             present[site.path] = slot
         slot[name] = adapter
+    shared.attach(model, projections)
     if make_active:
         for _, _, slot in iter_slots(model):
             slot.active = name
@@ -314,6 +333,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             f"model has no adapter named {name!r}; it has {sorted(adapter_configs(model))}"
         )
     heads.forget(model, name)  # its own head (and other task modules) goes with it
+    shared.detach(model, name)
     for _, block, slot in slots:
         if name in slot:
             del slot[name]
@@ -331,6 +351,7 @@ def remove_arc(model: nn.Module) -> nn.Module:
         ``model`` itself, now the plain backbone (its state dict has exactly the original keys).
     """
     heads.restore_all(model)
+    shared.detach(model)
     for _, block, slot in iter_slots(model):
         slot.detach(block)
     return model

@@ -50,10 +50,19 @@ from .inject import (
     inject_arc,
     site_plan,
 )
+from .modules import Adapter, SharedProjection
 from .multitask import active_adapter, set_active_adapter
 from .params import TRAINED_ATTR, get_head
+from .shared import iter_shared
 from .slots import SLOT_ATTR, AdapterSlot, holder_of, iter_slots
-from .wrappers import check_injectable, full_tensor, is_sharded, original_class, unwrap
+from .wrappers import (
+    check_injectable,
+    full_tensor,
+    is_sharded,
+    original_class,
+    reshard,
+    unwrap,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -90,16 +99,27 @@ def _head_state(model: nn.Module, name: str | None = None) -> tuple[str, dict[st
     return heads.head_state(model, name)
 
 
-def _adapter_state(model: nn.Module, name: str) -> dict[str, Tensor]:
-    """``{file key: parameter or buffer}`` of adapter ``name``: the model's names with the
-    adapter-name component dropped (``blocks.0.arc_peft.attn.scale``), so a file loads under any
-    name. A shared ARC projection is listed once, at its owner (only the owner registers it)."""
+def _file_state(layers: list[tuple[str, str, Adapter]]) -> dict[str, Tensor]:
+    """``{file key: tensor}`` of one adapter from its ``(slot path, site path, layer)`` per site:
+    each layer's state under its slot, with the adapter-name component dropped
+    (``blocks.0.arc_peft.attn.scale``), so a file loads under any name; a shared ARC projection
+    once, as ``projection`` under the slot of its group's first site (its ``anchor``), wherever
+    the model holds it."""
     state: dict[str, Tensor] = {}
-    for slot_path, _, slot in iter_slots(model):
-        if name in slot:
-            for key, value in slot[name].state_dict(keep_vars=True).items():
-                state[f"{slot_path}.{key}"] = value
+    for slot_path, site_path, layer in layers:
+        for key, value in layer.state_dict(keep_vars=True).items():
+            state[f"{slot_path}.{key}"] = value
+        owner = getattr(layer, "owner", None)
+        if isinstance(owner, SharedProjection) and owner.anchor == site_path:
+            state[f"{slot_path}.projection"] = owner.projection
     return state
+
+
+def _adapter_state(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """``{file key: parameter or buffer}`` of adapter ``name`` (see ``_file_state``)."""
+    return _file_state(
+        [(path, slot.site.path, slot[name]) for path, _, slot in iter_slots(model) if name in slot]
+    )
 
 
 def _isfinite(flat: Tensor) -> Tensor:
@@ -231,6 +251,7 @@ def save_adapter(
     from . import __version__  # here, not at import time: the package imports this module
 
     model = unwrap(model)
+    reshard(model)  # FSDP2: read the kept shards, not unsharded copies about to be freed
     name = _resolve_name(model, name)
     config = adapter_configs(model)[name]
     state = dict(_adapter_state(model, name))
@@ -288,9 +309,10 @@ def save_adapter(
 
 def _slot_tensor_ids(model: nn.Module) -> set[int]:
     """Every parameter and buffer of every adapter (whichever is active)."""
-    return {
+    found = {
         id(t) for _, _, slot in iter_slots(model) for t in slot.state_dict(keep_vars=True).values()
     }
+    return found | {id(p) for entry in iter_shared(model) for p in entry[3].parameters()}
 
 
 def _trained_state(model: nn.Module, exclude: set[str]) -> tuple[list[str], dict[str, Tensor]]:
@@ -385,14 +407,13 @@ def _planned_state(path: str, model: nn.Module, config: AdapterConfig) -> dict[s
         built = _build_adapters(model, chosen, config, device="meta")
     except ValueError as exc:  # UnsupportedModelError included
         raise bad(path, f"its config {config} does not fit this model: {exc}") from None
-    state: dict[str, Tensor] = {}
+    layers = []
     for site, adapter in built:
         holder_path, _ = holder_of(model, site.path)
         prefix = f"{holder_path}.{SLOT_ATTR}" if holder_path else SLOT_ATTR
         key = AdapterSlot(site, holder_path).key  # named as iter_slots will name it
-        for name, value in adapter.state_dict().items():
-            state[f"{prefix}.{key}.{name}"] = value
-    return state
+        layers.append((f"{prefix}.{key}", site.path, adapter))
+    return _file_state(layers)
 
 
 def _trained_targets(path: str, model: nn.Module, trained: dict[str, Any]) -> dict[str, Tensor]:
@@ -497,6 +518,7 @@ def load_adapter(
     path = resolve_source(path)
     wrapper, model = model, unwrap(model)
     _check_name(name)
+    reshard(model)  # FSDP2: write into the kept shards, not unsharded copies about to be freed
     with open_regular(path) as handle:
         header = read_header(path, handle)
         check_metadata(path, header)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import heads
+from . import heads, shared
 from .errors import MergeError
 from .fold import check_fold, generic_fold
 from .inject import EXAMPLE_ATTR, adapter_configs, delete_adapter
@@ -46,6 +46,7 @@ class _MergeRecord:
     was_active: bool
     originals: dict[str, Tensor]  # qualified tensor name -> value before the merge
     slots: list[tuple[str, AdapterSlot, Adapter]]  # (block path, detached slot, adapter)
+    projections: list[shared.Entry]  # the adapter's shared ARC projections, where they were
     # Task modules the adapter owned (its head...), now the model's own: path -> module replaced
     replaced: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
 
@@ -238,6 +239,7 @@ def merge_adapter(
             was_active=active_adapter(model) == name,
             originals={q: t.detach().clone() for q, t, _ in planned},
             slots=[(module_paths[id(block)], slot, slot[name]) for _, block, slot in slots],
+            projections=shared.iter_shared(model, name),
         )
     with torch.no_grad():
         for _, tensor, value in planned:
@@ -305,6 +307,10 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
         slot[record.name] = adapter
         slot.active = record.name if record.was_active else None
         slot.attach(block)
+        owner = getattr(adapter, "owner", None)
+        if owner is not None:  # its shared U follows the layer
+            owner.to(device=adapter.scale.device, dtype=adapter.scale.dtype)
+    shared.attach(model, record.projections)
     heads.unadopt(model, record.name, record.replaced)
     records.pop()
     if not records:

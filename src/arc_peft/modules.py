@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .lean import adaptmlp_forward, arc_forward
 
-__all__ = ["ARC", "AdaptMLP", "Adapter"]
+__all__ = ["ARC", "AdaptMLP", "Adapter", "SharedProjection"]
 
 
 class Adapter(nn.Module):
@@ -24,13 +24,52 @@ class Adapter(nn.Module):
     transforms_input: bool = True
 
 
+class SharedProjection(Adapter):
+    """ARC's ``U`` (``dim × rank``) for a group of layers that share it, held apart from them.
+
+    ``inject_arc`` registers one per (position, width) group on the nearest module above every
+    site of the group (the model itself for a ViT, a stage for Swin), under
+    ``arc_peft_shared.<adapter name>.<position>-<width>``, and each site's ``ARC`` reads it.
+    Why not on the group's first layer: a module sharded on its own (FSDP2's
+    ``fully_shard(block)``) gathers its parameters only while it runs, so a ``U`` held by block
+    0 would still be sharded when block 1 reads it; held above the blocks, it belongs to the
+    unit that encloses them all.
+
+    Args:
+        dim: Token width ``D``.
+        rank: Bottleneck size ``r``.
+        anchor: Path of the group's first site: adapter files store ``U`` under that site's
+            slot, as they always have.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        rank: int,
+        anchor: str = "",
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim, self.rank, self.anchor = dim, rank, anchor
+        self.projection = nn.Parameter(torch.empty(dim, rank, device=device, dtype=dtype))
+        nn.init.xavier_uniform_(self.projection)
+
+    def forward(self, *args: object) -> Tensor:
+        raise RuntimeError("SharedProjection holds ARC's U; the ARC layers that read it run")
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, rank={self.rank}, anchor={self.anchor!r}"
+
+
 class ARC(Adapter):
     """ARC adapter: ``x + dropout(x · U · diag(s)) · Uᵀ + b``.
 
     ``U`` (``dim × rank``) is the symmetric down/up projection; ``s`` (``rank``) and ``b``
     (``dim``) belong to this layer. Several layers share one ``U`` by passing ``share_with``:
-    the first layer *owns* the parameter (it is registered there only, so ``named_parameters()``
-    lists it once and it is stored once), the others read it through their owner.
+    a ``SharedProjection`` (how ``inject_arc`` shares it) or a first ``ARC`` that *owns* it. The
+    parameter is registered at its holder only, so ``named_parameters()`` lists it once and it
+    is stored once; the other layers read it through their ``owner``.
 
     Args:
         dim: Token width ``D``.
@@ -38,7 +77,8 @@ class ARC(Adapter):
         dropout: Dropout probability on the ``r``-dimensional bottleneck.
         scale_init: ``"zeros"`` (the layer starts as an exact identity) or ``"xavier"``
             (xavier-uniform on a ``(1, r)`` tensor, the official MLP-position init).
-        share_with: An ``ARC`` whose ``U`` this layer uses instead of owning one.
+        share_with: A ``SharedProjection``, or an owning ``ARC``, whose ``U`` this layer uses
+            instead of owning one.
     """
 
     def __init__(
@@ -47,7 +87,7 @@ class ARC(Adapter):
         rank: int = 50,
         dropout: float = 0.1,
         scale_init: str = "zeros",
-        share_with: ARC | None = None,
+        share_with: ARC | SharedProjection | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -63,10 +103,13 @@ class ARC(Adapter):
             nn.init.xavier_uniform_(self.projection)
             owner = None
         else:
-            if share_with.owner is not None or (share_with.dim, share_with.rank) != (dim, rank):
+            owning = isinstance(share_with, SharedProjection) or (
+                isinstance(share_with, ARC) and share_with.owner is None
+            )
+            if not owning or (share_with.dim, share_with.rank) != (dim, rank):
                 raise ValueError(
-                    f"ARC(dim={dim}, rank={rank}) can only share U with an owning ARC of the "
-                    f"same dim and rank, got {share_with!r}"
+                    f"ARC(dim={dim}, rank={rank}) can only share U with a SharedProjection or an "
+                    f"owning ARC of the same dim and rank, got {share_with!r}"
                 )
             owner = share_with
         # A plain attribute, not a submodule: registering the owner here would list the shared U

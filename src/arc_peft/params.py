@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import shared
 from .modules import Adapter
 from .slots import iter_slots
 from .wrappers import unwrap
@@ -72,12 +73,14 @@ def _has_attention(module: nn.Module) -> bool:
 
 
 def _adapter_modules(model: nn.Module, name: str | None = None) -> list[tuple[str, Adapter]]:
-    """``(path, adapter)`` for the adapters named ``name`` (all adapters if ``None``)."""
-    found = []
+    """``(path, adapter)`` for the adapters named ``name`` (all adapters if ``None``): every
+    site's layer, then the shared ARC projections."""
+    found: list[tuple[str, Adapter]] = []
     for path, _, slot in iter_slots(model):
         for adapter_name, adapter in slot.items():
             if name is None or adapter_name == name:
                 found.append((f"{path}.{adapter_name}", adapter))
+    found.extend((shared.entry_path(e), e[3]) for e in shared.iter_shared(model, name))
     return found
 
 
@@ -85,7 +88,7 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, n
     """``{parameter name: parameter}`` of the adapters named ``name`` (all adapters if ``None``).
 
     Names are the model's own (``blocks.0.arc_peft.attn.default.scale``); a shared ARC projection
-    appears once, under the adapter that owns it.
+    appears once, where it is held (``arc_peft_shared.default.attn-768.projection``).
     """
     return {
         f"{path}.{pname}": param
@@ -203,7 +206,7 @@ class ParameterCounts:
         adapter: Parameters of adapter modules (all named adapters).
         head: Parameters of the classifier head.
         breakdown: Adapter parameters per adapter module path (a shared ARC projection is
-            counted at its owner).
+            counted once, where it is held).
         sites: Adapted sites per position (``{"attn": 12, "mlp": 12}``), any adapter.
     """
 

@@ -17,7 +17,14 @@ import warnings
 
 from torch import Tensor, nn
 
-__all__ = ["check_injectable", "full_tensor", "is_sharded", "original_class", "unwrap"]
+__all__ = [
+    "check_injectable",
+    "full_tensor",
+    "is_sharded",
+    "original_class",
+    "reshard",
+    "unwrap",
+]
 
 
 def _wrapped(model: nn.Module) -> nn.Module | None:
@@ -53,6 +60,20 @@ def original_class(model: nn.Module) -> type:
             if not issubclass(base, fsdp_module):
                 return base
     return cls
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` in its sharded state, so that its registered parameters
+    are the sharded DTensors the unit keeps. Between a forward pass and the next reshard, a unit
+    that did not reshard after forward (the root, by default) has its *unsharded* parameters
+    registered instead, whose memory FSDP frees at the next reshard: a tensor read from them
+    would then point at freed memory, and a value written into them would be lost."""
+    fsdp_module = _fsdp_module_class()
+    if fsdp_module is None:
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp_module):
+            module.reshard()
 
 
 def is_sharded(tensor: Tensor) -> bool:
