@@ -16,7 +16,7 @@ from torch import nn
 
 import arc_peft
 from arc_peft import AdapterFileError, AdaptMLPConfig, ARCConfig
-from arc_peft.io import _serialize
+from arc_peft.saving import _serialize
 
 from models import MATRIX, build, inputs
 
@@ -246,7 +246,7 @@ def test_save_refuses_non_finite_weights(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("failing", ["os.replace", "os.fsync", "arc_peft.io._serialize"])
+@pytest.mark.parametrize("failing", ["os.replace", "os.fsync", "arc_peft.saving._serialize"])
 def test_failed_save_keeps_the_old_file(
     failing: str, saved: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

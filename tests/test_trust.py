@@ -23,7 +23,7 @@ from torch import nn
 
 import arc_peft
 from arc_peft import AdapterFileError, AdaptMLPConfig, ARCConfig
-from arc_peft.io import _serialize
+from arc_peft.saving import _serialize
 
 from models import MATRIX, build, inputs
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # for type checkers and the docs; at run time names load on f
     from .hub import create_model, push_adapter_to_hub, save_adapter_folder
     from .info import AdapterInfo, read_adapter_info
     from .inject import adapter_configs, delete_adapter, inject_arc, remove_arc, site_plan
-    from .io import load_adapter, save_adapter
+    from .loading import load_adapter
     from .merge import merge_adapter, unmerge_adapter
     from .modules import ARC, Adapter, AdaptMLP
     from .multitask import active_adapter, disable_adapter, mixed_batch, set_active_adapter
@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # for type checkers and the docs; at run time names load on f
         freeze_backbone,
         get_head,
     )
+    from .saving import save_adapter
     from .targets import Target, register_target, registered_targets
 
 # Where each public name lives. ``import arc_peft`` imports none of these modules (nor torch):
@@ -46,13 +47,14 @@ _LOCATIONS = {
     "hub": ("create_model", "push_adapter_to_hub", "save_adapter_folder"),
     "info": ("AdapterInfo", "read_adapter_info"),
     "inject": ("adapter_configs", "delete_adapter", "inject_arc", "remove_arc", "site_plan"),
-    "io": ("load_adapter", "save_adapter"),
+    "loading": ("load_adapter",),
     "merge": ("merge_adapter", "unmerge_adapter"),
     "modules": ("ARC", "Adapter", "AdaptMLP"),
     "multitask": ("active_adapter", "disable_adapter", "mixed_batch", "set_active_adapter"),
     "params": (
         "ParameterCounts", "adapter_parameters", "count_parameters", "freeze_backbone", "get_head"
     ),
+    "saving": ("save_adapter",),
     "targets": ("Target", "register_target", "registered_targets"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _LOCATIONS.items() for name in names}

@@ -120,7 +120,7 @@ def _check(args: argparse.Namespace) -> int:
     import torch
 
     from .info import read_adapter_info
-    from .io import load_adapter
+    from .loading import load_adapter
 
     info = read_adapter_info(args.file)
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}

@@ -403,9 +403,9 @@ def prefixed(path: str, module: nn.Module) -> dict[str, Tensor]:
     return {f"{prefix}{k}": v for k, v in module.state_dict(keep_vars=True).items()}
 
 
-def head_state(model: nn.Module, name: str) -> tuple[str, dict[str, Tensor]]:
-    """``(head path, {model key: tensor})`` of the head that runs while ``name`` is active;
-    ``("", {})`` if the model has no head."""
+def head_state(model: nn.Module, name: str | None = None) -> tuple[str, dict[str, Tensor]]:
+    """``(head path, {model key: tensor})`` of the head that runs while ``name`` is active (its
+    own or the model's; ``None``: the model's); ``("", {})`` if the model has no head."""
     from .params import find_head
 
     if find_head(model) is None:

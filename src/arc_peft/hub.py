@@ -115,7 +115,8 @@ def save_adapter_folder(
     """Write adapter ``name`` as a Hub repo's files into ``folder`` (created if needed):
     ``adapter.safetensors``, ``adapter_config.json`` and a generated ``README.md``. Returns the
     folder; ``arc_peft.load_adapter`` and ``create_model`` read it directly."""
-    from .io import read_adapter_info, save_adapter
+    from .info import read_adapter_info
+    from .saving import save_adapter
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
@@ -175,7 +176,8 @@ def create_model(
     its pretrained tag); for others build the model yourself and call
     ``arc_peft.load_adapter``.
     """
-    from .io import load_adapter, read_adapter_info
+    from .info import read_adapter_info
+    from .loading import load_adapter
 
     file = resolve(source)
     info = read_adapter_info(file)

@@ -1,0 +1,274 @@
+"""Reading adapter files back into a model::
+
+    fresh = timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=100)
+    arc_peft.load_adapter(fresh, "cifar100.safetensors")     # injects, then loads
+
+Files are never unpickled, and a load validates everything before it changes the model
+(``arc_peft.fileformat`` parses and bounds the file, ``arc_peft.filestate`` matches it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import filestate, heads, identity
+from .fileformat import (
+    Contents,
+    Header,
+    bad,
+    check_metadata,
+    open_regular,
+    parse_metadata,
+    read_header,
+    read_tensors,
+)
+from .info import identity_fields, resolve_source
+from .inject import DEFAULT_ADAPTER, _check_name, adapter_configs, delete_adapter, inject_arc
+from .multitask import active_adapter, set_active_adapter
+from .wrappers import check_injectable, is_sharded, reshard, unwrap
+
+__all__ = ["load_adapter"]
+
+
+def _stage(target: Tensor, source: Tensor) -> Tensor:
+    return source.to(device=target.device, dtype=target.dtype)
+
+
+def _copy(target: Tensor, value: Tensor) -> None:
+    if is_sharded(target):  # FSDP2: every rank read the whole file; keep this rank's shard
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(value)
+
+
+@contextlib.contextmanager
+def _rng_untouched(model: nn.Module) -> Iterator[None]:
+    """Keep the global RNG as it was: injection initialises weights that are overwritten anyway,
+    and loading a file should not change the random draws of the code that follows."""
+    cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        yield
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    name: str = DEFAULT_ADAPTER,
+    activate: bool | None = None,
+    load_head: bool = True,
+    check_model: bool = True,
+) -> nn.Module:
+    """Load an adapter file into ``model``: inject from the stored config, then copy the weights.
+
+    If ``model`` already has an adapter ``name`` with the same config, its weights are replaced;
+    with a different config this is an error. The load is all-or-nothing: the file is parsed and
+    checked (keys, shapes, finite values, backbone fingerprint, head shape) before the model
+    changes, and on any error the model is left exactly as it was. Tensors are converted to the
+    device and dtype of the model's parameters they replace (and checked for NaN/inf after the
+    conversion). Modules trained with ``freeze_backbone(also=...)`` that the file stores are
+    loaded too. Every bad file is an ``AdapterFileError``, found in bounded time
+    and memory (see the limits in the file-format docs).
+
+    ``model`` may be a ``torch.compile`` / DDP / ``DataParallel`` wrapper or an FSDP2-sharded
+    model if it already holds adapter ``name`` (its weights are replaced); injecting into one
+    is refused.
+
+    The classifier head stored in the file (if any) goes with the adapter. Into a model with no
+    other adapter, a head of the model's shape is copied into the model's head; otherwise (other
+    tasks on the backbone, or another number of classes) it becomes the adapter's own head,
+    which runs whenever ``name`` is active and for its samples of a
+    ``arc_peft.mixed_batch`` (see ``arc_peft.add_head``). Modules trained with
+    ``freeze_backbone(also=...)`` are treated the same way. A model without a classifier (timm
+    ``features_only=True``) takes the adapter alone; its blocks may be named differently.
+
+    The file's recorded backbone identity must match: another architecture is refused (even
+    with the same widths: ``vit_tiny`` vs ``deit_tiny``), another pretrained tag or hub id warns.
+
+    Args:
+        model: A plain backbone built like the one the adapter was trained on, or one that
+            already holds adapters.
+        path: The adapter file (from ``save_adapter``), a folder holding
+            ``adapter.safetensors``, or ``"hf-hub:user/repo"`` (see
+            ``arc_peft.push_adapter_to_hub``).
+        name: Name to load the adapter under.
+        activate: ``True``: make it the active adapter; ``False``: leave the active adapter as
+            it was before the call (none, if there was none); ``None`` (default): as
+            ``arc_peft.inject_arc`` does, a newly injected adapter becomes active only if
+            no other adapter is active.
+        load_head: Load the stored classifier head (``False``: the adapter runs with the
+            model's head).
+        check_model: Refuse a file recorded for another architecture (``False``: only the
+            block count and widths must agree).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        AdapterFileError: the file is not a regular file, unreadable as an adapter file,
+            corrupt, from a newer format, or does not fit ``model`` (other backbone, other head,
+            other config under ``name``).
+        ValueError: ``name`` is not a valid adapter name, or the adapter would have to be
+            injected into a wrapped or sharded model.
+        OSError: the file cannot be opened.
+    """
+    path = resolve_source(path)
+    wrapper, model = model, unwrap(model)
+    _check_name(name)
+    reshard(model)  # FSDP2: write into the kept shards, not unsharded copies about to be freed
+    with open_regular(path) as handle:
+        header = read_header(path, handle)
+        check_metadata(path, header)
+        contents = parse_metadata(path, header)
+        head, trained, to_own = heads.load_plan(
+            model, name, contents.head if load_head else None, contents.trained
+        )
+        # Everything the header can tell is checked before the data is read or anything built.
+        expected, needs_inject = _check_against_model(
+            path, model, header, contents, name, head, trained, check_model
+        )
+        if needs_inject:
+            check_injectable(wrapper, "load_adapter")
+        tensors = read_tensors(path, handle, header)
+    try:
+        owned = heads.build_owned(model, to_own, tensors)
+    except ValueError as exc:
+        raise bad(path, str(exc)) from None
+
+    previous_active = active_adapter(model)
+    if needs_inject:
+        try:
+            with _rng_untouched(model), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.compile has already compiled")
+                inject_arc(model, contents.config, name=name)
+        except ValueError as exc:  # inject_arc leaves the model unchanged when it raises
+            problem = f"its config {contents.config} does not fit this model: {exc}"
+            raise bad(path, problem) from None
+    try:
+        adapter_found = {k: v for k, v in tensors.items() if k not in contents.extra_keys()}
+        model_state = filestate.adapter_state(model, name)
+        adapter_found = filestate.renamed(adapter_found, model_state)
+        tensors = {**tensors, **adapter_found}  # also under the model's names, for staging
+        pairs = filestate.match_keys(path, "adapter", model_state, adapter_found)
+        pairs += [(k, expected[k]) for k in expected]
+        # Convert everything first (the step that can run out of memory), check the converted
+        # values (1e300 is finite in float64 but inf in float32), then copy: the copies cannot
+        # fail once shapes match, so the model never ends up half-loaded.
+        staged = {key: _stage(target, tensors[key]) for key, target in pairs}
+        key = filestate.first_non_finite(staged)
+        if key is not None:
+            raise bad(
+                path,
+                f"{key} holds NaN or infinite values (in the model's dtype); the adapter is "
+                "unusable",
+            )
+        with torch.no_grad():
+            for key, target in pairs:
+                _copy(target, staged[key])
+    except BaseException:
+        if needs_inject:
+            delete_adapter(model, name)
+            if previous_active is not None and active_adapter(model) != previous_active:
+                set_active_adapter(model, previous_active)
+        raise
+    for module_path, module in owned.items():
+        heads.set_task_module(model, name, module_path, module)
+    heads.note_loaded(model, name, trained)
+    if activate is True:
+        set_active_adapter(model, name)
+    elif activate is False and active_adapter(model) != previous_active:
+        set_active_adapter(model, previous_active)
+    return wrapper
+
+
+def _check_against_model(
+    path: str,
+    model: nn.Module,
+    header: Header,
+    contents: Contents,
+    name: str,
+    head_meta: dict[str, Any] | None,
+    trained_meta: dict[str, Any] | None,
+    check_model: bool,
+) -> tuple[dict[str, Tensor], bool]:
+    """Check the header against ``model`` (identity, backbone, the head and trained modules
+    copied into the model, the adapter's tensor shapes). Returns ``({file key: model tensor}``
+    for that head and those trained modules, whether adapter ``name`` has to be injected)."""
+    stored_id, _ = identity_fields(path, header)
+    refusal, warning, same = identity.check_identity(stored_id, identity.model_identity(model))
+    actual = filestate.backbone_fingerprint(model)
+    if same or not check_model or identity.wraps(model, contents.backbone.get("architecture")):
+        # The same network built another way (features_only=True): blocks and widths decide.
+        actual["architecture"] = contents.backbone.get("architecture")
+    diffs = filestate.fingerprint_differences(contents.backbone, actual)
+    if diffs:
+        raise bad(
+            path,
+            f"made for another backbone (file vs model: {'; '.join(diffs)}). Build the model "
+            "the adapter was trained on.",
+        )
+    if refusal and check_model:
+        raise bad(path, f"made for another model: {refusal}")
+    if warning:
+        warnings.warn(f"{path}: {warning}", stacklevel=3)
+    entries = header.entries
+    targets: dict[str, Tensor] = {}
+    if head_meta:
+        _, model_head = heads.head_state(model)
+        if not model_head:
+            raise bad(
+                path,
+                f"the file holds a classifier head ({head_meta['module']}) but "
+                f"{type(model).__name__} has none: pass load_head=False",
+            )
+        diffs = [
+            f"{key} {shape} vs {list(model_head[key].shape)}"
+            for key, shape in head_meta["shapes"].items()
+            if key in model_head and list(model_head[key].shape) != shape
+        ]
+        if diffs:
+            raise bad(
+                path,
+                f"the stored head is for another number of classes (file vs model: "
+                f"{'; '.join(diffs)}). Build the model with the matching num_classes, or pass "
+                "load_head=False.",
+            )
+        stored = {k: entries[k] for k in head_meta["shapes"]}
+        for key, _ in filestate.match_keys(path, "head", model_head, stored):
+            targets[key] = model_head[key]
+    if trained_meta:
+        trained = filestate.trained_targets(path, model, trained_meta)
+        stored = {k: entries[k] for k in trained_meta["shapes"]}
+        for key, _ in filestate.match_keys(path, "trained", trained, stored):
+            targets[key] = trained[key]
+
+    config = contents.config
+    existing = adapter_configs(model)
+    adapter_entries = {k: e for k, e in entries.items() if k not in contents.extra_keys()}
+    if name in existing:
+        if existing[name] != config:
+            raise bad(
+                path,
+                f"the model already has an adapter {name!r} with a different config "
+                f"({existing[name]}) than the file ({config}). Load it under another name "
+                f"(name=...) or remove the existing one first (arc_peft.delete_adapter).",
+            )
+        state = filestate.adapter_state(model, name)
+        filestate.match_keys(path, "adapter", state, filestate.renamed(adapter_entries, state))
+        return targets, False
+    planned = filestate.planned_state(path, model, config)
+    filestate.match_keys(
+        path,
+        "adapter",
+        planned,
+        filestate.renamed(adapter_entries, planned),
+        versus=f"its own config {config}",
+    )
+    return targets, True
