@@ -144,7 +144,7 @@ def save_adapter(
         shapes = {k: list(tensors[k].shape) for k in sorted(keys)}
         return {where: located, "shapes": shapes} if keys else None
 
-    metadata = {
+    fields = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "arc_peft_version": __version__,
@@ -157,14 +157,14 @@ def save_adapter(
         "model": json.dumps(identity.model_identity(model), sort_keys=True),
     }
     if user is not None:
-        metadata["user"] = user
+        fields["user"] = user
     if trained_state:  # only then: files without trained modules keep their exact bytes
-        metadata["trained"] = json.dumps(
+        fields["trained"] = json.dumps(
             group("modules", trained_paths, trained_state), sort_keys=True
         )
     # Own contiguous CPU copies: safetensors refuses views and tensors sharing storage.
     cpu = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    write_atomic(os.fspath(path), _serialize(cpu, metadata))
+    write_atomic(os.fspath(path), _serialize(cpu, fields))
 
 
 def _check_nothing_lost(
