@@ -18,14 +18,20 @@ if TYPE_CHECKING:  # for type checkers and the docs; at run time names load on f
     from .config import AdapterConfig, AdaptMLPConfig, ARCConfig, config_from_dict
     from .discover import LeftOut, Site, SitePlan
     from .errors import AdapterFileError, MergeError, UnsupportedModelError
-    from .heads import add_head, split_logits, task_modules
+    from .heads import add_head, task_modules
     from .hub import create_model, push_adapter_to_hub, save_adapter_folder
     from .info import AdapterInfo, read_adapter_info
     from .inject import adapter_configs, delete_adapter, inject_arc, remove_arc, site_plan
     from .loading import load_adapter
     from .merge import merge_adapter, unmerge_adapter
     from .modules import ARC, Adapter, AdaptMLP
-    from .multitask import active_adapter, disable_adapter, mixed_batch, set_active_adapter
+    from .multitask import (
+        active_adapter,
+        disable_adapter,
+        mixed_batch,
+        set_active_adapter,
+        split_logits,
+    )
     from .params import (
         ParameterCounts,
         adapter_parameters,
@@ -43,14 +49,16 @@ _LOCATIONS = {
     "config": ("AdapterConfig", "AdaptMLPConfig", "ARCConfig", "config_from_dict"),
     "discover": ("LeftOut", "Site", "SitePlan"),
     "errors": ("AdapterFileError", "MergeError", "UnsupportedModelError"),
-    "heads": ("add_head", "split_logits", "task_modules"),
+    "heads": ("add_head", "task_modules"),
     "hub": ("create_model", "push_adapter_to_hub", "save_adapter_folder"),
     "info": ("AdapterInfo", "read_adapter_info"),
     "inject": ("adapter_configs", "delete_adapter", "inject_arc", "remove_arc", "site_plan"),
     "loading": ("load_adapter",),
     "merge": ("merge_adapter", "unmerge_adapter"),
     "modules": ("ARC", "Adapter", "AdaptMLP"),
-    "multitask": ("active_adapter", "disable_adapter", "mixed_batch", "set_active_adapter"),
+    "multitask": (
+        "active_adapter", "disable_adapter", "mixed_batch", "set_active_adapter", "split_logits"
+    ),
     "params": (
         "ParameterCounts", "adapter_parameters", "count_parameters", "freeze_backbone", "get_head"
     ),

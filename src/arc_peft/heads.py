@@ -11,14 +11,14 @@ dots as dashes>`` (``arc_peft_tasks.pets.head.weight``), which ``model.to()``,
 
 In a mixed-task batch (``arc_peft.mixed_batch``) the hook runs each sample's own module on
 its rows; heads of different widths are padded on the right with ``-inf``, which makes
-``cross_entropy`` over the padded logits exactly each task's own loss.
+``cross_entropy`` over the padded logits exactly each task's own loss (the routing is set up by
+``arc_peft.multitask``). What a file carries of these modules: ``arc_peft.taskfiles``.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .errors import UnsupportedModelError
 from .slots import SLOT_ATTR, iter_slots, remove_hooks
 
-__all__ = ["TASKS_ATTR", "add_head", "split_logits", "task_modules"]
+__all__ = ["TASKS_ATTR", "add_head", "task_modules"]
 
 TASKS_ATTR = "arc_peft_tasks"
 # ``{adapter: [module path]}``: trained modules a file loaded into the model's own modules (it
@@ -84,7 +84,7 @@ def _key(path: str) -> str:
     return path.replace(".", "-")
 
 
-def _container(model: nn.Module, create: bool = False) -> TaskModules | None:
+def container(model: nn.Module, create: bool = False) -> TaskModules | None:
     tasks = model._modules.get(TASKS_ATTR)
     if isinstance(tasks, TaskModules) or not create:
         return tasks if isinstance(tasks, TaskModules) else None
@@ -106,13 +106,13 @@ def _active(model: nn.Module) -> str | None:
 
 def active(model: nn.Module) -> str | None:
     """The adapter whose task modules run now (``None`` inside ``disable_adapter``)."""
-    tasks = _container(model)
+    tasks = container(model)
     return tasks.active if tasks is not None else _active(model)
 
 
 def sync(model: nn.Module) -> None:
     """Tell the task hooks which adapter is active (call after it changes)."""
-    tasks = _container(model)
+    tasks = container(model)
     if tasks is not None:
         tasks.active = _active(model)
 
@@ -131,7 +131,7 @@ def _remove_hook(model: nn.Module, tasks: TaskModules, path: str) -> None:
 
 def owned(model: nn.Module, name: str) -> dict[str, nn.Module]:
     """``{path: module}`` of the task modules adapter ``name`` owns."""
-    tasks = _container(model)
+    tasks = container(model)
     if tasks is None:
         return {}
     found = {p: tasks.module_for(name, p) for p in tasks.paths}
@@ -140,12 +140,12 @@ def owned(model: nn.Module, name: str) -> dict[str, nn.Module]:
 
 def running(model: nn.Module, name: str | None, path: str) -> nn.Module:
     """The module that runs at ``path`` while adapter ``name`` is active."""
-    tasks = _container(model)
+    tasks = container(model)
     own = tasks.module_for(name, path) if tasks is not None else None
     return own if own is not None else model.get_submodule(path)
 
 
-def _check_path(model: nn.Module, path: str) -> nn.Module:
+def check_path(model: nn.Module, path: str) -> nn.Module:
     if not path or path == TASKS_ATTR or path.startswith(f"{TASKS_ATTR}."):
         raise ValueError(f"{path!r} cannot be a task module: name a submodule of the backbone")
     try:
@@ -177,8 +177,8 @@ def set_task_module(model: nn.Module, name: str, path: str, module: nn.Module) -
         )
     if not isinstance(module, nn.Module):
         raise TypeError(f"a task module must be an nn.Module, got {type(module).__name__}")
-    base = _check_path(model, path)
-    tasks = _container(model, create=True)
+    base = check_path(model, path)
+    tasks = container(model, create=True)
     assert tasks is not None
     if name not in tasks:
         tasks[name] = nn.ModuleDict()
@@ -197,7 +197,7 @@ def note_loaded(model: nn.Module, name: str, trained: dict[str, Any] | None) -> 
 def forget(model: nn.Module, name: str) -> None:
     """Drop every task module of adapter ``name`` (it is being deleted)."""
     model.__dict__.get(BASE_ATTR, {}).pop(name, None)
-    tasks = _container(model)
+    tasks = container(model)
     if tasks is not None and name in tasks:
         del tasks[name]
         _prune(model, tasks)
@@ -207,7 +207,7 @@ def adopt(model: nn.Module, name: str) -> dict[str, nn.Module]:
     """Make adapter ``name``'s task modules the model's own (a merge); returns the modules they
     replace, ``{path: module}``, so that an unmerge can restore them."""
     replaced: dict[str, nn.Module] = {}
-    tasks = _container(model)
+    tasks = container(model)
     if tasks is None:
         return replaced
     for path, module in owned(model, name).items():
@@ -231,7 +231,7 @@ def unadopt(model: nn.Module, name: str, replaced: dict[str, nn.Module]) -> None
 
 def restore_all(model: nn.Module) -> None:
     """Remove every task module and hook (no adapter is left)."""
-    tasks = _container(model)
+    tasks = container(model)
     if tasks is None:
         return
     for path in tasks.paths:
@@ -258,7 +258,7 @@ def _install(model: nn.Module, path: str, module: nn.Module) -> None:
 # -- building heads --------------------------------------------------------------------------------
 
 
-def _last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
+def last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
     found = None
     for path, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
@@ -354,7 +354,7 @@ def add_head(model: nn.Module, name: str, head: nn.Module | int) -> nn.Module:
     if isinstance(head, int) and not isinstance(head, bool):
         if head < 1:
             raise ValueError(f"add_head: num_classes={head} is invalid: expected an int >= 1")
-        last = _last_linear(base)
+        last = last_linear(base)
         if last is None:
             features = _in_features(model)
             head = nn.Linear(features, head, **_factory(model))
@@ -385,7 +385,7 @@ def _in_features(model: nn.Module) -> int:
 
 def task_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter of every adapter's task modules."""
-    tasks = _container(model)
+    tasks = container(model)
     return list(tasks.parameters()) if tasks is not None else []
 
 
@@ -393,117 +393,6 @@ def task_modules(model: nn.Module, name: str) -> dict[str, nn.Module]:
     """``{path: module}`` of the modules adapter ``name`` owns (its head, and any module it
     carries from ``freeze_backbone(also=...)``)."""
     return owned(model, name)
-
-
-# -- what a file carries -------------------------------------------------------------------------
-
-
-def prefixed(path: str, module: nn.Module) -> dict[str, Tensor]:
-    prefix = f"{path}." if path else ""
-    return {f"{prefix}{k}": v for k, v in module.state_dict(keep_vars=True).items()}
-
-
-def head_state(model: nn.Module, name: str | None = None) -> tuple[str, dict[str, Tensor]]:
-    """``(head path, {model key: tensor})`` of the head that runs while ``name`` is active (its
-    own or the model's; ``None``: the model's); ``("", {})`` if the model has no head."""
-    from .params import find_head
-
-    if find_head(model) is None:
-        return "", {}
-    path = head_path(model)
-    return path, prefixed(path, running(model, name, path))
-
-
-def with_owned(
-    model: nn.Module,
-    name: str,
-    paths: list[str],
-    state: dict[str, Tensor],
-    exclude: set[str],
-) -> tuple[list[str], dict[str, Tensor]]:
-    """The trained modules a file of adapter ``name`` stores (``freeze_backbone(also=...)``'s
-    ``paths`` and ``state``), with the modules ``name`` owns added or taking their place."""
-    own = {
-        p: m
-        for p, m in owned(model, name).items()
-        if not any(k.startswith(f"{p}.") for k in exclude)
-    }
-    for path in model.__dict__.get(BASE_ATTR, {}).get(name, ()):
-        # Loaded as the only adapter, its trained modules went into the model's own.
-        own.setdefault(path, model.get_submodule(path))
-    if not own:
-        return paths, state
-    state = {k: v for k, v in state.items() if not any(k.startswith(f"{p}.") for p in own)}
-    for path, module in own.items():
-        state.update(prefixed(path, module))
-    return sorted({*paths, *own}), state
-
-
-def load_plan(
-    model: nn.Module,
-    name: str,
-    head: dict[str, Any] | None,
-    trained: dict[str, Any] | None,
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, tuple[str, dict[str, Any]]]]:
-    """Split a file's ``head`` and ``trained`` groups (``{"module"/"modules", "shapes"}``) into
-    what is copied into the model's own modules and what adapter ``name`` will own.
-
-    Returns ``(head to copy, trained to copy, {model path: (file path, {key: shape})} to own)``.
-    As the only adapter, a head that fits the model's and the trained modules are copied in, as
-    in a one-task model; with other adapters on the model, or a head of another shape, they
-    become ``name``'s own. A model without a classifier (a ``features_only`` backbone) takes no
-    head.
-    """
-    from .inject import adapter_configs
-    from .params import find_head
-
-    alone = not set(adapter_configs(model)) - {name}
-    own: dict[str, tuple[str, dict[str, Any]]] = {}
-    if head is not None and find_head(model) is not None:
-        path = head_path(model)
-        base = {k: list(v.shape) for k, v in prefixed(path, model.get_submodule(path)).items()}
-        prefix = f"{head['module']}." if head["module"] else ""
-        relabel = {f"{path}.{k[len(prefix):]}" if path else k[len(prefix) :]: s
-                   for k, s in head["shapes"].items()}  # fmt: skip
-        if not alone or relabel != base:
-            own[path] = (head["module"], head["shapes"])
-            head = None
-    elif head is not None:
-        head = None
-    if trained is not None and not alone:
-        for path in trained["modules"]:
-            keys = {k: s for k, s in trained["shapes"].items() if k.startswith(f"{path}.")}
-            own[path] = (path, keys)
-        trained = None
-    return head, trained, own
-
-
-def build_owned(
-    model: nn.Module, plan: dict[str, tuple[str, dict[str, Any]]], tensors: dict[str, Tensor]
-) -> dict[str, nn.Module]:
-    """The modules of a ``load_plan``, filled from the file's ``tensors``; ``ValueError``
-    names what does not fit. The model is not changed."""
-    built = {}
-    for path, (file_path, shapes) in plan.items():
-        prefix = f"{file_path}." if file_path else ""
-        try:
-            built[path] = module_like(model, path, {k[len(prefix) :]: tensors[k] for k in shapes})
-        except ValueError as exc:
-            raise ValueError(f"the stored {path} does not fit: {exc}") from None
-    return built
-
-
-def module_like(model: nn.Module, path: str, state: dict[str, Tensor]) -> nn.Module:
-    """A copy of the model's own module at ``path`` holding ``state`` (keys relative to it);
-    raises ``ValueError`` when it does not fit. The model is not changed."""
-    _check_path(model, path)
-    base = running(model, None, path)
-    module = head_like(base, {k: list(v.shape) for k, v in state.items()})
-    ref = dict(module.state_dict(keep_vars=True))
-    with torch.no_grad():
-        for key, value in state.items():
-            ref[key].copy_(value.to(device=ref[key].device, dtype=ref[key].dtype))
-    return module
 
 
 # -- mixed batches ---------------------------------------------------------------------------------
@@ -544,67 +433,4 @@ def _route(
         if out.shape[-1] < width:  # a head with fewer classes
             out = nn.functional.pad(out, (0, width - out.shape[-1]), value=float("-inf"))
         result = result.index_copy(0, idx, out)
-    return result
-
-
-@contextmanager
-def bypassed(model: nn.Module) -> Iterator[None]:
-    """Within the block the model's own modules run (the bare backbone, head included)."""
-    container = _container(model)
-    if container is None:
-        yield
-        return
-    previous = container.active
-    container.active = None
-    try:
-        yield
-    finally:
-        container.active = previous
-
-
-@contextmanager
-def routed(model: nn.Module, tasks: Sequence[str | None]) -> Iterator[None]:
-    """Within the block, every owned path runs each sample through its own task's module."""
-    container = _container(model)
-    if container is None:
-        yield
-        return
-    parts: dict[str, list[tuple[nn.Module, Tensor]]] = {}
-    for path in container.paths:
-        groups: dict[int, tuple[nn.Module, list[int]]] = {}
-        for i, task in enumerate(tasks):
-            module = running(model, task, path)
-            groups.setdefault(id(module), (module, []))[1].append(i)
-        parts[path] = [(m, torch.tensor(ix, dtype=torch.long)) for m, ix in groups.values()]
-    previous = container.routing
-    container.routing = (len(tasks), parts)
-    try:
-        yield
-    finally:
-        container.routing = previous
-
-
-def split_logits(
-    logits: Tensor, tasks: Sequence[str | None], model: nn.Module | None = None
-) -> dict[str | None, Tensor]:
-    """``{task: its samples' logits, in batch order}`` from a mixed batch's padded logits.
-
-    Each task's columns are cut to its own head's width: taken from ``model`` when given (the
-    head's last linear layer), otherwise the columns that are not ``-inf`` padding.
-    """
-    if logits.shape[0] != len(tasks):
-        raise ValueError(
-            f"split_logits got {logits.shape[0]} rows of logits for {len(tasks)} task names"
-        )
-    result: dict[str | None, Tensor] = {}
-    for task in dict.fromkeys(tasks):
-        rows = logits[[i for i, t in enumerate(tasks) if t == task]]
-        width = None
-        if model is not None:
-            last = _last_linear(running(model, task, head_path(model)))
-            width = last[1].out_features if last is not None else None
-        if width is None:
-            finite = ~torch.isneginf(rows).all(dim=0)
-            width = int(finite.nonzero().max()) + 1 if bool(finite.any()) else 0
-        result[task] = rows[..., :width]
     return result

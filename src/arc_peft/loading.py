@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import filestate, heads, identity
+from . import filestate, heads, identity, taskfiles
 from .fileformat import (
     Contents,
     Header,
@@ -127,7 +127,7 @@ def load_adapter(
         header = read_header(path, handle)
         check_metadata(path, header)
         contents = parse_metadata(path, header)
-        head, trained, to_own = heads.load_plan(
+        head, trained, to_own = taskfiles.load_plan(
             model, name, contents.head if load_head else None, contents.trained
         )
         # Everything the header can tell is checked before the data is read or anything built.
@@ -138,7 +138,7 @@ def load_adapter(
             check_injectable(wrapper, "load_adapter")
         tensors = read_tensors(path, handle, header)
     try:
-        owned = heads.build_owned(model, to_own, tensors)
+        owned = taskfiles.build_owned(model, to_own, tensors)
     except ValueError as exc:
         raise bad(path, str(exc)) from None
 
@@ -221,7 +221,7 @@ def _check_against_model(
     entries = header.entries
     targets: dict[str, Tensor] = {}
     if head_meta:
-        _, model_head = heads.head_state(model)
+        _, model_head = taskfiles.head_state(model)
         if not model_head:
             raise bad(
                 path,

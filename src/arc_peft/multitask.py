@@ -6,13 +6,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import heads
 from .inject import adapter_configs
 from .slots import iter_slots
 
-__all__ = ["active_adapter", "disable_adapter", "mixed_batch", "set_active_adapter"]
+__all__ = ["active_adapter", "disable_adapter", "mixed_batch", "set_active_adapter", "split_logits"]
 
 
 def _require_adapters(model: nn.Module, verb: str) -> list:
@@ -58,7 +58,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     for _, _, slot in slots:
         slot.disabled = True
     try:
-        with heads.bypassed(model):
+        with _bypassed_tasks(model):
             yield model
     finally:
         for (_, _, slot), was in zip(slots, previous, strict=False):
@@ -121,9 +121,75 @@ def mixed_batch(model: nn.Module, tasks: Sequence[str | None]) -> Iterator[nn.Mo
 
     handle = model.register_forward_pre_hook(check_batch, with_kwargs=True)
     try:
-        with heads.routed(model, tasks):
+        with _routed_tasks(model, tasks):
             yield model
     finally:
         handle.remove()
         for (_, _, slot), was in zip(slots, previous, strict=False):
             slot.routing = was
+
+
+# -- task modules in a mixed batch (see arc_peft.heads) ----------------------------------------
+
+
+@contextmanager
+def _bypassed_tasks(model: nn.Module) -> Iterator[None]:
+    """Within the block the model's own modules run (the bare backbone, head included)."""
+    tasks_of = heads.container(model)
+    if tasks_of is None:
+        yield
+        return
+    previous = tasks_of.active
+    tasks_of.active = None
+    try:
+        yield
+    finally:
+        tasks_of.active = previous
+
+
+@contextmanager
+def _routed_tasks(model: nn.Module, tasks: Sequence[str | None]) -> Iterator[None]:
+    """Within the block, every owned path runs each sample through its own task's module."""
+    tasks_of = heads.container(model)
+    if tasks_of is None:
+        yield
+        return
+    parts: dict[str, list[tuple[nn.Module, Tensor]]] = {}
+    for path in tasks_of.paths:
+        groups: dict[int, tuple[nn.Module, list[int]]] = {}
+        for i, task in enumerate(tasks):
+            module = heads.running(model, task, path)
+            groups.setdefault(id(module), (module, []))[1].append(i)
+        parts[path] = [(m, torch.tensor(ix, dtype=torch.long)) for m, ix in groups.values()]
+    previous = tasks_of.routing
+    tasks_of.routing = (len(tasks), parts)
+    try:
+        yield
+    finally:
+        tasks_of.routing = previous
+
+
+def split_logits(
+    logits: Tensor, tasks: Sequence[str | None], model: nn.Module | None = None
+) -> dict[str | None, Tensor]:
+    """``{task: its samples' logits, in batch order}`` from a mixed batch's padded logits.
+
+    Each task's columns are cut to its own head's width: taken from ``model`` when given (the
+    head's last linear layer), otherwise the columns that are not ``-inf`` padding.
+    """
+    if logits.shape[0] != len(tasks):
+        raise ValueError(
+            f"split_logits got {logits.shape[0]} rows of logits for {len(tasks)} task names"
+        )
+    result: dict[str | None, Tensor] = {}
+    for task in dict.fromkeys(tasks):
+        rows = logits[[i for i, t in enumerate(tasks) if t == task]]
+        width = None
+        if model is not None:
+            last = heads.last_linear(heads.running(model, task, heads.head_path(model)))
+            width = last[1].out_features if last is not None else None
+        if width is None:
+            finite = ~torch.isneginf(rows).all(dim=0)
+            width = int(finite.nonzero().max()) + 1 if bool(finite.any()) else 0
+        result[task] = rows[..., :width]
+    return result

@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from . import filestate, heads, identity
+from . import filestate, heads, identity, taskfiles
 from .atomic import write_atomic
 from .fileformat import FORMAT_NAME, FORMAT_VERSION
 from .inject import adapter_configs
@@ -115,9 +115,9 @@ def save_adapter(
     name = _resolve_name(model, name)
     config = adapter_configs(model)[name]
     state = dict(filestate.adapter_state(model, name))
-    head_path, head_state = heads.head_state(model, name) if include_head else ("", {})
+    head_path, head_state = taskfiles.head_state(model, name) if include_head else ("", {})
     trained_paths, trained_state = filestate.trained_state(model, exclude=set(head_state))
-    trained_paths, trained_state = heads.with_owned(
+    trained_paths, trained_state = taskfiles.with_owned(
         model, name, trained_paths, trained_state, exclude=set(head_state)
     )
     user = identity.user_metadata(metadata)
