@@ -561,6 +561,44 @@ def test_attention_left_out_is_an_error_unless_partial_is_allowed():
     assert [s.site.path for _, _, s in iter_slots(model)] == ["used.mixer", "used.ff"]
 
 
+class _InlineMLPBlock(nn.Module):
+    """Its MLP (norm included) is computed inline from the block's own parameters: no module
+    takes the MLP's input, so there is nowhere to hook an adapter."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm1, self.mixer = nn.LayerNorm(dim), _Attn(dim)
+        self.w1, self.w2 = (
+            nn.Parameter(torch.randn(2 * dim, dim)),
+            nn.Parameter(torch.randn(dim, 2 * dim)),
+        )
+        self.ln = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x = x + self.mixer(self.norm1(x))
+        h = nn.functional.layer_norm(x, x.shape[-1:], self.ln)
+        return x + nn.functional.linear(
+            nn.functional.gelu(nn.functional.linear(h, self.w1)), self.w2
+        )
+
+
+def test_an_mlp_nothing_can_hook_is_reported_not_skipped():
+    model, x = nn.Sequential(_InlineMLPBlock(16), _InlineMLPBlock(16)), torch.randn(2, 3, 16)
+    plan = arc_peft.site_plan(model, example_input=x)
+    assert [(i.path, i.position, i.on_purpose) for i in plan.left_out] == [
+        ("0", "mlp", False), ("1", "mlp", False),
+    ]  # fmt: skip
+    assert "no module takes" in plan.left_out[0].reason and "its MLP" in plan.summary()
+    with pytest.raises(UnsupportedModelError, match=r"0 \(.*_InlineMLPBlock, its MLP\)"):
+        arc_peft.inject_arc(model, ARCConfig(rank=2), example_input=x)
+    assert iter_slots(model) == []
+    # attention only (ARC_att) does not need the MLPs; allow_partial adapts the rest, loudly
+    arc_peft.inject_arc(model, ARCConfig(rank=2, positions=("attn",)), example_input=x)
+    with pytest.warns(UserWarning, match="its MLP"):
+        arc_peft.inject_arc(model, ARCConfig(rank=2, allow_partial=True), name="b")
+    assert [s.site.path for _, _, s in iter_slots(model)] == ["0.mixer", "1.mixer"]
+
+
 def test_attention_pooling_is_left_out_on_purpose():
     model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, num_classes=3, global_pool="map", **_TINY

@@ -74,12 +74,13 @@ class Site:
 
 @dataclass(frozen=True)
 class LeftOut:
-    """An attention module that gets no adapter, and why."""
+    """An attention module (or a block's MLP, ``position="mlp"``) that gets no adapter, and why."""
 
     path: str
     kind: str
     reason: str
     on_purpose: bool  # pooling / cross-attention / excluded by the user: not an error
+    position: str = "attn"
 
 
 @dataclass
@@ -99,7 +100,8 @@ class SitePlan:
             label = "attention" if position == "attn" else "MLP"
             lines.append(f"{label} sites: {len(chosen)} ({', '.join(kinds) or 'none'})")
         for item in self.left_out:
-            lines.append(f"left out: {item.path} ({item.kind}): {item.reason}")
+            what = f"{item.path} ({item.kind}{', its MLP' if item.position == 'mlp' else ''})"
+            lines.append(f"left out: {what}: {item.reason}")
         return "\n".join(lines)
 
 
@@ -142,7 +144,7 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
     # -- attention sites ----------------------------------------------------------------------
     attn_calls: dict[int, int] = {}  # module id -> call index of its first attention call
     attn_input: dict[int, int] = {}  # module id -> tid of the input it is adapted at
-    left: dict[int, LeftOut] = {}
+    left: dict[Any, LeftOut] = {}  # by module id (MLPs: ("mlp", id))
     for index, op in enumerate(rec.ops):
         if not finder.is_attention(index):
             continue
@@ -232,6 +234,12 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
             out_call = _out_call(finder, rec.ops[closing], block, in_call)
             if in_call is not None:
                 found_mlps.append((layer, in_call, out_call, runs[n]))
+            else:  # an MLP nothing can hook: say so rather than adapt the block partly
+                owner = rec.calls[block]
+                left[("mlp", id(owner.module))] = LeftOut(
+                    owner.path, _kind(owner.module), "its MLP reads an input computed inline "
+                    "by the block, which no module takes (no place for a hook)", False, "mlp",
+                )  # fmt: skip
             cursor = closing + 1
     # -- assemble -----------------------------------------------------------------------------
     sites: list[Site] = []
@@ -274,6 +282,10 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
             x, rec.calls[in_call].end if out_call == in_call else len(rec.ops)
         )
         if layout is None:
+            left[("mlp", id(c.module))] = LeftOut(
+                c.path, _kind(c.module), "no linear or convolution layer of its MLP reads its "
+                "input on one channel axis", False, "mlp",
+            )  # fmt: skip
             continue
         width, axis = layout
         keys = tuple(k for k, t in c.inputs if t == x)
@@ -322,7 +334,10 @@ def _batch_axis(rec: Recording, tid: int, channel_axis: int) -> int:
 
 
 def _child_toward(rec: Recording, outer: int, inner: int) -> int:
-    """The call directly inside ``outer`` on the way to ``inner`` (``inner`` if none)."""
+    """The call directly inside ``outer`` on the way to ``inner`` (``inner`` if none, or if it is
+    ``outer`` itself: an op the block runs inline)."""
+    if inner == outer:
+        return inner
     while rec.calls[inner].parent is not None and rec.calls[inner].parent != outer:
         inner = rec.calls[inner].parent
     return inner

@@ -155,14 +155,19 @@ def _select(plan: SitePlan, config: AdapterConfig) -> list[Site]:
 
 
 def _check_partial(plan: SitePlan, config: AdapterConfig) -> None:
-    problems = [item for item in plan.left_out if not item.on_purpose]
+    problems = [
+        item for item in plan.left_out if not item.on_purpose and item.position in config.positions
+    ]
     if not problems:
         return
-    listed = "; ".join(f"{i.path} ({i.kind}): {i.reason}" for i in problems[:6])
+    listed = "; ".join(
+        f"{i.path} ({i.kind}{', its MLP' if i.position == 'mlp' else ''}): {i.reason}"
+        for i in problems[:6]
+    )
     more = f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""
     message = (
-        f"{len(problems)} attention module(s) cannot be adapted: {listed}{more}. The model would "
-        "be only partly adapted. Register the module type (arc_peft.register_target), pass "
+        f"{len(problems)} attention or MLP site(s) cannot be adapted: {listed}{more}. The model "
+        "would be only partly adapted. Register the module type (arc_peft.register_target), pass "
         "example_input=... if the probe did not reach it, or set allow_partial=True in the "
         "config to adapt the rest"
     )
