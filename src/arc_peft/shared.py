@@ -18,7 +18,17 @@ from .errors import UnsupportedModelError
 from .modules import SharedProjection
 from .slots import holder_of
 
-__all__ = ["SHARED_ATTR", "SharedBank", "attach", "detach", "group_key", "iter_shared", "place"]
+__all__ = [
+    "SHARED_ATTR",
+    "Entry",
+    "SharedBank",
+    "attach",
+    "detach",
+    "entry_path",
+    "group_key",
+    "iter_shared",
+    "place",
+]
 
 # The attribute under which a module holds shared projections (part of their parameter names).
 SHARED_ATTR = "arc_peft_shared"
