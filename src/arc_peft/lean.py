@@ -193,8 +193,10 @@ class _LeanARC(torch.autograd.Function):
             h, mask = _dropout(a, p)
         else:
             h = a
-        out = torch.addmm(flat, h, u.t()) if h.dtype == flat.dtype else flat + h @ u.t()
-        out.add_(bias)
+        if h.dtype == flat.dtype:
+            out = torch.addmm(flat, h, u.t()).add_(bias)
+        else:
+            out = torch.add(flat, bias).add_(h @ u.t())
         ctx.source, ctx.p, ctx.shape = source, p, x.shape
         ctx.x_dtype, ctx.bias_dtype = x.dtype, bias.dtype
         ctx.save_for_backward(u, s, mask, h, flat if source is None else None)
