@@ -316,7 +316,9 @@ class _LeanAdaptMLP(torch.autograd.Function):
         h = h.reshape(-1, h.shape[-1])
         d_out = (grad * ctx.scale).reshape(-1, grad.shape[-1]).to(cd)
         # Where h > 0 both ReLU and dropout passed the value: the only places a gradient flows.
-        dz = (d_out @ w_up.to(cd)).mul_(h > 0).mul_(ctx.drop_scale)
+        # (ReLU's own backward op: a boolean mask of h > 0 would be converted without vector
+        # instructions, six times slower.)
+        dz = torch.ops.aten.threshold_backward(d_out @ w_up.to(cd), h, 0).mul_(ctx.drop_scale)
         grads: list[Tensor | None] = [None] * 8
         if ctx.needs_input_grad[0]:
             grads[0] = (dz @ w_down.to(cd)).to(ctx.x_dtype).view(ctx.shape)
