@@ -116,6 +116,31 @@ def test_dropout_mask_is_the_one_nn_dropout_draws():
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_lean_dropout_is_nn_dropout_including_p_one(p):
+    # Through a module (p = 1 is allowed by nn.Dropout, though not by the configs).
+    net = nn.Sequential(nn.LayerNorm(6), ARC(6, 40, dropout=p)).train()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.copy_(torch.randn(param.shape))
+    x = torch.randn(64, 6)
+
+    def run(plain: bool) -> list:
+        x_in = x.clone().requires_grad_()
+        torch.manual_seed(0)
+        with lean_disabled() if plain else torch.enable_grad():
+            out = net(x_in)
+            out.square().sum().backward()
+        grads = [x_in.grad] + [param.grad.clone() for param in net.parameters()]
+        net.zero_grad(set_to_none=True)
+        return [out.detach(), *grads]
+
+    lean_, plain = run(False), run(True)
+    assert torch.equal(lean_[0], plain[0]) and lean_[0].isfinite().all()
+    for a, e in zip(lean_[1:], plain[1:], strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
 def _randomised(model: nn.Module, config: arc_peft.AdapterConfig) -> nn.Module:
     arc_peft.inject_arc(model, config)
     arc_peft.freeze_backbone(model)

@@ -159,6 +159,8 @@ def _dropout(a: Tensor, p: float) -> tuple[Tensor, Tensor]:
     drew, as booleans: a quarter of a float32 noise tensor to keep."""
     if a.device.type != "cpu":  # at::dropout runs the fused kernel off the CPU
         return torch.native_dropout(a, p, True)
+    if p == 1:  # at::dropout's special case (the noise below would divide by zero)
+        return a * a.new_zeros(()), torch.zeros_like(a, dtype=torch.bool)
     # at::dropout's CPU path. (native_dropout's CPU kernel multiplies by a boolean mask, whose
     # conversion has no vectorised loop: several times slower here.)
     noise = torch.empty_like(a).bernoulli_(1 - p).div_(1 - p)
@@ -168,6 +170,8 @@ def _dropout(a: Tensor, p: float) -> tuple[Tensor, Tensor]:
 def _noise(mask: Tensor, p: float, dtype: torch.dtype) -> Tensor:
     """The noise ``_dropout`` multiplied by, rebuilt from its mask (through uint8, whose
     conversion is vectorised; the boolean one is not)."""
+    if p == 1:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     return mask.view(torch.uint8).to(dtype).div_(1 - p)
 
 
