@@ -19,7 +19,7 @@ from torch import nn
 import arc_peft
 from arc_peft import lean
 from arc_peft.lean import _LeanAdaptMLP, _LeanARC, lean_disabled, recompute_source
-from arc_peft.modules import ARC
+from arc_peft.modules import ARC, AdaptMLP
 
 from models import MATRIX, build, inputs
 
@@ -117,9 +117,11 @@ def test_dropout_mask_is_the_one_nn_dropout_draws():
 
 
 @pytest.mark.parametrize("p", [0.5, 1.0])
-def test_lean_dropout_is_nn_dropout_including_p_one(p):
+@pytest.mark.parametrize("adapter", ["arc", "adaptmlp"])
+def test_lean_dropout_is_nn_dropout_including_p_one(adapter, p):
     # Through a module (p = 1 is allowed by nn.Dropout, though not by the configs).
-    net = nn.Sequential(nn.LayerNorm(6), ARC(6, 40, dropout=p)).train()
+    module = ARC(6, 40, dropout=p) if adapter == "arc" else AdaptMLP(6, 40, dropout=p)
+    net = nn.Sequential(nn.LayerNorm(6), module).train()
     with torch.no_grad():
         for param in net.parameters():
             param.copy_(torch.randn(param.shape))

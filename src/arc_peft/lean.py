@@ -235,8 +235,8 @@ class _LeanARC(torch.autograd.Function):
 
 def _grad_us(ctx: Any, flat: Tensor | None, da: Tensor, dim: int) -> Tensor:
     """``inputᵀ·da`` (``D×r``, possibly a transposed view), with the input saved or recomputed
-    from its norm. The recomputed products run as ``r×D`` (``daᵀ·input``, read transposed): the
-    faster layout for these shapes."""
+    from its norm. The products on the norm's own input run as ``r×D`` (``daᵀ·input``, read
+    transposed): the faster layout for these shapes."""
     if flat is None:
         x, mean, rstd, w, b = _recompute(ctx.source)
         if x.dtype == mean.dtype:  # the norm ran in its input's precision (float32)
@@ -308,7 +308,7 @@ class _LeanAdaptMLP(torch.autograd.Function):
         if p > 0:
             h = _dropout(h, p)[0]
         out = F.linear(h, w_up, b_up) * scale
-        ctx.source, ctx.scale, ctx.drop_scale = source, scale, 1.0 / (1.0 - p)
+        ctx.source, ctx.scale, ctx.drop_scale = source, scale, 1.0 / (1.0 - p) if p < 1 else 0.0
         ctx.x_dtype, ctx.shape = x.dtype, x.shape
         ctx.save_for_backward(w_down, b_down, w_up, b_up, h, x if source is None else None)
         return out
