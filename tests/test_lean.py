@@ -122,10 +122,11 @@ def test_lean_dropout_is_nn_dropout_including_p_one(adapter, p):
     # Through a module (p = 1 is allowed by nn.Dropout, though not by the configs).
     module = ARC(6, 40, dropout=p) if adapter == "arc" else AdaptMLP(6, 40, dropout=p)
     net = nn.Sequential(nn.LayerNorm(6), module).train()
+    g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for param in net.parameters():
-            param.copy_(torch.randn(param.shape))
-    x = torch.randn(64, 6)
+            param.copy_(torch.randn(param.shape, generator=g))
+    x = torch.randn(64, 6, generator=g)
 
     def run(plain: bool) -> list:
         x_in = x.clone().requires_grad_()
@@ -139,8 +140,8 @@ def test_lean_dropout_is_nn_dropout_including_p_one(adapter, p):
 
     lean_, plain = run(False), run(True)
     assert torch.equal(lean_[0], plain[0]) and lean_[0].isfinite().all()
-    for a, e in zip(lean_[1:], plain[1:], strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    for a, e in zip(lean_[1:], plain[1:], strict=True):  # float32 rounding, summed differently
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
 
 
 def _randomised(model: nn.Module, config: arc_peft.AdapterConfig) -> nn.Module:
