@@ -100,9 +100,9 @@ class ARC(Adapter):
         # The residual is accumulated inside the GEMM and the bias added in place: one token-sized
         # pass and one token-sized temporary less (about 15% of the adapter's time). Under
         # autocast h is low precision and the sum stays in x's dtype: (x + b) + h·Uᵀ, the
-        # low-precision product added last and in place (measured: a third less time than
-        # (x + h·Uᵀ) + b, whose out-of-place mixed-dtype sum is slow; 2-4% of a ViT-S's
-        # bfloat16 inference).
+        # low-precision product added last and in place: the same values, and about a third less
+        # time for the sums than (x + h·Uᵀ) + b, whose out-of-place mixed-dtype sum is slow
+        # (docs/benchmarks.md).
         if h.dtype == flat.dtype:
             return torch.addmm(flat, h, u.t()).add_(self.bias).view(x.shape)
         return torch.add(flat, self.bias).add_(h @ u.t()).view(x.shape)
@@ -194,8 +194,7 @@ class AdaptMLP(Adapter):
             if out is not None:
                 return out
         if self.norm is None and not self.learnable_scale and not torch.is_grad_enabled():
-            # Inference: ReLU and the scale in place, the same values with no token-sized
-            # temporaries.
+            # Inference: ReLU and the scale in place, the same values with two temporaries fewer.
             return self.up(self.dropout(F.relu(self.down(x), inplace=True))).mul_(self.scale)
         if self.layernorm == "in":
             x = self.norm(x)
