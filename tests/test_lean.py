@@ -19,6 +19,7 @@ from torch import nn
 import arc_peft
 from arc_peft import lean
 from arc_peft.lean import _LeanAdaptMLP, _LeanARC, lean_disabled, recompute_source
+from arc_peft.modules import ARC, AdaptMLP
 
 from models import MATRIX, build, inputs
 
@@ -115,6 +116,34 @@ def test_dropout_mask_is_the_one_nn_dropout_draws():
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("p", [0.5, 1.0])
+@pytest.mark.parametrize("adapter", ["arc", "adaptmlp"])
+def test_lean_dropout_is_nn_dropout_including_p_one(adapter, p):
+    # Through a module (p = 1 is allowed by nn.Dropout, though not by the configs).
+    module = ARC(6, 40, dropout=p) if adapter == "arc" else AdaptMLP(6, 40, dropout=p)
+    net = nn.Sequential(nn.LayerNorm(6), module).train()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.copy_(torch.randn(param.shape, generator=g))
+    x = torch.randn(64, 6, generator=g)
+
+    def run(plain: bool) -> list:
+        x_in = x.clone().requires_grad_()
+        torch.manual_seed(0)
+        with lean_disabled() if plain else torch.enable_grad():
+            out = net(x_in)
+            out.square().sum().backward()
+        grads = [x_in.grad] + [param.grad.clone() for param in net.parameters()]
+        net.zero_grad(set_to_none=True)
+        return [out.detach(), *grads]
+
+    lean_, plain = run(False), run(True)
+    assert torch.equal(lean_[0], plain[0]) and lean_[0].isfinite().all()
+    for a, e in zip(lean_[1:], plain[1:], strict=True):  # float32 rounding, summed differently
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
+
+
 def _randomised(model: nn.Module, config: arc_peft.AdapterConfig) -> nn.Module:
     arc_peft.inject_arc(model, config)
     arc_peft.freeze_backbone(model)
@@ -190,6 +219,36 @@ def test_adaptmlp_lean_and_plain_paths_agree(name):
 def test_lean_and_plain_paths_agree_under_bf16_autocast(name):
     model = _randomised(build(name), arc_peft.ARCConfig(rank=4, dropout=0.1))
     _assert_paths_agree(model, inputs(name), autocast=True)
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_bf16_gradients_from_a_norm_input_far_from_zero(offset):
+    """Under bfloat16 autocast the gradient of ``U·diag(s)`` is a bfloat16 product on the norm's
+    input, centred first: its rounding stays that of plain autograd's bfloat16 copy of the norm
+    output even where the input's mean is a hundred times its deviation (rounding the input
+    itself would leave the gradient no correct bit)."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.LayerNorm(64), ARC(64, 8, dropout=0.2))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(0.5 * torch.randn(param.shape, generator=g) + (param.dim() == 1))
+    x = offset + torch.randn(4, 50, 64, generator=g)
+
+    def grads(plain: bool, autocast: bool, dtype: torch.dtype = torch.float32) -> list:
+        net = copy.deepcopy(model).to(dtype).train()
+        x_in = x.to(dtype).requires_grad_()
+        torch.manual_seed(0)  # the same dropout mask everywhere
+        with lean_disabled() if plain else torch.enable_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = net(x_in)
+            out.float().square().mean().backward()
+        return [x_in.grad] + [p.grad for p in net.parameters()]
+
+    exact = grads(plain=True, autocast=False, dtype=torch.float64)
+    plain, lean_ = grads(plain=True, autocast=True), grads(plain=False, autocast=True)
+    for e, p, le in zip(exact, plain, lean_, strict=True):
+        rounding = (p.double() - e).abs().max().item()
+        assert (le.double() - e).abs().max().item() <= 2 * rounding + 2**-8 * e.abs().max().item()
 
 
 def test_lean_path_with_activation_checkpointing():

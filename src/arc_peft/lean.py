@@ -8,7 +8,9 @@ The frozen backbone saves no such tensor: a frozen linear keeps no input. In a p
 for its backward pass. So ``_LeanARC`` saves the bottleneck after dropout (``N×r``) and the
 dropout mask (``N×r`` booleans), and computes the one term that needs ``x`` — ``xᵀ·∂a``, the
 ``D×r`` gradient of ``U·diag(s)`` — from the norm's saved input in one GEMM
-(``_grad_us``): nothing token-sized is recomputed or kept. Where no norm produced ``x`` it
+(``_grad_us``): nothing token-sized is kept. (In float32 nothing token-sized is recomputed
+either; under autocast the GEMM runs in bfloat16 like plain autograd's, on a transient bfloat16
+copy of the centred norm input made in the backward pass.) Where no norm produced ``x`` it
 saves ``x`` too: still what the gradients of ``U, s, b`` need, and less than plain autograd.
 ``_LeanAdaptMLP`` does the same for AdaptMLP (it saves only its bottleneck after dropout,
 whose sign also says where ReLU and dropout let a gradient through).
@@ -152,6 +154,27 @@ def _recompute(chain: tuple[Any, ...]) -> tuple[Tensor, ...]:
     return x, mean, rstd, w, b
 
 
+def _dropout(a: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """``nn.Dropout`` in training (the same ops, so the same draws and outputs) and the mask it
+    drew, as booleans: a quarter of a float32 noise tensor to keep."""
+    if a.device.type != "cpu":  # at::dropout runs the fused kernel off the CPU
+        return torch.native_dropout(a, p, True)
+    if p == 1:  # at::dropout's special case (the noise below would divide by zero)
+        return a * a.new_zeros(()), torch.zeros_like(a, dtype=torch.bool)
+    # at::dropout's CPU path. (native_dropout's CPU kernel multiplies by a boolean mask, whose
+    # conversion has no vectorised loop: several times slower here.)
+    noise = torch.empty_like(a).bernoulli_(1 - p).div_(1 - p)
+    return a * noise, noise.bool()
+
+
+def _noise(mask: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """The noise ``_dropout`` multiplied by, rebuilt from its mask (through uint8, whose
+    conversion is vectorised; the boolean one is not)."""
+    if p == 1:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return mask.view(torch.uint8).to(dtype).div_(1 - p)
+
+
 class _LeanARC(torch.autograd.Function):
     """``x + dropout(x·U·diag(s))·Uᵀ + b`` saving the ``N×r`` bottleneck and the dropout mask,
     and ``x`` only where it cannot be recomputed from a norm's saved tensors."""
@@ -171,12 +194,14 @@ class _LeanARC(torch.autograd.Function):
         a = flat @ (u * s)
         mask = None
         if p > 0:
-            h, mask = torch.native_dropout(a, p, True)  # what nn.Dropout runs, with its mask
+            h, mask = _dropout(a, p)
         else:
             h = a
-        out = torch.addmm(flat, h, u.t()) if h.dtype == flat.dtype else flat + h @ u.t()
-        out.add_(bias)
-        ctx.source, ctx.scale, ctx.shape = source, 1.0 / (1.0 - p), x.shape
+        if h.dtype == flat.dtype:
+            out = torch.addmm(flat, h, u.t()).add_(bias)
+        else:
+            out = torch.add(flat, bias).add_(h @ u.t())
+        ctx.source, ctx.p, ctx.shape = source, p, x.shape
         ctx.x_dtype, ctx.bias_dtype = x.dtype, bias.dtype
         ctx.save_for_backward(u, s, mask, h, flat if source is None else None)
         return out.view(x.shape)
@@ -186,16 +211,12 @@ class _LeanARC(torch.autograd.Function):
         u, s, mask, h, flat = ctx.saved_tensors
         cd = h.dtype  # the bottleneck's dtype: the GEMMs' under autocast
         g = grad.reshape(-1, u.shape[0])
-        gc, usc = g.to(cd), (u * s).to(cd)
+        gc = g.to(cd)
         dh = gc @ u.to(cd)  # N×r
-        da = dh if mask is None else torch.ops.aten.native_dropout_backward(dh, mask, ctx.scale)
+        da = dh if mask is None else dh * _noise(mask, ctx.p, cd)
         grad_x = grad_u = grad_s = grad_b = None
-        if ctx.needs_input_grad[0]:
-            if g.dtype == cd:  # the residual's gradient accumulated inside the GEMM
-                grad_x = torch.addmm(g, da, usc.t()).view(ctx.shape)
-            else:
-                grad_x = (g + (da @ usc.t()).to(g.dtype)).view(ctx.shape)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # First: it reads the norm's input, which the norm's backward, next, reads again.
             d_us = _grad_us(ctx, flat, da, u.shape[0]).to(u.dtype)  # gradient of U·diag(s)
             if ctx.needs_input_grad[1]:
                 grad_u = d_us * s + (gc.t() @ h).to(u.dtype)
@@ -203,34 +224,51 @@ class _LeanARC(torch.autograd.Function):
                 grad_s = (d_us * u).sum(0)
         if ctx.needs_input_grad[3]:
             grad_b = g.sum(0).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[0]:
+            usc = (u * s).to(cd)
+            if g.dtype == cd:  # the residual's gradient accumulated inside the GEMM
+                grad_x = torch.addmm(g, da, usc.t()).view(ctx.shape)
+            else:
+                grad_x = (g + (da @ usc.t()).to(g.dtype)).view(ctx.shape)
         return grad_x, grad_u, grad_s, grad_b, None, None
 
 
 def _grad_us(ctx: Any, flat: Tensor | None, da: Tensor, dim: int) -> Tensor:
-    """``inputᵀ·da`` (``D×r``), with the input saved or recomputed from its norm."""
+    """``inputᵀ·da`` (``D×r``, possibly a transposed view), with the input saved or recomputed
+    from its norm. The products on the norm's own input run as ``r×D`` (``daᵀ·input``, read
+    transposed): the faster layout for these shapes."""
     if flat is None:
         x, mean, rstd, w, b = _recompute(ctx.source)
         if x.dtype == mean.dtype:  # the norm ran in its input's precision (float32)
+            x, mean, rstd = x.reshape(-1, dim), mean.reshape(-1, 1), rstd.reshape(-1, 1)
             # input = (x - mean)·rstd·w + b, so per channel d and column k
-            #   Σ_n input[n,d]·da[n,k] = w[d]·(Σ_n x[n,d]·rstd[n]·da[n,k]
-            #                                  - Σ_n mean[n]·rstd[n]·da[n,k]) + b[d]·Σ_n da[n,k]:
-            # one GEMM on the norm's own input, nothing token-sized recomputed. (Under autocast
-            # in float32: closer to exact than the bfloat16 copy of the input plain autograd
-            # multiplies, and no token-sized cast.)
-            da = da.to(x.dtype)
-            rstd, mean = rstd.reshape(-1, 1), mean.reshape(-1, 1)
-            out = x.reshape(-1, dim).t() @ (da * rstd)
-            out.sub_((mean * rstd).t() @ da)
+            #   Σ_n input[n,d]·da[n,k] = w[d]·Σ_n (x[n,d] - mean[n])·rstd[n]·da[n,k]
+            #                            + b[d]·Σ_n da[n,k]:
+            # one GEMM on the norm's own input, w and b applied to the D×r result.
+            if da.dtype == x.dtype and x.dtype.itemsize >= 4:
+                # The mean's term as a second, 1×r product: nothing token-sized recomputed.
+                scaled = da * rstd
+                out = (scaled.t() @ x).t()
+                out.sub_(mean.t() @ scaled)
+            else:
+                # Autocast: the GEMM in da's precision, as plain autograd's on its low-precision
+                # copy of the input (three times faster than in float32). The input is centred
+                # in its own precision before it is rounded (a transient token-sized tensor,
+                # never saved): rounding x itself would lose the difference to the mean where
+                # the mean is large against the deviation.
+                centred = (x - mean).to(da.dtype)
+                scaled = torch.mul(da, rstd).to(da.dtype)  # rstd's precision, rounded once
+                out = (scaled.t() @ centred).t().to(torch.promote_types(rstd.dtype, da.dtype))
             if w is not None:
                 out.mul_(w[:, None])
             if b is not None:
-                out.add_(b[:, None] * da.sum(0))
+                out.add_(b[:, None] * da.sum(0, dtype=out.dtype))
             return out
         # Another precision: rebuild the input as the norm output it (then cast like autocast).
         flat = (x - mean).mul_(rstd)
         flat = flat * w if w is not None else flat
         flat = (flat + b if b is not None else flat).to(ctx.x_dtype).reshape(-1, dim)
-    return flat.to(da.dtype).t() @ da
+    return flat.to(da.dtype).t() @ da  # as plain autograd computes it
 
 
 def arc_forward(x: Tensor, u: Tensor, s: Tensor, bias: Tensor, p: float) -> Tensor | None:
@@ -268,9 +306,9 @@ class _LeanAdaptMLP(torch.autograd.Function):
         # The same ops as AdaptMLP.forward, so the outputs are identical.
         h = torch.relu(F.linear(x, w_down, b_down))
         if p > 0:
-            h = torch.native_dropout(h, p, True)[0]
+            h = _dropout(h, p)[0]
         out = F.linear(h, w_up, b_up) * scale
-        ctx.source, ctx.scale, ctx.drop_scale = source, scale, 1.0 / (1.0 - p)
+        ctx.source, ctx.scale, ctx.drop_scale = source, scale, 1.0 / (1.0 - p) if p < 1 else 0.0
         ctx.x_dtype, ctx.shape = x.dtype, x.shape
         ctx.save_for_backward(w_down, b_down, w_up, b_up, h, x if source is None else None)
         return out
@@ -282,7 +320,9 @@ class _LeanAdaptMLP(torch.autograd.Function):
         h = h.reshape(-1, h.shape[-1])
         d_out = (grad * ctx.scale).reshape(-1, grad.shape[-1]).to(cd)
         # Where h > 0 both ReLU and dropout passed the value: the only places a gradient flows.
-        dz = (d_out @ w_up.to(cd)).mul_(h > 0).mul_(ctx.drop_scale)
+        # (ReLU's own backward op: a boolean mask of h > 0 would be converted without vector
+        # instructions, six times slower.)
+        dz = torch.ops.aten.threshold_backward(d_out @ w_up.to(cd), h, 0).mul_(ctx.drop_scale)
         grads: list[Tensor | None] = [None] * 8
         if ctx.needs_input_grad[0]:
             grads[0] = (dz @ w_down.to(cd)).to(ctx.x_dtype).view(ctx.shape)

@@ -142,10 +142,13 @@ class ARC(Adapter):
         h = self.dropout(flat @ (u * self.scale))
         # The residual is accumulated inside the GEMM and the bias added in place: one token-sized
         # pass and one token-sized temporary less (about 15% of the adapter's time). Under
-        # autocast h is low precision, and the sum must stay in x's dtype: x + h·Uᵀ.
-        same = h.dtype == flat.dtype
-        out = torch.addmm(flat, h, u.t()) if same else flat + h @ u.t()
-        return out.add_(self.bias).view(x.shape)
+        # autocast h is low precision and the sum stays in x's dtype: (x + b) + h·Uᵀ, the
+        # low-precision product added last and in place: the same values, and about a third less
+        # time for the sums than (x + h·Uᵀ) + b, whose out-of-place mixed-dtype sum is slow
+        # (docs/benchmarks.md).
+        if h.dtype == flat.dtype:
+            return torch.addmm(flat, h, u.t()).add_(self.bias).view(x.shape)
+        return torch.add(flat, self.bias).add_(h @ u.t()).view(x.shape)
 
     def merged_matrix(
         self, dtype: torch.dtype | None = None, device: torch.device | None = None
@@ -233,6 +236,9 @@ class AdaptMLP(Adapter):
             out = adaptmlp_forward(x, self.down, self.up, self.scale, p)
             if out is not None:
                 return out
+        if self.norm is None and not self.learnable_scale and not torch.is_grad_enabled():
+            # Inference: ReLU and the scale in place, the same values with two temporaries fewer.
+            return self.up(self.dropout(F.relu(self.down(x), inplace=True))).mul_(self.scale)
         if self.layernorm == "in":
             x = self.norm(x)
         h = self.up(self.dropout(F.relu(self.down(x)))) * self.scale
