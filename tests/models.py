@@ -125,6 +125,37 @@ def build(name: str, seed: int = 0, num_classes: int = NUM_CLASSES) -> nn.Module
     return model.eval()
 
 
+def randomise_adapters(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
+    """Give every adapter parameter seeded random values of size ``std`` (the identity init
+    would hide a bypassed adapter; AdaptMLP starts by adding exactly zero)."""
+    import arc_peft
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in arc_peft.adapter_parameters(model).values():
+            param.copy_(torch.randn(param.shape, generator=g) * std)
+
+
+def check_mixed_batch(model: nn.Module, tasks: list, x: torch.Tensor, differs_by: float) -> None:
+    """A mixed batch gives every sample what its own task's adapter gives it alone, and every
+    task visibly acts (its samples differ from the bare backbone's by more than ``differs_by``),
+    so routing a sample through the wrong adapter would be caught. Leaves no adapter active."""
+    import arc_peft
+
+    with arc_peft.mixed_batch(model, tasks):
+        mixed = model(x)
+    alone = []
+    for i, task in enumerate(tasks):
+        arc_peft.set_active_adapter(model, task)
+        alone.append(model(x[i : i + 1]))
+    torch.testing.assert_close(mixed, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    arc_peft.set_active_adapter(model, None)
+    bare = model(x)
+    for i, task in enumerate(tasks):
+        differs = (mixed[i] - bare[i]).abs().max() > differs_by
+        assert differs == (task is not None), (i, task)
+
+
 def _randomise_scales(model: nn.Module) -> None:
     """Give norms and layer scales O(1) random weights.
 

@@ -14,7 +14,7 @@ import torch
 
 import arc_peft
 
-from models import build, inputs
+from models import build, inputs, randomise_adapters
 
 ARC = arc_peft.ARCConfig(rank=4, dropout=0.0)
 ADAPTMLP = arc_peft.AdaptMLPConfig(bottleneck=4, dropout=0.0)
@@ -31,10 +31,7 @@ def _adapted(config: arc_peft.AdapterConfig) -> torch.nn.Module:
     model = build("vit")
     arc_peft.inject_arc(model, config)
     # Non-zero adapter weights: at its initialisation AdaptMLP adds exactly zero.
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for param in arc_peft.adapter_parameters(model).values():
-            param.copy_(0.3 * torch.randn(param.shape, generator=g))
+    randomise_adapters(model, 3)
     return model.eval()
 
 

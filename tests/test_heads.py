@@ -15,16 +15,9 @@ from torch import nn
 import arc_peft
 from arc_peft.heads import TASKS_ATTR
 
-from models import MATRIX, build, inputs
+from models import MATRIX, build, inputs, randomise_adapters
 
 CLASSES = {"cifar": 7, "pets": 3}
-
-
-def randomise(model: nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in arc_peft.adapter_parameters(model).values():
-            param.copy_(0.3 * torch.randn(param.shape, generator=g))
 
 
 def two_tasks(name: str) -> nn.Module:
@@ -33,7 +26,7 @@ def two_tasks(name: str) -> nn.Module:
     for task, classes in CLASSES.items():
         arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4), name=task)
         arc_peft.add_head(model, task, classes)
-    randomise(model)
+    randomise_adapters(model, 3)
     with torch.no_grad():  # heads that visibly differ from the model's own
         for task in CLASSES:
             for p in arc_peft.get_head(model, task).parameters():
@@ -179,7 +172,7 @@ def test_merge_keeps_the_tasks_head_and_unmerge_restores() -> None:
     model = build("vit")
     arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4), name="pets")
     arc_peft.add_head(model, "pets", 3)
-    randomise(model)
+    randomise_adapters(model, 3)
     x = inputs("vit")
     want = model(x)
     arc_peft.merge_adapter(model, keep_original=True)

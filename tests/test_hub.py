@@ -20,7 +20,7 @@ from torch import nn
 import arc_peft
 from arc_peft.hub import ADAPTER_FILE, CONFIG_FILE, resolve
 
-from models import build, inputs
+from models import build, inputs, randomise_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -32,10 +32,7 @@ def trained() -> nn.Module:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7, **TINY)
     model.eval()
     arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in arc_peft.adapter_parameters(model).values():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    randomise_adapters(model, 5)
     return model
 
 

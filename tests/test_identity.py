@@ -16,6 +16,8 @@ import arc_peft
 from arc_peft.errors import AdapterFileError
 from arc_peft.identity import model_identity, remap_keys
 
+from models import randomise_adapters
+
 _VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 _SWIN = dict(img_size=56, window_size=7, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 
@@ -29,10 +31,7 @@ def timm_model(name: str, seed: int = 0, **kwargs) -> nn.Module:
 def trained(name: str = "vit_tiny_patch16_224", **kwargs) -> nn.Module:
     model = timm_model(name, num_classes=5, **kwargs)
     arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in arc_peft.adapter_parameters(model).values():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    randomise_adapters(model, 1)
     return model
 
 

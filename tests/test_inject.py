@@ -13,7 +13,7 @@ from arc_peft.modules import SharedProjection
 from arc_peft.shared import entry_path, iter_shared
 from arc_peft.slots import iter_slots
 
-from models import MATRIX, build, inputs
+from models import MATRIX, build, inputs, randomise_adapters
 
 _TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
@@ -22,14 +22,6 @@ METHODS = {
     "arc_att": ARCConfig(rank=4, positions=("attn",)),
     "adaptmlp": AdaptMLPConfig(bottleneck=4),
 }
-
-
-def randomise_adapters(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
-    """Give every adapter parameter non-zero values (the identity init would hide a bypass)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in arc_peft.adapter_parameters(model).values():
-            param.copy_(torch.randn(param.shape, generator=g) * std)
 
 
 def site_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:

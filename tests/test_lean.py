@@ -21,7 +21,7 @@ from arc_peft import lean
 from arc_peft.lean import _LeanAdaptMLP, _LeanARC, lean_disabled, recompute_source
 from arc_peft.modules import ARC, AdaptMLP
 
-from models import MATRIX, build, inputs
+from models import MATRIX, build, inputs, randomise_adapters
 
 
 def _arc_params(dim: int = 6, rank: int = 3, seed: int = 0) -> list[torch.Tensor]:
@@ -147,10 +147,7 @@ def test_lean_dropout_is_nn_dropout_including_p_one(adapter, p):
 def _randomised(model: nn.Module, config: arc_peft.AdapterConfig) -> nn.Module:
     arc_peft.inject_arc(model, config)
     arc_peft.freeze_backbone(model)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for param in arc_peft.adapter_parameters(model).values():
-            param.copy_(0.3 * torch.randn(param.shape, generator=g))
+    randomise_adapters(model, 5)
     return model.train()
 
 
@@ -351,10 +348,7 @@ def test_lean_and_plain_paths_agree_on_other_ecosystems(name):
     model = spec.build()
     arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4, dropout=0.2), example_input=spec.inputs())
     arc_peft.freeze_backbone(model, train_head=False)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for param in arc_peft.adapter_parameters(model).values():
-            param.copy_(0.3 * torch.randn(param.shape, generator=g))
+    randomise_adapters(model, 5)
     model.train()
     x = spec.inputs()
     results = []

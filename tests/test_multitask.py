@@ -14,17 +14,9 @@ from torch import nn
 import arc_peft
 from arc_peft.slots import iter_slots
 
-from models import MATRIX, build, inputs
+from models import MATRIX, build, check_mixed_batch, inputs, randomise_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def randomise(model: nn.Module, seed: int = 11) -> None:
-    """Random O(0.3) values for every adapter parameter, so each adapter visibly acts."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in arc_peft.adapter_parameters(model).values():
-            param.copy_(0.3 * torch.randn(param.shape, generator=g))
 
 
 def three_tasks(name: str) -> nn.Module:
@@ -35,7 +27,7 @@ def three_tasks(name: str) -> nn.Module:
     arc_peft.inject_arc(
         model, arc_peft.ARCConfig(rank=2, positions=("attn",), blocks=[-1]), name="last"
     )
-    randomise(model)
+    randomise_adapters(model, 11)
     return model
 
 
@@ -67,19 +59,7 @@ def test_mixed_batch_equals_each_sample_alone(name):
     model = three_tasks(name)
     tasks = ["mlp", None, "arc", "last", "arc"]
     x = inputs(name, batch=len(tasks))
-    with arc_peft.mixed_batch(model, tasks):
-        mixed = model(x)
-    alone = []
-    for i, task in enumerate(tasks):
-        arc_peft.set_active_adapter(model, task)
-        alone.append(model(x[i : i + 1]))
-    torch.testing.assert_close(mixed, torch.cat(alone), rtol=1e-5, atol=1e-5)
-    # The tasks really differ (so routing a sample through the wrong adapter would be caught).
-    arc_peft.set_active_adapter(model, None)
-    bare = model(x)
-    for i, task in enumerate(tasks):
-        differs = (mixed[i] - bare[i]).abs().max() > 1e-3
-        assert differs == (task is not None), (i, task)
+    check_mixed_batch(model, tasks, x, differs_by=1e-3)
     # Leaving the block restores the previous mode.
     assert all(slot.routing is None for _, _, slot in iter_slots(model))
 
@@ -111,14 +91,15 @@ def test_switching_disabling_and_deleting(name):
 
     model = build(name)
     arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4), name="arc")
-    randomise(model)
+    randomise_adapters(model, 11)
     with_arc = snapshot(model)
     arc_out = model(x)
     arc_peft.inject_arc(model, arc_peft.AdaptMLPConfig(bottleneck=4), name="mlp")
     arc_peft.inject_arc(
         model, arc_peft.ARCConfig(rank=2, positions=("attn",), blocks=[0]), name="first"
     )
-    randomise(model, seed=12)  # also changes "arc": it is put back before the deletions below
+    # also changes "arc": it is put back before the deletions below
+    randomise_adapters(model, seed=12)
     assert arc_peft.active_adapter(model) == "arc"  # the first injected stays active
 
     ids, hooks = adapter_ids(model), hook_count(model)
@@ -187,7 +168,7 @@ def test_adapters_loaded_from_files_share_one_backbone(tmp_path):
     for seed, task in ((1, "cifar"), (2, "svhn")):
         model = build("vit")
         arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4), name=task)
-        randomise(model, seed=seed)
+        randomise_adapters(model, seed=seed)
         arc_peft.save_adapter(model, tmp_path / f"{task}.safetensors", include_head=False)
         trained[task] = model
 

@@ -11,6 +11,8 @@ from torch import nn
 import arc_peft
 from arc_peft.slots import iter_slots
 
+from models import check_mixed_batch, randomise_adapters
+
 
 class SeqFirstViT(nn.Module):
     """A ViT whose encoder runs sequence-first, as torch's own ``nn.TransformerEncoder`` does
@@ -60,20 +62,8 @@ def test_mixed_batch_equals_each_sample_alone(batch: int):
     model = _model()
     arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=2), name="a", example_input=_x(1))
     arc_peft.inject_arc(model, arc_peft.AdaptMLPConfig(bottleneck=2), name="b")
-    g = torch.Generator().manual_seed(1)
-    for param in arc_peft.adapter_parameters(model).values():
-        param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    randomise_adapters(model, 1)
     tasks = (["a", "b", None, "a"] * 2)[:batch]
     x = _x(batch)
-    with arc_peft.mixed_batch(model, tasks):
-        mixed = model(x)
-    alone = []
-    for i, task in enumerate(tasks):
-        arc_peft.set_active_adapter(model, task)
-        alone.append(model(x[i : i + 1]))
-    torch.testing.assert_close(mixed, torch.cat(alone), rtol=1e-5, atol=1e-5)
-    arc_peft.set_active_adapter(model, None)
-    bare = model(x)
-    for i, task in enumerate(tasks):
-        assert ((mixed[i] - bare[i]).abs().max() > 1e-4) == (task is not None), (i, task)
+    check_mixed_batch(model, tasks, x, differs_by=1e-4)
     assert all(slot.routing is None for _, _, slot in iter_slots(model))

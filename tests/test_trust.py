@@ -25,7 +25,7 @@ import arc_peft
 from arc_peft import AdapterFileError, AdaptMLPConfig, ARCConfig
 from arc_peft.saving import _serialize
 
-from models import MATRIX, build, inputs
+from models import MATRIX, build, inputs, randomise_adapters
 
 ARC = ARCConfig(rank=4)
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +35,7 @@ ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"
 def adapted(name: str = "vit", config=ARC, seed: int = 0) -> nn.Module:
     model = build(name)
     arc_peft.inject_arc(model, config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in arc_peft.adapter_parameters(model).values():
-            param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    randomise_adapters(model, seed)
     return model.eval()
 
 

@@ -28,7 +28,7 @@ from arc_peft import AdapterFileError
 from arc_peft.saving import _serialize
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build
+from models import build, randomise_adapters
 
 METHODS = {
     "arc": arc_peft.ARCConfig(rank=4),
@@ -194,10 +194,7 @@ def _sources(folder: Path) -> list[tuple[str, bytes, Callable[[], nn.Module]]]:
     for method, config in METHODS.items():
         model = build("vit")
         arc_peft.inject_arc(model, config)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for param in arc_peft.adapter_parameters(model).values():
-                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+        randomise_adapters(model, 0)
         for head in (True, False):
             path = folder / f"{method}-{head}.safetensors"
             arc_peft.save_adapter(model, path, include_head=head)

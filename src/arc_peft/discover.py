@@ -24,8 +24,6 @@ type is a site of that position whatever the probe concluded.
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,10 +106,6 @@ class SitePlan:
 def _kind(module: nn.Module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _paths_match(path: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
 def discover(model: nn.Module, example: Any = None) -> SitePlan:

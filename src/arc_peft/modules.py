@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lean import adaptmlp_forward, arc_forward
+from .lean import adaptmlp_forward, arc_forward, arc_output
 
 __all__ = ["ARC", "AdaptMLP", "Adapter", "SharedProjection"]
 
@@ -140,15 +140,7 @@ class ARC(Adapter):
         flat = x.reshape(-1, x.shape[-1])
         # Fold diag(s) into U once per call (D×r) instead of scaling every token's bottleneck.
         h = self.dropout(flat @ (u * self.scale))
-        # The residual is accumulated inside the GEMM and the bias added in place: one token-sized
-        # pass and one token-sized temporary less (about 15% of the adapter's time). Under
-        # autocast h is low precision and the sum stays in x's dtype: (x + b) + h·Uᵀ, the
-        # low-precision product added last and in place: the same values, and about a third less
-        # time for the sums than (x + h·Uᵀ) + b, whose out-of-place mixed-dtype sum is slow
-        # (docs/benchmarks.md).
-        if h.dtype == flat.dtype:
-            return torch.addmm(flat, h, u.t()).add_(self.bias).view(x.shape)
-        return torch.add(flat, self.bias).add_(h @ u.t()).view(x.shape)
+        return arc_output(flat, h, u, self.bias).view(x.shape)
 
     def merged_matrix(
         self, dtype: torch.dtype | None = None, device: torch.device | None = None
@@ -230,15 +222,15 @@ class AdaptMLP(Adapter):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and self.norm is None and not self.learnable_scale:
+        if self.norm is None and not self.learnable_scale:
+            if not torch.is_grad_enabled():
+                # Inference: ReLU and the scale in place, the same values, two temporaries fewer.
+                return self.up(self.dropout(F.relu(self.down(x), inplace=True))).mul_(self.scale)
             # Training: the same ops, keeping less for the backward pass (arc_peft.lean).
             p = self.dropout.p if self.dropout.training else 0.0
             out = adaptmlp_forward(x, self.down, self.up, self.scale, p)
             if out is not None:
                 return out
-        if self.norm is None and not self.learnable_scale and not torch.is_grad_enabled():
-            # Inference: ReLU and the scale in place, the same values with two temporaries fewer.
-            return self.up(self.dropout(F.relu(self.down(x), inplace=True))).mul_(self.scale)
         if self.layernorm == "in":
             x = self.norm(x)
         h = self.up(self.dropout(F.relu(self.down(x)))) * self.scale
