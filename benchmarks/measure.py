@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arc_peft.lean import lean_disabled
+from arc_peft.methods.lean import lean_disabled
 
 # -- time -----------------------------------------------------------------------------------------
 

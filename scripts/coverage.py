@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import arc_peft  # noqa: E402
-from arc_peft import discover as _discover  # noqa: E402
-from arc_peft.graph import Finder  # noqa: E402
-from arc_peft.modules import ARC  # noqa: E402
+from arc_peft.discovery import sites as _discover  # noqa: E402
+from arc_peft.discovery.graph import Finder  # noqa: E402
+from arc_peft.methods.arc.layers import ARC  # noqa: E402
 
 DOCS = ROOT / "docs" / "models.md"
 CACHE = Path(os.environ.get("ARC_PEFT_COVERAGE_CACHE", "/tmp/arc_peft_coverage"))
@@ -143,8 +143,8 @@ def attention_owners(rec) -> list[str]:
 
 def census(name: str) -> dict:
     """Parameters and number of attention ops of ``name``, from a meta-device forward."""
-    from arc_peft.probe import record
-    from arc_peft.zoo import example_input
+    from arc_peft.discovery.inputs import example_input
+    from arc_peft.discovery.probe import record
 
     out: dict[str, Any] = {"entrypoint": name}
     # some models need real data (data-dependent ops): then the census runs on the CPU
@@ -227,7 +227,7 @@ def check(name: str, device: str = "cpu", **kwargs: Any) -> dict:
             for p in arc_peft.adapter_parameters(adapted).values():
                 with torch.no_grad():
                     p.copy_(0.3 * torch.randn(p.shape, generator=g).to(p))
-            x = arc_peft.zoo.example_input(model, batch=2)
+            x = arc_peft.discovery.inputs.example_input(model, batch=2)
             # the features, not the logits: some heads start at zero (Hiera)
             features = hasattr(model, "forward_features")
             with torch.no_grad():

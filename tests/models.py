@@ -6,8 +6,12 @@ which input it takes. Tests import ``MATRIX`` / ``build`` from here.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
+
+import arc_peft
 
 _VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
@@ -189,3 +193,17 @@ def inputs(name: str, batch: int = 2, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     size = image_size(name)
     return torch.randn(batch, 3, size, size, generator=g)
+
+
+def method_configs(**overrides) -> dict:
+    """``{method name: small config}`` for every registered method (its registry example), with
+    ``overrides`` applied where the config has such a field (e.g. ``dropout=0.0``): the tests'
+    method table, so a method that joins the registry joins the tests."""
+    configs = {}
+    for method in arc_peft.registered_methods():
+        config = method.example_config()
+        fields = {f.name for f in dataclasses.fields(config)}
+        configs[method.name] = dataclasses.replace(
+            config, **{k: v for k, v in overrides.items() if k in fields}
+        )
+    return configs

@@ -96,7 +96,7 @@ def test_methods_are_what_they_claim():
     arc = sections.build(name, "arc", settings)
     methods.randomise_adapters(arc)
     merged = sections.build(name, "arc_merged", settings)
-    assert not arc_peft.slots.iter_slots(merged)  # no hooks left
+    assert not arc_peft.runtime.slots.iter_slots(merged)  # no hooks left
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(x), arc.eval()(x), rtol=1e-4, atol=1e-5)
     head = {"head.weight", "head.bias"}

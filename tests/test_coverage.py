@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import arc_peft
-from arc_peft.modules import ARC
+from arc_peft.methods.arc.layers import ARC
 
 timm = pytest.importorskip("timm")
 

@@ -24,7 +24,7 @@ END = "<!-- END supported-models -->"
 
 def _render(page: str, path: Path = MODELS_PAGE) -> str:
     """``page`` with the text between the markers replaced by the registry's table."""
-    from arc_peft.targets import supported_models_markdown
+    from arc_peft.discovery.models_table import supported_models_markdown
 
     if page.count(BEGIN) != 1 or page.count(END) != 1:
         raise ValueError(f"{path} must hold the markers {BEGIN!r} and {END!r} once each")
@@ -41,7 +41,7 @@ def test_supported_models_table_in_sync(path: Path) -> None:
 
 def test_table_lists_every_builtin_target() -> None:
     import arc_peft
-    from arc_peft.targets import supported_models_markdown
+    from arc_peft.discovery.models_table import supported_models_markdown
 
     table = supported_models_markdown()
     builtins = [t for t in arc_peft.registered_targets() if t.source != "user"]
@@ -56,7 +56,7 @@ def test_table_follows_registrations() -> None:
     from torch import nn
 
     import arc_peft
-    from arc_peft import targets
+    from arc_peft.discovery import models_table, targets
 
     class DocsProbeAttention(nn.Module):
         def __init__(self) -> None:
@@ -68,8 +68,8 @@ def test_table_follows_registrations() -> None:
 
     arc_peft.register_target(DocsProbeAttention, position="attn")
     try:
-        assert "DocsProbeAttention" not in targets.supported_models_markdown()
-        assert "DocsProbeAttention" in targets.supported_models_markdown(builtin_only=False)
+        assert "DocsProbeAttention" not in models_table.supported_models_markdown()
+        assert "DocsProbeAttention" in models_table.supported_models_markdown(builtin_only=False)
     finally:
         del targets._REGISTRY[DocsProbeAttention]
 

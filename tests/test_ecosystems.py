@@ -16,18 +16,18 @@ import torch
 from torch import nn
 
 import arc_peft
-from arc_peft.slots import iter_slots
-from arc_peft.zoo import example_input, image_layout
+from arc_peft.discovery.inputs import example_input, image_layout
+from arc_peft.runtime.slots import iter_slots
 
 from ecosystems import ECOSYSTEMS, Eco
+from models import method_configs
 
 # float32 rounding of the fold only (the random adapters move the outputs by far more).
 MERGE_TOL = dict(rtol=1e-4, atol=1e-5)
 
 METHODS = {
-    "arc": lambda: arc_peft.ARCConfig(rank=4, dropout=0.0),
-    "arc_identity": lambda: arc_peft.ARCConfig(rank=4, dropout=0.0, init="identity"),
-    "adaptmlp": lambda: arc_peft.AdaptMLPConfig(bottleneck=4, dropout=0.0),
+    **method_configs(dropout=0.0),
+    "arc_identity": arc_peft.ARCConfig(rank=4, dropout=0.0, init="identity"),
 }
 
 
@@ -53,7 +53,7 @@ def randomise(model: nn.Module, seed: int = 7, zero_attn_bias: bool = False) -> 
 
 def adapted(spec: Eco, method: str, **kwargs) -> nn.Module:
     model = spec.build()
-    arc_peft.inject_arc(model, METHODS[method]())
+    arc_peft.inject_arc(model, METHODS[method])
     randomise(model, **kwargs)
     return model
 
@@ -71,7 +71,7 @@ def inside(path: str, ancestor: str) -> bool:
 
 def test_import_does_not_import_transformers_or_open_clip():
     code = (
-        "import arc_peft, arc_peft.zoo, sys; "
+        "import arc_peft, arc_peft.discovery.inputs, sys; "
         "bad = [m for m in ('transformers', 'open_clip') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -182,7 +182,7 @@ def test_pooling_not_adapted(name, method):
     eco = ECOSYSTEMS[name]
     pytest.importorskip(eco.library)
     model = eco.build()
-    arc_peft.inject_arc(model, METHODS[method]())
+    arc_peft.inject_arc(model, METHODS[method])
     pooling = eco.modules_matching(model, eco.pooling)
     names = list(arc_peft.adapter_parameters(model))
     assert names
@@ -198,7 +198,7 @@ def test_identity_at_init(eco, method):
     x = eco.inputs()
     with torch.no_grad():
         before = eco.call(model, x)
-        arc_peft.inject_arc(model, METHODS[method]())
+        arc_peft.inject_arc(model, METHODS[method])
         after = eco.call(model, x)
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
@@ -209,7 +209,7 @@ def test_nonzero_adapter_changes_output(eco, method):
     x = eco.inputs()
     with torch.no_grad():
         before = eco.call(model, x)
-        arc_peft.inject_arc(model, METHODS[method]())
+        arc_peft.inject_arc(model, METHODS[method])
         randomise(model)
         after = eco.call(model, x)
     assert (after - before).abs().max() > 1e-3

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import arc_peft
-from arc_peft.heads import TASKS_ATTR
+from arc_peft.state import TASKS_ATTR
 
 from models import MATRIX, build, inputs, randomise_adapters
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import arc_peft
-from arc_peft.hub import ADAPTER_FILE, CONFIG_FILE, resolve
+from arc_peft.io.sources import ADAPTER_FILE, CONFIG_FILE, resolve
 
 from models import build, inputs, randomise_adapters
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import arc_peft
 from arc_peft.errors import AdapterFileError
-from arc_peft.identity import model_identity, remap_keys
+from arc_peft.io.identity import model_identity, remap_keys
 
 from models import randomise_adapters
 

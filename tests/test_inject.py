@@ -9,19 +9,15 @@ from torch import nn
 
 import arc_peft
 from arc_peft import AdaptMLPConfig, ARCConfig, UnsupportedModelError
-from arc_peft.modules import SharedProjection
-from arc_peft.shared import entry_path, iter_shared
-from arc_peft.slots import iter_slots
+from arc_peft.methods.arc.layers import SharedProjection
+from arc_peft.runtime.shared import entry_path, iter_shared
+from arc_peft.runtime.slots import iter_slots
 
-from models import MATRIX, build, inputs, randomise_adapters
+from models import MATRIX, build, inputs, method_configs, randomise_adapters
 
 _TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
-METHODS = {
-    "arc": ARCConfig(rank=4),
-    "arc_att": ARCConfig(rank=4, positions=("attn",)),
-    "adaptmlp": AdaptMLPConfig(bottleneck=4),
-}
+METHODS = {**method_configs(), "arc_att": ARCConfig(rank=4, positions=("attn",))}
 
 
 def site_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -397,7 +393,7 @@ class _Block(nn.Module):
 def custom_targets():
     yield
     for cls in (_Attn, _FF):
-        arc_peft.targets._REGISTRY.pop(cls, None)
+        arc_peft.discovery.targets._REGISTRY.pop(cls, None)
 
 
 def test_unregistered_custom_model_is_discovered(custom_targets):
@@ -456,7 +452,7 @@ def test_register_target_overrides_discovery(custom_targets):
         paths = [s.site.path for _, _, s in iter_slots(model)]
         assert sorted(paths) == ["block.mixer", "mixer"]
     finally:
-        arc_peft.targets._REGISTRY.pop(_GatedMixer, None)
+        arc_peft.discovery.targets._REGISTRY.pop(_GatedMixer, None)
 
 
 def test_register_target_reaches_a_model_probed_before(custom_targets):
@@ -475,7 +471,7 @@ def test_register_target_reaches_a_model_probed_before(custom_targets):
         assert sorted(arc_peft.adapter_configs(model)) == ["a", "b"]
         assert "a" not in model.get_submodule("").arc_peft["mixer"]
     finally:
-        arc_peft.targets._REGISTRY.pop(_GatedMixer, None)
+        arc_peft.discovery.targets._REGISTRY.pop(_GatedMixer, None)
 
 
 def test_unsupported_torchvision_cnn():

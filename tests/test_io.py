@@ -15,13 +15,14 @@ from safetensors import safe_open
 from torch import nn
 
 import arc_peft
-from arc_peft import AdapterFileError, AdaptMLPConfig, ARCConfig
-from arc_peft.saving import _serialize
+from arc_peft import AdapterFileError, AdaptMLPConfig
+from arc_peft.io.saving import _serialize
 
-from models import MATRIX, build, inputs
+from models import MATRIX, build, inputs, method_configs
 
 METHODS = {
-    "arc": ARCConfig(rank=4),
+    **method_configs(),
+    # the AdaptMLP options that add state (a learnable scale, a LayerNorm) must round-trip too
     "adaptmlp": AdaptMLPConfig(bottleneck=4, scale="learnable", layernorm="in"),
 }
 
@@ -137,7 +138,7 @@ def test_shared_projection_is_stored_once(name: str, groups: int, tmp_path: Path
     arc_peft.save_adapter(model, path, include_head=False)
     with safe_open(str(path), "pt") as handle:
         keys = list(handle.keys())
-    blocks = len(arc_peft.slots.iter_slots(model)) // 2
+    blocks = len(arc_peft.runtime.slots.iter_slots(model)) // 2
     # One U per (position, width) group (Swin: 4 stages x 2 positions), s and b per site.
     assert sum(k.endswith(".projection") for k in keys) == groups
     assert len(keys) == groups + 2 * 2 * blocks
@@ -246,7 +247,7 @@ def test_save_refuses_non_finite_weights(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("failing", ["os.replace", "os.fsync", "arc_peft.saving._serialize"])
+@pytest.mark.parametrize("failing", ["os.replace", "os.fsync", "arc_peft.io.saving._serialize"])
 def test_failed_save_keeps_the_old_file(
     failing: str, saved: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

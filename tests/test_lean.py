@@ -1,4 +1,4 @@
-"""ARC's memory-lean training path (arc_peft.lean) computes what plain autograd computes.
+"""ARC's memory-lean training path (arc_peft.methods.lean) computes what plain autograd computes.
 
 Checked: float64 gradcheck of every path (input recomputed from a LayerNorm, through permutations,
 or saved); identical outputs and equal gradients against plain autograd on every
@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import arc_peft
-from arc_peft import lean
-from arc_peft.lean import _LeanAdaptMLP, _LeanARC, lean_disabled, recompute_source
-from arc_peft.modules import ARC, AdaptMLP
+from arc_peft.methods import lean
+from arc_peft.methods.adaptmlp.layers import AdaptMLP, _LeanAdaptMLP
+from arc_peft.methods.arc.layers import ARC, _LeanARC
+from arc_peft.methods.lean import lean_disabled, recompute_source
 
 from models import MATRIX, build, inputs, randomise_adapters
 
@@ -311,7 +312,7 @@ def test_lean_path_keeps_no_copy_of_the_norm_output():
         plain_bytes = _saved_bytes(model, x)
     tokens = x.shape[0] * 17  # 4×4 patches + the class token
     site_input = tokens * 32 * 4  # N×D float32
-    sites = len(arc_peft.slots.iter_slots(model))
+    sites = len(arc_peft.runtime.slots.iter_slots(model))
     assert plain_bytes - lean_bytes >= (sites - 1) * site_input
     assert lean_bytes <= 1.03 * floor_bytes
 

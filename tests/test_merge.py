@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import arc_peft
-from arc_peft import targets
+from arc_peft.discovery import targets
 from arc_peft.merge import _affine
-from arc_peft.slots import iter_slots
+from arc_peft.runtime.slots import iter_slots
 
 from models import MATRIX, build, inputs
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from arc_peft import ARC, AdaptMLP
-from arc_peft.modules import SharedProjection
+from arc_peft.methods.arc.layers import SharedProjection
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:

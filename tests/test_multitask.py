@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import arc_peft
-from arc_peft.slots import iter_slots
+from arc_peft.runtime.slots import iter_slots
 
 from models import MATRIX, build, check_mixed_batch, inputs, randomise_adapters
 

@@ -23,7 +23,7 @@ from torch import nn
 
 import arc_peft
 from arc_peft import AdapterFileError, AdaptMLPConfig, ARCConfig
-from arc_peft.saving import _serialize
+from arc_peft.io.saving import _serialize
 
 from models import MATRIX, build, inputs, randomise_adapters
 
@@ -218,7 +218,7 @@ def test_header_size_and_tensor_count_are_bounded(saved: Path, tmp_path: Path) -
     rejected(build("vit"), huge, "header claims 61,865,984 bytes")
 
     def many(header):
-        for i in range(arc_peft.fileformat.MAX_TENSORS + 1):
+        for i in range(arc_peft.io.format.MAX_TENSORS + 1):
             header[f"x{i}"] = {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}
 
     bad = edit_header(saved, tmp_path / "many.safetensors", many)
@@ -315,7 +315,7 @@ def _temp_files(folder: Path) -> list[str]:
 
 
 def test_stale_temporary_files_are_swept(saved: Path) -> None:
-    from arc_peft.atomic import _host_tag
+    from arc_peft.io.atomic import _host_tag
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True

@@ -25,7 +25,7 @@ from torch import nn
 
 import arc_peft
 from arc_peft import AdapterFileError
-from arc_peft.saving import _serialize
+from arc_peft.io.saving import _serialize
 
 sys.path.insert(0, str(Path(__file__).parent))
 from models import build, randomise_adapters

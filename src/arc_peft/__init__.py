@@ -14,56 +14,60 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .state import __version__
+
 if TYPE_CHECKING:  # for type checkers and the docs; at run time names load on first use
-    from .config import AdapterConfig, AdaptMLPConfig, ARCConfig, config_from_dict
-    from .discover import LeftOut, Site, SitePlan
+    from .discovery.sites import LeftOut, Site, SitePlan
+    from .discovery.targets import Target, register_target, registered_targets
     from .errors import AdapterFileError, MergeError, UnsupportedModelError
-    from .heads import add_head, task_modules
-    from .hub import create_model, push_adapter_to_hub, save_adapter_folder
-    from .info import AdapterInfo, read_adapter_info
-    from .inject import adapter_configs, delete_adapter, inject_arc, remove_arc, site_plan
-    from .loading import load_adapter
+    from .inject import delete_adapter, inject_arc, remove_arc, site_plan
+    from .io.hub import create_model, push_adapter_to_hub, save_adapter_folder
+    from .io.info import AdapterInfo, read_adapter_info
+    from .io.loading import load_adapter
+    from .io.saving import save_adapter
     from .merge import merge_adapter, unmerge_adapter
-    from .modules import ARC, Adapter, AdaptMLP
-    from .multitask import (
+    from .methods import AdapterConfig, config_from_dict, register_method, registered_methods
+    from .methods.adaptmlp import AdaptMLPConfig
+    from .methods.adaptmlp.layers import AdaptMLP
+    from .methods.arc import ARCConfig
+    from .methods.arc.layers import ARC
+    from .methods.layers import Adapter
+    from .runtime.heads import add_head, get_head, task_modules
+    from .runtime.multitask import (
         active_adapter,
         disable_adapter,
         mixed_batch,
         set_active_adapter,
         split_logits,
     )
-    from .params import (
-        ParameterCounts,
-        adapter_parameters,
-        count_parameters,
-        freeze_backbone,
-        get_head,
-    )
-    from .saving import save_adapter
-    from .targets import Target, register_target, registered_targets
+    from .runtime.slots import adapter_configs
+    from .training import ParameterCounts, adapter_parameters, count_parameters, freeze_backbone
 
 # Where each public name lives. ``import arc_peft`` imports none of these modules (nor torch):
 # the ``arc-peft inspect`` command line reads file headers in a fraction of a second, and the
 # first use of a name (``arc_peft.inject_arc``) imports its module.
 _LOCATIONS = {
-    "config": ("AdapterConfig", "AdaptMLPConfig", "ARCConfig", "config_from_dict"),
-    "discover": ("LeftOut", "Site", "SitePlan"),
+    "discovery.sites": ("LeftOut", "Site", "SitePlan"),
+    "discovery.targets": ("Target", "register_target", "registered_targets"),
     "errors": ("AdapterFileError", "MergeError", "UnsupportedModelError"),
-    "heads": ("add_head", "task_modules"),
-    "hub": ("create_model", "push_adapter_to_hub", "save_adapter_folder"),
-    "info": ("AdapterInfo", "read_adapter_info"),
-    "inject": ("adapter_configs", "delete_adapter", "inject_arc", "remove_arc", "site_plan"),
-    "loading": ("load_adapter",),
+    "inject": ("delete_adapter", "inject_arc", "remove_arc", "site_plan"),
+    "io.hub": ("create_model", "push_adapter_to_hub", "save_adapter_folder"),
+    "io.info": ("AdapterInfo", "read_adapter_info"),
+    "io.loading": ("load_adapter",),
+    "io.saving": ("save_adapter",),
     "merge": ("merge_adapter", "unmerge_adapter"),
-    "modules": ("ARC", "Adapter", "AdaptMLP"),
-    "multitask": (
+    "methods": ("AdapterConfig", "config_from_dict", "register_method", "registered_methods"),
+    "methods.adaptmlp": ("AdaptMLPConfig",),
+    "methods.adaptmlp.layers": ("AdaptMLP",),
+    "methods.arc": ("ARCConfig",),
+    "methods.arc.layers": ("ARC",),
+    "methods.layers": ("Adapter",),
+    "training": ("ParameterCounts", "adapter_parameters", "count_parameters", "freeze_backbone"),
+    "runtime.heads": ("add_head", "get_head", "task_modules"),
+    "runtime.multitask": (
         "active_adapter", "disable_adapter", "mixed_batch", "set_active_adapter", "split_logits"
     ),
-    "params": (
-        "ParameterCounts", "adapter_parameters", "count_parameters", "freeze_backbone", "get_head"
-    ),
-    "saving": ("save_adapter",),
-    "targets": ("Target", "register_target", "registered_targets"),
+    "runtime.slots": ("adapter_configs",),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _LOCATIONS.items() for name in names}
 
@@ -80,8 +84,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ARC",
@@ -117,7 +119,9 @@ __all__ = [
     "mixed_batch",
     "push_adapter_to_hub",
     "read_adapter_info",
+    "register_method",
     "register_target",
+    "registered_methods",
     "registered_targets",
     "remove_arc",
     "save_adapter",

@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import AdapterFileError
-from .identity import printable
+from .io.identity import printable
+from .io.info import read_adapter_info
+from .state import __version__
 
 __all__ = ["main"]
 
@@ -46,8 +48,6 @@ def _printable_lines(text: str) -> str:
 
 
 def _infos(files: Sequence[str]) -> list[Any]:
-    from .info import read_adapter_info
-
     return [read_adapter_info(f) for f in files]
 
 
@@ -119,8 +119,9 @@ def _check(args: argparse.Namespace) -> int:
     import timm
     import torch
 
-    from .info import read_adapter_info
-    from .loading import load_adapter
+    # torch, timm and the loader only for the command that builds a model: inspect and compare
+    # answer without importing torch.
+    from .io.loading import load_adapter
 
     info = read_adapter_info(args.file)
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
@@ -140,8 +141,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="arc-peft", description="Tools for arc_peft adapter files."
     )

@@ -6,55 +6,26 @@ import fnmatch
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
-from . import heads, shared
-from .config import AdapterConfig, AdaptMLPConfig, ARCConfig
-from .discover import Site, SitePlan, discover
+from .discovery.sites import Site, SitePlan, discover
+from .discovery.targets import registry_generation
 from .errors import UnsupportedModelError
-from .modules import ARC, Adapter, AdaptMLP, SharedProjection
-from .slots import AdapterSlot, holder_of, iter_slots
-from .targets import registry_generation
-from .wrappers import check_injectable
+from .methods import AdapterConfig, get_method
+from .methods.layers import Adapter, SharedState
+from .runtime import heads, shared
+from .runtime.slots import AdapterSlot, adapter_configs, check_name, holder_of, iter_slots
+from .runtime.wrappers import check_injectable
+from .state import DEFAULT_ADAPTER, EXAMPLE_ATTR, PLAN_ATTR
 
 __all__ = [
-    "DEFAULT_ADAPTER",
-    "adapter_configs",
+    "build_adapters",
     "delete_adapter",
     "inject_arc",
     "remove_arc",
+    "select_sites",
     "site_plan",
 ]
-
-DEFAULT_ADAPTER = "default"
-
-# Where the last discovery result is kept: a plain attribute (not a module, not in the state
-# dict), so saving and merging do not probe again.
-_PLAN_ATTR = "_arc_peft_plan"
-# The user's example input, when given: merge_adapter probes again with it.
-EXAMPLE_ATTR = "_arc_peft_example"
-
-
-def _check_name(name: str) -> None:
-    """Adapter names become ``ModuleDict`` keys of every slot (and parts of parameter names), so a
-    name must not collide with anything an ``AdapterSlot`` instance has: class attributes,
-    methods, and the attributes ``nn.Module.__init__`` sets (``training``, ``_parameters``...)."""
-    valid = (
-        isinstance(name, str)
-        and name.replace("-", "_").isidentifier()
-        and not name.startswith(("_", "-"))
-    )
-    if not valid or name in _reserved_names():
-        raise ValueError(
-            f"adapter name {name!r} is invalid: expected letters, digits, '_' and '-', not "
-            "starting with '_', '-' or a digit, and not an attribute of a module (e.g. "
-            "'default', 'cifar100', 'cifar-100'; not 'training', 'forward', 'active')"
-        )
-
-
-def _reserved_names() -> set[str]:
-    return set(dir(AdapterSlot)) | set(AdapterSlot.__annotations__) | set(vars(nn.Module()))
 
 
 def _factory(module: nn.Module) -> dict:
@@ -64,17 +35,8 @@ def _factory(module: nn.Module) -> dict:
     return {}
 
 
-def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
-    """The adapters injected into ``model``, as ``{name: config}`` in injection order."""
-    configs: dict[str, AdapterConfig] = {}
-    for _, _, slot in iter_slots(model):
-        for name, adapter in slot.items():
-            configs.setdefault(name, adapter.config)
-    return configs
-
-
 def site_plan(model: nn.Module, example_input: Any = None, refresh: bool = False) -> SitePlan:
-    """Every adapter site of ``model`` (see ``arc_peft.discover``), found by one probe forward
+    """Every adapter site of ``model`` (see ``discovery/sites.py``), found by one probe forward
     and kept on the model; adapters already injected are bypassed while probing.
 
     Args:
@@ -82,7 +44,7 @@ def site_plan(model: nn.Module, example_input: Any = None, refresh: bool = False
         example_input: What to probe with (default: an image of the size the model declares).
         refresh: Probe again even if a plan is kept.
     """
-    kept = model.__dict__.get(_PLAN_ATTR)
+    kept = model.__dict__.get(PLAN_ATTR)
     generation = registry_generation()
     if kept is not None and kept[0] == generation and not refresh and example_input is None:
         return kept[1]
@@ -97,13 +59,13 @@ def site_plan(model: nn.Module, example_input: Any = None, refresh: bool = False
     finally:
         for slot, was in zip(slots, previous, strict=True):
             slot.disabled = was
-    model.__dict__[_PLAN_ATTR] = (generation, plan)  # stale once another target is registered
+    model.__dict__[PLAN_ATTR] = (generation, plan)  # stale once another target is registered
     if example_input is not None:
         model.__dict__[EXAMPLE_ATTR] = example_input
     return plan
 
 
-def _select(plan: SitePlan, config: AdapterConfig) -> list[Site]:
+def select_sites(plan: SitePlan, config: AdapterConfig) -> list[Site]:
     """The sites ``config`` asks for; raises when attention is left out without being asked."""
     cls = type(config).__name__
     blocks = sorted({s.block for s in plan.sites})
@@ -143,15 +105,20 @@ def _select(plan: SitePlan, config: AdapterConfig) -> list[Site]:
             f"no site to adapt for positions {config.positions}: the model has "
             + plan.summary().replace("\n", "; ")
         )
-    if isinstance(config, AdaptMLPConfig):
-        no_end = [s.path for s in chosen if not s.output_path]
-        if no_end:
-            raise UnsupportedModelError(
-                f"AdaptMLP adds its output at the module returning the MLP's output, but at "
-                f"{no_end[:4]} no module returns it with the input's shape. Use ARCConfig "
-                "(which only needs the input), or exclude these sites with exclude_modules"
-            )
     return chosen
+
+
+def _check_output_ends(planned: list[tuple[Site, Adapter]], config: AdapterConfig) -> None:
+    """An adapter adding to a site's output needs the module returning that output."""
+    no_end = [
+        site.path for site, layer in planned if layer.placement != "input" and not site.output_path
+    ]
+    if no_end:
+        raise UnsupportedModelError(
+            f"{type(config).__name__} adds its output at the module returning the site's output, "
+            f"but at {no_end[:4]} no module returns it with the input's shape. Use a method that "
+            "only needs the input (ARCConfig), or exclude these sites with exclude_modules"
+        )
 
 
 def _check_partial(plan: SitePlan, config: AdapterConfig) -> None:
@@ -176,68 +143,44 @@ def _check_partial(plan: SitePlan, config: AdapterConfig) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def _without_bias(adapter: ARC) -> None:
-    """``ARCConfig(mergeable=True)``: the attention-site adapter's bias becomes a constant zero
-    (a non-persistent buffer, so files and parameter counts leave it out): its key offset is
-    what RoPE and cosine attention cannot absorb in a merge."""
-    zero = torch.zeros_like(adapter.bias.detach())
-    del adapter.bias
-    adapter.register_buffer("bias", zero, persistent=False)
-
-
-def _build_adapters(
+def build_adapters(
     model: nn.Module, chosen: list[Site], config: AdapterConfig, device: str | None = None
 ) -> list[tuple[Site, Adapter]]:
-    """A new adapter for every chosen site, not yet attached (``device="meta"``: shapes only,
-    nothing allocated, which is how a file's claims are checked before anything is built)."""
-    owners: dict[tuple[str, int], SharedProjection] = {}
-    planned: list[tuple[Site, Adapter]] = []
-    for site in chosen:
+    """A new adapter for every chosen site, built by ``config``'s method and not yet attached
+    (``device="meta"``: shapes only, nothing allocated, which is how a file's claims are checked
+    before anything is built)."""
+
+    def factory(site: Site) -> dict:
         module = model.get_submodule(site.path)
-        factory = _factory(module) or _factory(model)
+        kwargs = _factory(module) or _factory(model)
         if device is not None:
-            factory["device"] = device
-        if isinstance(config, ARCConfig):
-            paper_zero = site.position == "attn" or config.init == "identity"
-            group = (site.position, site.width)
-            if group not in owners:  # U is drawn first, as when the group's first ARC owned it
-                owners[group] = SharedProjection(site.width, config.rank, site.path, **factory)
-            adapter: Adapter = ARC(
-                site.width,
-                config.rank,
-                dropout=config.dropout,
-                scale_init="zeros" if paper_zero else "xavier",
-                share_with=owners[group],
-                **factory,
-            )
-            if config.mergeable and site.position == "attn":
-                _without_bias(adapter)
-        else:
-            adapter = AdaptMLP(
-                site.width,
-                config.bottleneck,
-                scale=config.scale,
-                dropout=config.dropout,
-                placement=config.placement,
-                layernorm=config.layernorm,
-                **factory,
-            )
-        adapter.config = config
-        adapter.train(module.training)  # a new layer follows the model's train/eval mode
-        planned.append((site, adapter))
+            kwargs["device"] = device
+        return kwargs
+
+    layers = get_method(config).build(chosen, config, factory)
+    if len(layers) != len(chosen) or not all(isinstance(x, Adapter) for x in layers):
+        raise TypeError(
+            f"the {config.method!r} method's build returned {len(layers)} layers for "
+            f"{len(chosen)} sites: expected one Adapter per site"
+        )
+    planned = list(zip(chosen, layers, strict=True))
+    _check_output_ends(planned, config)
+    for site, layer in planned:
+        layer.config = config
+        layer.train(model.get_submodule(site.path).training)  # follows the model's mode
     return planned
 
 
 def _shared_entries(
     model: nn.Module, planned: list[tuple[Site, Adapter]], name: str
 ) -> list[shared.Entry]:
-    """Where each shared projection of ``planned`` goes (see ``arc_peft.shared``)."""
-    groups: dict[int, tuple[str, SharedProjection, list[str]]] = {}
+    """Where each shared projection of ``planned`` goes (see ``arc_peft.runtime.shared``)."""
+    groups: dict[int, tuple[str, SharedState, list[str]]] = {}
     for site, adapter in planned:
-        owner = getattr(adapter, "owner", None)
-        if isinstance(owner, SharedProjection):
+        state = adapter.shared
+        if state is not None:
             key = shared.group_key(site.position, site.width)
-            groups.setdefault(id(owner), (key, owner, []))[2].append(site.path)
+            groups.setdefault(id(state), (key, state, []))[2].append(site.path)
     return [
         (shared.place(model, paths), name, key, projection)
         for key, projection, paths in groups.values()
@@ -246,12 +189,13 @@ def _shared_entries(
 
 def inject_arc(
     model: nn.Module,
-    config: ARCConfig | AdaptMLPConfig,
+    config: AdapterConfig,
     name: str = DEFAULT_ADAPTER,
     *,
     example_input: Any = None,
 ) -> nn.Module:
-    """Add an ARC or AdaptMLP adapter to every attention / MLP site of ``model``, in place.
+    """Add an adapter (ARC, AdaptMLP or a registered method) to every attention / MLP site of
+    ``model``, in place.
 
     Sites are found by one probe forward (see ``site_plan``): every self-attention module
     (any timm, torchvision, Hugging Face transformers or open_clip vision model) and the MLP
@@ -262,7 +206,7 @@ def inject_arc(
 
     Args:
         model: The backbone (e.g. from ``timm.create_model``).
-        config: ``ARCConfig`` or ``AdaptMLPConfig``.
+        config: ``ARCConfig``, ``AdaptMLPConfig`` or a registered method's config.
         name: Name of this adapter; several named adapters can live on one backbone. Letters,
             digits, ``_`` and ``-`` (``"cifar-100"``), not an attribute of a module
             (``"training"``).
@@ -281,13 +225,13 @@ def inject_arc(
         UnsupportedModelError: the model has no self-attention, or some attention module cannot
             be adapted (the message names each and why). The model is unchanged.
     """
-    if not isinstance(config, (ARCConfig, AdaptMLPConfig)):
-        raise TypeError(
-            f"inject_arc expects an ARCConfig or AdaptMLPConfig, got {type(config).__name__}"
-        )
+    try:
+        get_method(config)
+    except TypeError as exc:
+        raise TypeError(f"inject_arc: {exc}") from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject_arc expects an nn.Module, got {type(model).__name__}")
-    _check_name(name)
+    check_name(name)
     check_injectable(model, "inject_arc")
     existing = adapter_configs(model)
     if name in existing:
@@ -303,10 +247,10 @@ def inject_arc(
             + plan.summary().replace("\n", "; ")
         )
     _check_partial(plan, config)
-    chosen = _select(plan, config)
+    chosen = select_sites(plan, config)
 
     # Build every adapter before touching the model, so a failure leaves it unchanged.
-    planned = _build_adapters(model, chosen, config)
+    planned = build_adapters(model, chosen, config)
     holders = {site.path: holder_of(model, site.path) for site, _ in planned}
     projections = _shared_entries(model, planned, name)
 

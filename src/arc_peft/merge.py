@@ -7,7 +7,7 @@ After ``merge_adapter`` the model is the plain backbone (same modules, same para
 with new values in those weights; its state dict loads with ``strict=True`` into a fresh backbone.
 
 Each registered target says how to fold into its module type (``Target.merge``, see
-``arc_peft.targets.MergeFn``); when a fold is not exact the merge is refused with a
+``arc_peft.discovery.merge_rules.MergeFn``); when a fold is not exact the merge is refused with a
 ``MergeError`` naming the site and the reason. See ``docs/merging.md``.
 """
 
@@ -19,23 +19,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import heads, shared
+from .discovery.fold import check_fold, generic_fold
+from .discovery.inputs import example_input
+from .discovery.merge_rules import PADS_INPUT, get_tensor
+from .discovery.probe import Recording, record
+from .discovery.targets import get_target
 from .errors import MergeError
-from .fold import check_fold, generic_fold
-from .inject import EXAMPLE_ATTR, adapter_configs, delete_adapter
-from .modules import ARC, Adapter
-from .multitask import active_adapter
-from .probe import Recording, record
-from .slots import AdapterSlot, iter_slots
-from .targets import PADS_INPUT, get_target, get_tensor
-from .zoo import example_input
+from .inject import delete_adapter
+from .methods.layers import Adapter
+from .runtime import heads, shared
+from .runtime.multitask import active_adapter
+from .runtime.slots import AdapterSlot, adapter_configs, iter_slots
+from .state import EXAMPLE_ATTR, MERGES_ATTR
 
 __all__ = ["merge_adapter", "unmerge_adapter"]
 
-# Where merge_adapter(keep_original=True) keeps what unmerge_adapter needs: a plain attribute of
-# the model, so it is neither a module nor in the state dict (the merged model stays the plain
-# backbone), yet it follows the model through copy.deepcopy and torch.save.
-_RECORD_ATTR = "_arc_peft_merges"
+# merge_adapter(keep_original=True) keeps what unmerge_adapter needs under MERGES_ATTR: a plain
+# attribute of the model, so it is neither a module nor in the state dict (the merged model stays
+# the plain backbone), yet it follows the model through copy.deepcopy and torch.save.
 
 
 @dataclass
@@ -51,11 +52,13 @@ class _MergeRecord:
     replaced: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
 
 
-def _affine(adapter: ARC, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The adapter's eval-mode map ``x -> x·M + b``, in float64 so that the fold itself adds no
-    rounding beyond the final cast to the weights' dtype."""
-    M, b = adapter.merged_matrix(dtype=torch.float64, device=device)
-    return M.detach(), b.detach()
+def _affine(adapter: Adapter, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """The adapter's eval-mode map ``x -> x·M + b`` (``None``: it has none), in float64 so that
+    the fold itself adds no rounding beyond the final cast to the weights' dtype."""
+    affine = adapter.affine(dtype=torch.float64, device=device)
+    if affine is None:
+        return None
+    return affine[0].detach(), affine[1].detach()
 
 
 def _fold_device(module: nn.Module) -> torch.device:
@@ -176,15 +179,16 @@ def merge_adapter(
         site_path = slot.site.path
         site = model.get_submodule(site_path)
         where = f"{slot_path} ({type(site).__module__}.{type(site).__qualname__} at {site_path})"
-        if not isinstance(adapter, ARC):
+        affine = _affine(adapter, _fold_device(site)) if adapter.placement == "input" else None
+        if affine is None:
             raise MergeError(
-                f"cannot merge adapter {name!r} at {where}: {type(adapter).__name__} is not a "
-                "linear map of the site's input (AdaptMLP has a ReLU), so it cannot be folded "
-                "into the backbone; keep it as an adapter at inference"
+                f"cannot merge adapter {name!r} at {where}: {type(adapter).__name__} cannot be "
+                f"folded into the backbone ({adapter.merge_refusal}); keep it as an adapter at "
+                "inference"
             )
+        M, b = affine
         target = get_target(site)
         fold = target.merge if target is not None else None
-        M, b = _affine(adapter, _fold_device(site))
         if rec is None:
             rec = _record_sites(model, slots)
         pads = getattr(fold, PADS_INPUT, False) and bool(b.any()) and not assume_no_window_padding
@@ -250,7 +254,7 @@ def merge_adapter(
     delete_adapter(model, name)
     if record is not None:
         record.replaced = replaced
-        model.__dict__.setdefault(_RECORD_ATTR, []).append(record)
+        model.__dict__.setdefault(MERGES_ATTR, []).append(record)
     return model
 
 
@@ -268,7 +272,7 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
         MergeError: there is no kept merge to undo, or the model holds adapters (added after
             the merge, on top of the merged weights: delete them first).
     """
-    records: list[_MergeRecord] = model.__dict__.get(_RECORD_ATTR) or []
+    records: list[_MergeRecord] = model.__dict__.get(MERGES_ATTR) or []
     if not records:
         raise MergeError(
             "unmerge_adapter: nothing to undo. Only merge_adapter(model, keep_original=True) "
@@ -303,16 +307,15 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
         for tensor in site.parameters():
             if tensor.is_floating_point():
                 adapter.to(device=tensor.device, dtype=tensor.dtype)
+                if adapter.shared is not None:  # its shared state (ARC's U) follows the layer
+                    adapter.shared.to(device=tensor.device, dtype=tensor.dtype)
                 break
         slot[record.name] = adapter
         slot.active = record.name if record.was_active else None
         slot.attach(block)
-        owner = getattr(adapter, "owner", None)
-        if owner is not None:  # its shared U follows the layer
-            owner.to(device=adapter.scale.device, dtype=adapter.scale.dtype)
     shared.attach(model, record.projections)
     heads.unadopt(model, record.name, record.replaced)
     records.pop()
     if not records:
-        del model.__dict__[_RECORD_ATTR]
+        del model.__dict__[MERGES_ATTR]
     return model

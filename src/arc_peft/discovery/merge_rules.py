@@ -1,11 +1,9 @@
-"""The registry: per-module-type knowledge that the probe cannot infer. Two uses:
-
-* **Exact merge rules** for layouts the generic fold cannot see through (a key bias kept in a
-  separate ``q_bias`` / ``v_bias`` pair, cosine attention, a functional that pads): the built-in
-  entries below. They never decide *where* adapters go.
-* **Overrides** from users: ``arc_peft.register_target(MyAttention, position="attn")`` makes
-  every module of that type a site of that position, whatever discovery concluded. Prefer the
-  per-call ``target_modules`` / ``exclude_modules`` config fields to choose among sites.
+"""Exact merge rules for the built-in module types whose layout the generic fold
+(``discovery/fold.py``) cannot see through: a key bias kept in a separate ``q_bias`` / ``v_bias``
+pair, cosine attention, RoPE, a functional that pads. Each folds an input adapter's affine map
+``x -> x·M + b`` (any method whose ``Adapter.affine()`` is not ``None``) into the module's input
+linears. ``BUILTIN_RULES`` says which module type gets which rule; ``discovery/targets.py``
+registers them on first use. They never decide *where* adapters go.
 """
 
 from __future__ import annotations
@@ -16,109 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import MergeError
+from ..errors import MergeError
 
-__all__ = ["Target", "get_target", "register_target", "registered_targets"]
+__all__ = ["BUILTIN_RULES", "PADS_INPUT", "MergeFn", "get_tensor"]
 
-# A merge function receives the adapted module and the ARC adapter's affine map ``x -> x @ M + b``
-# and returns ``{parameter or buffer name (relative to the module): new tensor}`` without changing
-# anything, or raises ``arc_peft.MergeError`` naming why an exact merge is impossible.
+# A merge function receives the adapted module and an input adapter's affine map
+# ``x -> x @ M + b`` (``Adapter.affine()``) and returns ``{parameter or buffer name (relative to
+# the module): new tensor}`` without changing anything, or raises ``arc_peft.MergeError``
+# naming why an exact merge is impossible.
 MergeFn = Callable[[nn.Module, Tensor, Tensor], "dict[str, Tensor]"]
 
 
-@dataclass(frozen=True)
-class Target:
-    """What arc_peft knows about one module type.
-
-    Attributes:
-        module_type: The attention or MLP class (matched exactly, not by ``isinstance``: a subclass
-            may compute differently and must be registered on its own).
-        position: ``"attn"`` or ``"mlp"``.
-        width: Returns the module's input width ``D``; ``None``: read it from the probe.
-        merge: Folds an ARC adapter into the module's input layers (``None``: the generic fold).
-        source: Where the type comes from (``"user"`` for user registrations).
-        override: Every module of this type is a site of ``position`` (user registrations);
-            ``False`` for built-in entries, which only carry a merge rule.
-    """
-
-    module_type: type
-    position: str
-    width: Callable[[nn.Module], int] | None = None
-    merge: MergeFn | None = None
-    source: str = "user"
-    override: bool = True
-
-
-_REGISTRY: dict[type, Target] = {}
-_GENERATION = 0
-
-
-def register_target(
-    module_type: type,
-    position: str,
-    width: Callable[[nn.Module], int] | None = None,
-    *,
-    merge: MergeFn | None = None,
-    source: str = "user",
-    replace: bool = False,
-) -> Target:
-    """Make every module of ``module_type`` an adapter site of ``position`` (an override of
-    discovery, for modules the probe does not recognise), optionally with an exact merge rule.
-
-    Args:
-        module_type: The class to adapt (an ``nn.Module`` subclass).
-        position: ``"attn"`` or ``"mlp"``.
-        width: Returns the input width; default: read from the probe forward.
-        merge: Optional exact-merge function (see ``MergeFn``).
-        source: A label for the supported-models table.
-        replace: Allow overriding an existing registration (built-in merge rules included).
-            Takes effect at the next ``arc_peft.inject_arc``, not on adapters already there.
-
-    Returns:
-        The registered ``Target``.
-    """
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"register_target expects an nn.Module subclass, got {module_type!r}")
-    if position not in ("attn", "mlp"):
-        raise ValueError(
-            f"register_target position={position!r} is invalid: expected 'attn' or 'mlp'"
-        )
-    _ensure_builtins()
-    if module_type in _REGISTRY and not replace:
-        raise ValueError(
-            f"{module_type.__qualname__} is already registered (position "
-            f"{_REGISTRY[module_type].position!r}); pass replace=True to override it for the "
-            "next inject_arc (adapters already injected stay where they are: remove_arc and "
-            "inject again to move them)"
-        )
-    target = Target(module_type, position, width, merge, source, override=source == "user")
-    _REGISTRY[module_type] = target
-    global _GENERATION
-    _GENERATION += 1  # site plans probed before this change are stale
-    return target
-
-
-def registry_generation() -> int:
-    """A number that changes whenever a target is registered: a site plan kept on a model is
-    reused only while it is the same."""
-    _ensure_builtins()  # their (lazy) registration is no change a plan could miss
-    return _GENERATION
-
-
-def get_target(module: nn.Module) -> Target | None:
-    """The registered ``Target`` for ``module``'s exact type, or ``None``."""
-    _ensure_builtins()
-    return _REGISTRY.get(type(module))
-
-
-def registered_targets() -> list[Target]:
-    """Every registered target, in registration order."""
-    _ensure_builtins()
-    return list(_REGISTRY.values())
-
-
-# -- exact merges for the built-in targets --------------------------------------------------------
-#
 # Every site below reads the adapted input through one or more linear maps ``y = x·Wᵀ + c`` and
 # nothing else, so ``x -> x·M + b`` folds in as ``W' = W·Mᵀ`` (``= W·M``: ARC's M is symmetric)
 # and ``c' = c + W·b``. What differs per layout is where each row block's bias ``c`` lives, and
@@ -372,112 +278,44 @@ def _merge_first_linear(module: nn.Module, M: Tensor, b: Tensor) -> dict[str, Te
     return _fold(module, M, b, [("0.weight", [_Rows("hidden", bias=_bias_of(module, "0"))])])
 
 
-_BUILTINS_DONE = False
-
-
-def _ensure_builtins() -> None:
-    """Register the built-in merge rules on first use, not at ``import arc_peft``: importing the
-    timm and torchvision modules that define these classes costs seconds."""
-    global _BUILTINS_DONE
-    if _BUILTINS_DONE:
-        return
-    _BUILTINS_DONE = True
-    from timm.layers import Attention, GluMlp, Mlp, SwiGLU
-    from timm.models.beit import Attention as BeitAttention
-    from timm.models.eva import EvaAttention
-    from timm.models.swin_transformer import WindowAttention
-    from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
-
-    def builtin(cls: type, position: str, merge: MergeFn, source: str) -> None:
-        _REGISTRY[cls] = Target(cls, position, None, merge, source, override=False)
-
-    for cls, merge in (
-        (Attention, _merge_timm_attention),
-        (BeitAttention, _merge_beit_attention),
-        (WindowAttention, _merge_window_attention),
-        (WindowAttentionV2, _merge_swinv2_attention),
-        (EvaAttention, _merge_eva_attention),
-    ):
-        builtin(cls, "attn", merge, "timm")
-    for cls in (Mlp, GluMlp):
-        builtin(cls, "mlp", _merge_fc1, "timm")
-    builtin(SwiGLU, "mlp", _merge_swiglu, "timm")
-    builtin(nn.MultiheadAttention, "attn", _merge_multihead_attention, "torch")
-    try:  # torchvision is optional for users (timm depends on it, but keep the core importable).
-        from torchvision.models.swin_transformer import (
-            ShiftedWindowAttention,
-            ShiftedWindowAttentionV2,
-        )
-        from torchvision.models.vision_transformer import MLPBlock
-        from torchvision.ops import MLP
-    except ImportError:  # pragma: no cover - exercised only without torchvision
-        return
-    builtin(ShiftedWindowAttention, "attn", _merge_tv_window_attention, "torchvision")
-    builtin(ShiftedWindowAttentionV2, "attn", _merge_tv_window_attention_v2, "torchvision")
-    for cls in (MLPBlock, MLP):
-        builtin(cls, "mlp", _merge_first_linear, "torchvision")
-
-
-# -- the supported-models table (docs/models.md is generated from this) ----------------------------
-
-# Which model families use each built-in module type (documentation only: the registry itself is
-# what decides where adapters go).
-# Where an exact merge holds only under a condition (see docs/merging.md); W_k·b is the offset the
-# adapter bias b adds to the keys.
-_MERGE_NOTES = {
-    "timm.layers.attention.Attention": "yes (with `qk_norm`: only if W_k·b = 0)",
-    "timm.models.swin_transformer_v2.WindowAttention": "only if W_k·b = 0 (cosine attention)",
-    "timm.models.eva.EvaAttention": "only if W_k·b = 0 (RoPE)",
-    "torchvision.models.swin_transformer.ShiftedWindowAttention": (
-        "yes if no window padding (or b = 0)"
+# (module, class name, position, rule, library): imported on first use, not at ``import arc_peft``
+# (importing the timm and torchvision modules that define these classes costs seconds).
+BUILTIN_RULES: tuple[tuple[str, str, str, MergeFn, str], ...] = (
+    ("timm.layers", "Attention", "attn", _merge_timm_attention, "timm"),
+    ("timm.models.beit", "Attention", "attn", _merge_beit_attention, "timm"),
+    ("timm.models.swin_transformer", "WindowAttention", "attn", _merge_window_attention, "timm"),
+    (
+        "timm.models.swin_transformer_v2",
+        "WindowAttention",
+        "attn",
+        _merge_swinv2_attention,
+        "timm",
     ),
-    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": (
-        "only if W_k·b = 0 (cosine attention) and no window padding (or b = 0)"
+    ("timm.models.eva", "EvaAttention", "attn", _merge_eva_attention, "timm"),
+    ("timm.layers", "Mlp", "mlp", _merge_fc1, "timm"),
+    ("timm.layers", "GluMlp", "mlp", _merge_fc1, "timm"),
+    ("timm.layers", "SwiGLU", "mlp", _merge_swiglu, "timm"),
+    ("torch.nn", "MultiheadAttention", "attn", _merge_multihead_attention, "torch"),
+    (
+        "torchvision.models.swin_transformer",
+        "ShiftedWindowAttention",
+        "attn",
+        _merge_tv_window_attention,
+        "torchvision",
     ),
-}
-
-_FAMILIES = {
-    "timm.layers.attention.Attention": "ViT, DeiT, DeiT III, DINOv2, CLIP, SigLIP, FlexiViT",
-    "timm.layers.mlp.Mlp": "ViT, DeiT (III), DINOv2, CLIP, SigLIP, FlexiViT, BEiT, Swin (V2)",
-    "timm.layers.mlp.GluMlp": "EVA-02 (tiny, small)",
-    "timm.layers.mlp.SwiGLU": "EVA-02 (base, large)",
-    "timm.models.beit.Attention": "BEiT",
-    "timm.models.eva.EvaAttention": "EVA-02",
-    "timm.models.swin_transformer.WindowAttention": "Swin",
-    "timm.models.swin_transformer_v2.WindowAttention": "Swin V2",
-    "torch.nn.modules.activation.MultiheadAttention": "torchvision ViT (vit_b_16, vit_l_16, ...)",
-    "torchvision.models.vision_transformer.MLPBlock": "torchvision ViT",
-    "torchvision.ops.misc.MLP": "torchvision Swin, Swin V2",
-    "torchvision.models.swin_transformer.ShiftedWindowAttention": "torchvision Swin (swin_t, ...)",
-    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": "torchvision Swin V2",
-}
-
-
-def supported_models_markdown(builtin_only: bool = True) -> str:
-    """The supported-models table of ``docs/models.md``, rendered from the registry.
-
-    Args:
-        builtin_only: Leave out targets registered by the user (``source="user"``).
-
-    Returns:
-        A Markdown table: one row per registered module type, in registration order.
-    """
-    import importlib
-
-    # Importing the package runs every registration (the built-ins here, merges in merge.py), so
-    # the table is the same whichever arc_peft module the caller imported first.
-    importlib.import_module(__name__.rpartition(".")[0])
-    lines = [
-        "| Module type | Position | Library | Used by | Exact ARC merge |",
-        "|---|---|---|---|---|",
-    ]
-    for target in registered_targets():
-        if builtin_only and target.source == "user":
-            continue
-        cls = target.module_type
-        qualified = f"{cls.__module__}.{cls.__qualname__}"
-        position = "attention" if target.position == "attn" else "MLP"
-        merge = _MERGE_NOTES.get(qualified, "yes") if target.merge is not None else "no"
-        family = _FAMILIES.get(qualified, "")
-        lines.append(f"| `{qualified}` | {position} | {target.source} | {family} | {merge} |")
-    return "\n".join(lines) + "\n"
+    (
+        "torchvision.models.swin_transformer",
+        "ShiftedWindowAttentionV2",
+        "attn",
+        _merge_tv_window_attention_v2,
+        "torchvision",
+    ),
+    (
+        "torchvision.models.vision_transformer",
+        "MLPBlock",
+        "mlp",
+        _merge_first_linear,
+        "torchvision",
+    ),
+    ("torchvision.ops", "MLP", "mlp", _merge_first_linear, "torchvision"),
+)

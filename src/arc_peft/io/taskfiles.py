@@ -1,7 +1,7 @@
 """What an adapter file carries besides the adapter: the classifier head that runs with it and
 the modules trained with it (``freeze_backbone(also=...)``, task modules it owns), and, when a
 file is loaded, which of them go into the model's own modules and which the adapter owns (see
-``arc_peft.heads``).
+``arc_peft.runtime.heads``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .heads import BASE_ATTR, check_path, head_like, head_path, owned, running
+from ..runtime.heads import check_path, find_head, head_like, head_path, owned, running
+from ..runtime.slots import adapter_configs
+from ..state import BASE_ATTR
 
 __all__ = ["build_owned", "head_state", "load_plan", "module_like", "with_owned"]
 
@@ -24,8 +26,6 @@ def prefixed(path: str, module: nn.Module) -> dict[str, Tensor]:
 def head_state(model: nn.Module, name: str | None = None) -> tuple[str, dict[str, Tensor]]:
     """``(head path, {model key: tensor})`` of the head that runs while ``name`` is active (its
     own or the model's; ``None``: the model's); ``("", {})`` if the model has no head."""
-    from .params import find_head
-
     if find_head(model) is None:
         return "", {}
     path = head_path(model)
@@ -72,9 +72,6 @@ def load_plan(
     become ``name``'s own. A model without a classifier (a ``features_only`` backbone) takes no
     head.
     """
-    from .inject import adapter_configs
-    from .params import find_head
-
     alone = not set(adapter_configs(model)) - {name}
     own: dict[str, tuple[str, dict[str, Any]]] = {}
     if head is not None and find_head(model) is not None:

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import heads
-from .inject import adapter_configs
-from .slots import iter_slots
+from .slots import adapter_configs, iter_slots
 
 __all__ = ["active_adapter", "disable_adapter", "mixed_batch", "set_active_adapter", "split_logits"]
 
@@ -129,7 +128,7 @@ def mixed_batch(model: nn.Module, tasks: Sequence[str | None]) -> Iterator[nn.Mo
             slot.routing = was
 
 
-# -- task modules in a mixed batch (see arc_peft.heads) ----------------------------------------
+# -- task modules in a mixed batch (see arc_peft.runtime.heads) ------------------------------------
 
 
 @contextmanager

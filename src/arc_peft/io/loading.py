@@ -4,7 +4,7 @@
     arc_peft.load_adapter(fresh, "cifar100.safetensors")     # injects, then loads
 
 Files are never unpickled, and a load validates everything before it changes the model
-(``arc_peft.fileformat`` parses and bounds the file, ``arc_peft.filestate`` matches it).
+(``io/format.py`` parses and bounds the file, ``io/layout.py`` matches it).
 """
 
 from __future__ import annotations
@@ -18,21 +18,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import filestate, heads, identity, taskfiles
-from .fileformat import (
+from ..inject import delete_adapter, inject_arc
+from ..runtime import heads
+from ..runtime.multitask import active_adapter, set_active_adapter
+from ..runtime.slots import adapter_configs, check_name
+from ..runtime.wrappers import check_injectable, is_sharded, reshard, unwrap
+from ..state import DEFAULT_ADAPTER
+from . import identity, layout, taskfiles
+from .format import (
     Contents,
+    FileProblem,
     Header,
-    bad,
+    about,
     check_metadata,
     open_regular,
     parse_metadata,
     read_header,
     read_tensors,
 )
-from .info import identity_fields, resolve_source
-from .inject import DEFAULT_ADAPTER, _check_name, adapter_configs, delete_adapter, inject_arc
-from .multitask import active_adapter, set_active_adapter
-from .wrappers import check_injectable, is_sharded, reshard, unwrap
+from .info import identity_fields
+from .sources import resolve
 
 __all__ = ["load_adapter"]
 
@@ -119,77 +124,80 @@ def load_adapter(
             injected into a wrapped or sharded model.
         OSError: the file cannot be opened.
     """
-    path = resolve_source(path)
+    path = resolve(path)
     wrapper, model = model, unwrap(model)
-    _check_name(name)
+    check_name(name)
     reshard(model)  # FSDP2: write into the kept shards, not unsharded copies about to be freed
-    with open_regular(path) as handle:
-        header = read_header(path, handle)
-        check_metadata(path, header)
-        contents = parse_metadata(path, header)
-        head, trained, to_own = taskfiles.load_plan(
-            model, name, contents.head if load_head else None, contents.trained
-        )
-        # Everything the header can tell is checked before the data is read or anything built.
-        expected, needs_inject = _check_against_model(
-            path, model, header, contents, name, head, trained, check_model
-        )
-        if needs_inject:
-            check_injectable(wrapper, "load_adapter")
-        tensors = read_tensors(path, handle, header)
-    try:
-        owned = taskfiles.build_owned(model, to_own, tensors)
-    except ValueError as exc:
-        raise bad(path, str(exc)) from None
-
-    previous_active = active_adapter(model)
-    if needs_inject:
-        try:
-            with _rng_untouched(model), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*torch.compile has already compiled")
-                inject_arc(model, contents.config, name=name)
-        except ValueError as exc:  # inject_arc leaves the model unchanged when it raises
-            problem = f"its config {contents.config} does not fit this model: {exc}"
-            raise bad(path, problem) from None
-    try:
-        adapter_found = {k: v for k, v in tensors.items() if k not in contents.extra_keys()}
-        model_state = filestate.adapter_state(model, name)
-        adapter_found = filestate.renamed(adapter_found, model_state)
-        tensors = {**tensors, **adapter_found}  # also under the model's names, for staging
-        pairs = filestate.match_keys(path, "adapter", model_state, adapter_found)
-        pairs += [(k, expected[k]) for k in expected]
-        # Convert everything first (the step that can run out of memory), check the converted
-        # values (1e300 is finite in float64 but inf in float32), then copy: the copies cannot
-        # fail once shapes match, so the model never ends up half-loaded.
-        staged = {key: _stage(target, tensors[key]) for key, target in pairs}
-        key = filestate.first_non_finite(staged)
-        if key is not None:
-            raise bad(
-                path,
-                f"{key} holds NaN or infinite values (in the model's dtype); the adapter is "
-                "unusable",
+    with about(path):
+        with open_regular(path) as handle:
+            header = read_header(handle)
+            check_metadata(header)
+            contents = parse_metadata(header)
+            head, trained, to_own = taskfiles.load_plan(
+                model, name, contents.head if load_head else None, contents.trained
             )
-        with torch.no_grad():
-            for key, target in pairs:
-                _copy(target, staged[key])
-    except BaseException:
+            # Everything the header can tell is checked before the data is read or anything built.
+            expected, needs_inject, warning = _check_against_model(
+                model, header, contents, name, head, trained, check_model
+            )
+            if warning:
+                warnings.warn(f"{path}: {warning}", stacklevel=2)
+            if needs_inject:
+                check_injectable(wrapper, "load_adapter")
+            tensors = read_tensors(handle, header)
+        try:
+            owned = taskfiles.build_owned(model, to_own, tensors)
+        except ValueError as exc:
+            raise FileProblem(str(exc)) from None
+
+        previous_active = active_adapter(model)
         if needs_inject:
-            delete_adapter(model, name)
-            if previous_active is not None and active_adapter(model) != previous_active:
-                set_active_adapter(model, previous_active)
-        raise
-    for module_path, module in owned.items():
-        heads.set_task_module(model, name, module_path, module)
-    heads.note_loaded(model, name, trained)
-    if activate is True:
-        set_active_adapter(model, name)
-    elif activate is False and active_adapter(model) != previous_active:
-        set_active_adapter(model, previous_active)
+            try:
+                with _rng_untouched(model), warnings.catch_warnings():
+                    warnings.filterwarnings(
+                        "ignore", message=".*torch.compile has already compiled"
+                    )
+                    inject_arc(model, contents.config, name=name)
+            except ValueError as exc:  # inject_arc leaves the model unchanged when it raises
+                problem = f"its config {contents.config} does not fit this model: {exc}"
+                raise FileProblem(problem) from None
+        try:
+            adapter_found = {k: v for k, v in tensors.items() if k not in contents.extra_keys()}
+            model_state = layout.adapter_state(model, name)
+            adapter_found = layout.renamed(adapter_found, model_state)
+            tensors = {**tensors, **adapter_found}  # also under the model's names, for staging
+            pairs = layout.match_keys("adapter", model_state, adapter_found)
+            pairs += [(k, expected[k]) for k in expected]
+            # Convert everything first (the step that can run out of memory), check the converted
+            # values (1e300 is finite in float64 but inf in float32), then copy: the copies cannot
+            # fail once shapes match, so the model never ends up half-loaded.
+            staged = {key: _stage(target, tensors[key]) for key, target in pairs}
+            key = layout.first_non_finite(staged)
+            if key is not None:
+                raise FileProblem(
+                    f"{key} holds NaN or infinite values (in the model's dtype); the adapter is "
+                    "unusable",
+                )
+            with torch.no_grad():
+                for key, target in pairs:
+                    _copy(target, staged[key])
+        except BaseException:
+            if needs_inject:
+                delete_adapter(model, name)
+                if previous_active is not None and active_adapter(model) != previous_active:
+                    set_active_adapter(model, previous_active)
+            raise
+        for module_path, module in owned.items():
+            heads.set_task_module(model, name, module_path, module)
+        heads.note_loaded(model, name, trained)
+        if activate is True:
+            set_active_adapter(model, name)
+        elif activate is False and active_adapter(model) != previous_active:
+            set_active_adapter(model, previous_active)
     return wrapper
 
 
 def _check_against_model(
-    path: str,
     model: nn.Module,
     header: Header,
     contents: Contents,
@@ -197,34 +205,31 @@ def _check_against_model(
     head_meta: dict[str, Any] | None,
     trained_meta: dict[str, Any] | None,
     check_model: bool,
-) -> tuple[dict[str, Tensor], bool]:
+) -> tuple[dict[str, Tensor], bool, str | None]:
     """Check the header against ``model`` (identity, backbone, the head and trained modules
     copied into the model, the adapter's tensor shapes). Returns ``({file key: model tensor}``
-    for that head and those trained modules, whether adapter ``name`` has to be injected)."""
-    stored_id, _ = identity_fields(path, header)
+    for that head and those trained modules, whether adapter ``name`` has to be injected, a
+    warning about the file's identity or ``None``)."""
+    stored_id, _ = identity_fields(header)
     refusal, warning, same = identity.check_identity(stored_id, identity.model_identity(model))
-    actual = filestate.backbone_fingerprint(model)
+    actual = layout.backbone_fingerprint(model)
     if same or not check_model or identity.wraps(model, contents.backbone.get("architecture")):
         # The same network built another way (features_only=True): blocks and widths decide.
         actual["architecture"] = contents.backbone.get("architecture")
-    diffs = filestate.fingerprint_differences(contents.backbone, actual)
+    diffs = layout.fingerprint_differences(contents.backbone, actual)
     if diffs:
-        raise bad(
-            path,
+        raise FileProblem(
             f"made for another backbone (file vs model: {'; '.join(diffs)}). Build the model "
             "the adapter was trained on.",
         )
     if refusal and check_model:
-        raise bad(path, f"made for another model: {refusal}")
-    if warning:
-        warnings.warn(f"{path}: {warning}", stacklevel=3)
+        raise FileProblem(f"made for another model: {refusal}")
     entries = header.entries
     targets: dict[str, Tensor] = {}
     if head_meta:
         _, model_head = taskfiles.head_state(model)
         if not model_head:
-            raise bad(
-                path,
+            raise FileProblem(
                 f"the file holds a classifier head ({head_meta['module']}) but "
                 f"{type(model).__name__} has none: pass load_head=False",
             )
@@ -234,19 +239,18 @@ def _check_against_model(
             if key in model_head and list(model_head[key].shape) != shape
         ]
         if diffs:
-            raise bad(
-                path,
+            raise FileProblem(
                 f"the stored head is for another number of classes (file vs model: "
                 f"{'; '.join(diffs)}). Build the model with the matching num_classes, or pass "
                 "load_head=False.",
             )
         stored = {k: entries[k] for k in head_meta["shapes"]}
-        for key, _ in filestate.match_keys(path, "head", model_head, stored):
+        for key, _ in layout.match_keys("head", model_head, stored):
             targets[key] = model_head[key]
     if trained_meta:
-        trained = filestate.trained_targets(path, model, trained_meta)
+        trained = layout.trained_targets(model, trained_meta)
         stored = {k: entries[k] for k in trained_meta["shapes"]}
-        for key, _ in filestate.match_keys(path, "trained", trained, stored):
+        for key, _ in layout.match_keys("trained", trained, stored):
             targets[key] = trained[key]
 
     config = contents.config
@@ -254,21 +258,19 @@ def _check_against_model(
     adapter_entries = {k: e for k, e in entries.items() if k not in contents.extra_keys()}
     if name in existing:
         if existing[name] != config:
-            raise bad(
-                path,
+            raise FileProblem(
                 f"the model already has an adapter {name!r} with a different config "
                 f"({existing[name]}) than the file ({config}). Load it under another name "
                 f"(name=...) or remove the existing one first (arc_peft.delete_adapter).",
             )
-        state = filestate.adapter_state(model, name)
-        filestate.match_keys(path, "adapter", state, filestate.renamed(adapter_entries, state))
-        return targets, False
-    planned = filestate.planned_state(path, model, config)
-    filestate.match_keys(
-        path,
+        state = layout.adapter_state(model, name)
+        layout.match_keys("adapter", state, layout.renamed(adapter_entries, state))
+        return targets, False, warning
+    planned = layout.planned_state(model, config)
+    layout.match_keys(
         "adapter",
         planned,
-        filestate.renamed(adapter_entries, planned),
+        layout.renamed(adapter_entries, planned),
         versus=f"its own config {config}",
     )
-    return targets, True
+    return targets, True, warning

@@ -1,18 +1,19 @@
-"""The adapters' memory-lean training path: keep for the backward pass only what the frozen
-backbone keeps anyway, plus the ``N×r`` bottleneck.
+"""What the adapters' memory-lean training paths share: keep for the backward pass only what the
+frozen backbone keeps anyway, plus the ``N×r`` bottleneck. The autograd Functions themselves
+live with their methods (``methods/arc.py``, ``methods/adaptmlp.py``).
 
 Plain autograd through ARC, ``x + dropout(x·U·diag(s))·Uᵀ + b``, saves the adapter's input ``x``
 (an ``N×D`` token tensor) for the gradient of ``U``, plus the bottleneck and the dropout noise.
 The frozen backbone saves no such tensor: a frozen linear keeps no input. In a pre-norm block
 ``x`` is a LayerNorm's output, and the LayerNorm has already saved its own input and statistics
-for its backward pass. So ``_LeanARC`` saves the bottleneck after dropout (``N×r``) and the
+for its backward pass. So ARC's lean Function saves the bottleneck after dropout (``N×r``) and the
 dropout mask (``N×r`` booleans), and computes the one term that needs ``x`` — ``xᵀ·∂a``, the
 ``D×r`` gradient of ``U·diag(s)`` — from the norm's saved input in one GEMM
-(``_grad_us``): nothing token-sized is kept. (In float32 nothing token-sized is recomputed
+(``input_grad_product``): nothing token-sized is kept. (In float32 nothing token-sized is recomputed
 either; under autocast the GEMM runs in bfloat16 like plain autograd's, on a transient bfloat16
 copy of the centred norm input made in the backward pass.) Where no norm produced ``x`` it
 saves ``x`` too: still what the gradients of ``U, s, b`` need, and less than plain autograd.
-``_LeanAdaptMLP`` does the same for AdaptMLP (it saves only its bottleneck after dropout,
+AdaptMLP's does the same for AdaptMLP (it saves only its bottleneck after dropout,
 whose sign also says where ReLU and dropout let a gradient through).
 
 How the norm is found: by the autograd node that produced ``x``, not by module — a table of the
@@ -37,15 +38,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "LEAN",
-    "adaptmlp_forward",
-    "arc_forward",
-    "arc_output",
+    "dropout_with_mask",
+    "input_grad_product",
+    "lean_applies",
     "lean_disabled",
+    "noise_from_mask",
+    "norm_source",
     "recompute_source",
 ]
 
@@ -161,7 +163,7 @@ def _recompute(chain: tuple[Any, ...]) -> tuple[Tensor, ...]:
     return x, mean, rstd, w, b
 
 
-def _dropout(a: Tensor, p: float) -> tuple[Tensor, Tensor]:
+def dropout_with_mask(a: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """``nn.Dropout`` in training (the same ops, so the same draws and outputs) and the mask it
     drew, as booleans: a quarter of a float32 noise tensor to keep."""
     if a.device.type != "cpu":  # at::dropout runs the fused kernel off the CPU
@@ -174,88 +176,22 @@ def _dropout(a: Tensor, p: float) -> tuple[Tensor, Tensor]:
     return a * noise, noise.bool()
 
 
-def _noise(mask: Tensor, p: float, dtype: torch.dtype) -> Tensor:
-    """The noise ``_dropout`` multiplied by, rebuilt from its mask (through uint8, whose
+def noise_from_mask(mask: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """The noise ``dropout_with_mask`` multiplied by, rebuilt from its mask (through uint8, whose
     conversion is vectorised; the boolean one is not)."""
     if p == 1:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     return mask.view(torch.uint8).to(dtype).div_(1 - p)
 
 
-def arc_output(flat: Tensor, h: Tensor, u: Tensor, bias: Tensor) -> Tensor:
-    """``x + h·Uᵀ + b`` for ARC's two paths (``ARC.forward`` and ``_LeanARC``), so their outputs
-    are identical. The residual is accumulated inside the GEMM and the bias added in place: one
-    token-sized pass and one token-sized temporary less (about 15% of the adapter's time). Under
-    autocast ``h`` is low precision and the sum stays in ``x``'s dtype: ``(x + b) + h·Uᵀ``, the
-    low-precision product added last and in place: the same values, and about a third less time
-    for the sums than ``(x + h·Uᵀ) + b``, whose out-of-place mixed-dtype sum is slow
-    (docs/benchmarks.md)."""
-    if h.dtype == flat.dtype:
-        return torch.addmm(flat, h, u.t()).add_(bias)
-    return torch.add(flat, bias).add_(h @ u.t())
-
-
-class _LeanARC(torch.autograd.Function):
-    """``x + dropout(x·U·diag(s))·Uᵀ + b`` saving the ``N×r`` bottleneck and the dropout mask,
-    and ``x`` only where it cannot be recomputed from a norm's saved tensors."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        u: Tensor,
-        s: Tensor,
-        bias: Tensor,
-        p: float,
-        source: tuple[Any, ...] | None,
-    ) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        # The same ops as ARC.forward, so the outputs are identical.
-        a = flat @ (u * s)
-        mask = None
-        if p > 0:
-            h, mask = _dropout(a, p)
-        else:
-            h = a
-        out = arc_output(flat, h, u, bias)
-        ctx.source, ctx.p, ctx.shape = source, p, x.shape
-        ctx.x_dtype, ctx.bias_dtype = x.dtype, bias.dtype
-        ctx.save_for_backward(u, s, mask, h, flat if source is None else None)
-        return out.view(x.shape)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        u, s, mask, h, flat = ctx.saved_tensors
-        cd = h.dtype  # the bottleneck's dtype: the GEMMs' under autocast
-        g = grad.reshape(-1, u.shape[0])
-        gc = g.to(cd)
-        dh = gc @ u.to(cd)  # N×r
-        da = dh if mask is None else dh * _noise(mask, ctx.p, cd)
-        grad_x = grad_u = grad_s = grad_b = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # First: it reads the norm's input, which the norm's backward, next, reads again.
-            d_us = _grad_us(ctx, flat, da, u.shape[0]).to(u.dtype)  # gradient of U·diag(s)
-            if ctx.needs_input_grad[1]:
-                grad_u = d_us * s + (gc.t() @ h).to(u.dtype)
-            if ctx.needs_input_grad[2]:
-                grad_s = (d_us * u).sum(0)
-        if ctx.needs_input_grad[3]:
-            grad_b = g.sum(0).to(ctx.bias_dtype)
-        if ctx.needs_input_grad[0]:
-            usc = (u * s).to(cd)
-            if g.dtype == cd:  # the residual's gradient accumulated inside the GEMM
-                grad_x = torch.addmm(g, da, usc.t()).view(ctx.shape)
-            else:
-                grad_x = (g + (da @ usc.t()).to(g.dtype)).view(ctx.shape)
-        return grad_x, grad_u, grad_s, grad_b, None, None
-
-
-def _grad_us(ctx: Any, flat: Tensor | None, da: Tensor, dim: int) -> Tensor:
+def input_grad_product(
+    source: tuple[Any, ...] | None, x_dtype: torch.dtype, flat: Tensor | None, da: Tensor, dim: int
+) -> Tensor:
     """``inputᵀ·da`` (``D×r``, possibly a transposed view), with the input saved or recomputed
     from its norm. The products on the norm's own input run as ``r×D`` (``daᵀ·input``, read
     transposed): the faster layout for these shapes."""
     if flat is None:
-        x, mean, rstd, w, b = _recompute(ctx.source)
+        x, mean, rstd, w, b = _recompute(source)
         if x.dtype == mean.dtype:  # the norm ran in its input's precision (float32)
             x, mean, rstd = x.reshape(-1, dim), mean.reshape(-1, 1), rstd.reshape(-1, 1)
             # input = (x - mean)·rstd·w + b, so per channel d and column k
@@ -284,81 +220,22 @@ def _grad_us(ctx: Any, flat: Tensor | None, da: Tensor, dim: int) -> Tensor:
         # Another precision: rebuild the input as the norm output it (then cast like autocast).
         flat = (x - mean).mul_(rstd)
         flat = flat * w if w is not None else flat
-        flat = (flat + b if b is not None else flat).to(ctx.x_dtype).reshape(-1, dim)
+        flat = (flat + b if b is not None else flat).to(x_dtype).reshape(-1, dim)
     return flat.to(da.dtype).t() @ da  # as plain autograd computes it
 
 
-def arc_forward(x: Tensor, u: Tensor, s: Tensor, bias: Tensor, p: float) -> Tensor | None:
-    """The lean training forward of ARC, or ``None`` where the plain path should run (no
-    autograd, compiling, switched off)."""
-    if not _lean_applies(x, (u, s, bias)):
-        return None
-    source = recompute_source(x) if x.requires_grad and not _saved_tensor_hooks_active() else None
-    return _LeanARC.apply(x, u, s, bias, p, source)
-
-
-def _lean_applies(x: Tensor, params: tuple[Tensor, ...]) -> bool:
+def lean_applies(x: Tensor, params: tuple[Tensor, ...]) -> bool:
+    """Whether a lean Function should run: autograd records, not compiling, switched on, and
+    something needs a gradient."""
     if not LEAN.enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
     return x.requires_grad or any(p.requires_grad for p in params)
 
 
-class _LeanAdaptMLP(torch.autograd.Function):
-    """``s · up(dropout(ReLU(down(x))))`` saving only the ``N×r`` bottleneck after dropout (it
-    gives the gradient of ``up`` and, by its sign, where ReLU and dropout let gradients through)
-    and ``x`` only where it cannot be recomputed from a norm's saved tensors."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        w_down: Tensor,
-        b_down: Tensor,
-        w_up: Tensor,
-        b_up: Tensor,
-        scale: float,
-        p: float,
-        source: tuple[Any, ...] | None,
-    ) -> Tensor:
-        # The same ops as AdaptMLP.forward, so the outputs are identical.
-        h = torch.relu(F.linear(x, w_down, b_down))
-        if p > 0:
-            h = _dropout(h, p)[0]
-        out = F.linear(h, w_up, b_up) * scale
-        ctx.source, ctx.scale, ctx.drop_scale = source, scale, 1.0 / (1.0 - p) if p < 1 else 0.0
-        ctx.x_dtype, ctx.shape = x.dtype, x.shape
-        ctx.save_for_backward(w_down, b_down, w_up, b_up, h, x if source is None else None)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        w_down, b_down, w_up, b_up, h, flat = ctx.saved_tensors
-        dim, cd = w_down.shape[1], h.dtype
-        h = h.reshape(-1, h.shape[-1])
-        d_out = (grad * ctx.scale).reshape(-1, grad.shape[-1]).to(cd)
-        # Where h > 0 both ReLU and dropout passed the value: the only places a gradient flows.
-        # (ReLU's own backward op: a boolean mask of h > 0 would be converted without vector
-        # instructions, six times slower.)
-        dz = torch.ops.aten.threshold_backward(d_out @ w_up.to(cd), h, 0).mul_(ctx.drop_scale)
-        grads: list[Tensor | None] = [None] * 8
-        if ctx.needs_input_grad[0]:
-            grads[0] = (dz @ w_down.to(cd)).to(ctx.x_dtype).view(ctx.shape)
-        if ctx.needs_input_grad[1]:
-            x = flat.reshape(-1, dim) if flat is not None else None
-            grads[1] = _grad_us(ctx, x, dz, dim).t().to(w_down.dtype)
-        if ctx.needs_input_grad[2]:
-            grads[2] = dz.sum(0).to(b_down.dtype)
-        if ctx.needs_input_grad[3]:
-            grads[3] = (d_out.t() @ h).to(w_up.dtype)
-        if ctx.needs_input_grad[4]:
-            grads[4] = d_out.sum(0).to(b_up.dtype)
-        return tuple(grads)
-
-
-def adaptmlp_forward(x: Tensor, down: Any, up: Any, scale: float, p: float) -> Tensor | None:
-    """The lean training forward of AdaptMLP (fixed scale, no LayerNorm), or ``None``."""
-    params = (down.weight, down.bias, up.weight, up.bias)
-    if not _lean_applies(x, params):
+def norm_source(x: Tensor) -> tuple[Any, ...] | None:
+    """What a lean Function keeps instead of its input ``x``: the autograd chain recomputing ``x``
+    from its norm's saved tensors (``recompute_source``), or ``None`` to save ``x`` itself (no
+    such norm, or saved-tensor hooks are packing)."""
+    if not x.requires_grad or _saved_tensor_hooks_active():
         return None
-    source = recompute_source(x) if x.requires_grad and not _saved_tensor_hooks_active() else None
-    return _LeanAdaptMLP.apply(x, *params, scale, p, source)
+    return recompute_source(x)

@@ -29,11 +29,11 @@ from typing import Any
 
 from torch import nn
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 from .graph import LAYERS, NONLINEAR, SHAPE_OPS, Finder
+from .inputs import example_input
 from .probe import Recording, record
 from .targets import get_target
-from .zoo import example_input
 
 __all__ = ["LeftOut", "Site", "SitePlan", "discover"]
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from .errors import MergeError
+from ..errors import MergeError
 from .graph import SHAPE_OPS, Finder
 from .probe import Recording
 

@@ -4,7 +4,7 @@ the classifier head) and enough metadata to rebuild and check it without the tra
     arc_peft.save_adapter(model, "cifar100.safetensors")
 
 The format is specified in ``docs/file-format.md``. A save never leaves a half-written file at the
-destination (``arc_peft.atomic``).
+destination (``arc_peft.io.atomic``).
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from . import filestate, heads, identity, taskfiles
+from ..runtime import heads
+from ..runtime.heads import get_head
+from ..runtime.multitask import active_adapter
+from ..runtime.slots import adapter_configs
+from ..runtime.wrappers import full_tensor, is_sharded, reshard, unwrap
+from ..state import TRAINED_ATTR, __version__
+from . import identity, layout, taskfiles
 from .atomic import write_atomic
-from .fileformat import FORMAT_NAME, FORMAT_VERSION
-from .inject import adapter_configs
-from .multitask import active_adapter
-from .params import TRAINED_ATTR, get_head
-from .wrappers import full_tensor, is_sharded, reshard, unwrap
+from .format import FORMAT_NAME, FORMAT_VERSION
 
 __all__ = ["save_adapter"]
 
@@ -108,15 +110,13 @@ def save_adapter(
             ``arc_peft.freeze_backbone``, a parameter the file would not hold is trainable.
         OSError: the file cannot be written.
     """
-    from . import __version__  # here, not at import time: the package imports this module
-
     model = unwrap(model)
     reshard(model)  # FSDP2: read the kept shards, not unsharded copies about to be freed
     name = _resolve_name(model, name)
     config = adapter_configs(model)[name]
-    state = dict(filestate.adapter_state(model, name))
+    state = dict(layout.adapter_state(model, name))
     head_path, head_state = taskfiles.head_state(model, name) if include_head else ("", {})
-    trained_paths, trained_state = filestate.trained_state(model, exclude=set(head_state))
+    trained_paths, trained_state = layout.trained_state(model, exclude=set(head_state))
     trained_paths, trained_state = taskfiles.with_owned(
         model, name, trained_paths, trained_state, exclude=set(head_state)
     )
@@ -130,7 +130,7 @@ def save_adapter(
     sharded = any(is_sharded(v) for v in state.values())
     # FSDP2 shards: gather the whole tensors (a collective, so every rank is in this call).
     tensors = {k: full_tensor(v.detach()) for k, v in state.items()}
-    key = filestate.first_non_finite(tensors)
+    key = layout.first_non_finite(tensors)
     if key is not None:
         raise ValueError(
             f"save_adapter: {key} holds NaN or infinite values; the file could not be "
@@ -138,7 +138,7 @@ def save_adapter(
         )
     if sharded and torch.distributed.get_rank() != 0:
         return  # every rank holds the same gathered tensors; one of them writes
-    dtypes = sorted({filestate.dtype_name(v.dtype) for v in tensors.values()})
+    dtypes = sorted({layout.dtype_name(v.dtype) for v in tensors.values()})
 
     def group(where: str, located: Any, keys: dict[str, Tensor]) -> dict[str, Any] | None:
         shapes = {k: list(tensors[k].shape) for k in sorted(keys)}
@@ -151,7 +151,7 @@ def save_adapter(
         "name": name,
         "method": config.method,
         "config": config.to_json(),
-        "backbone": json.dumps(filestate.backbone_fingerprint(model), sort_keys=True),
+        "backbone": json.dumps(layout.backbone_fingerprint(model), sort_keys=True),
         "head": json.dumps(group("module", head_path, head_state), sort_keys=True),
         "dtype": ",".join(dtypes),
         "model": json.dumps(identity.model_identity(model), sort_keys=True),
@@ -177,7 +177,7 @@ def _check_nothing_lost(
         return
     head = get_head(model)
     stored = (*head_state.values(), *trained_state.values())
-    kept = filestate.adapter_tensor_ids(model) | {id(t) for t in stored}
+    kept = layout.adapter_tensor_ids(model) | {id(t) for t in stored}
     kept |= {id(p) for p in head.parameters()} if head is not None else set()
     kept |= {id(p) for p in heads.task_parameters(model)}  # other tasks' heads are theirs
     lost = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in kept]

@@ -1,5 +1,6 @@
-"""Freezing and counting. What is an adapter is decided structurally: a parameter is adapter state
-if it belongs to an ``Adapter`` module, never by its name."""
+"""What trains and what it costs: ``freeze_backbone``, ``adapter_parameters`` and
+``count_parameters``. What is an adapter is decided structurally: a parameter is adapter state if
+it belongs to an ``Adapter`` module, never by its name."""
 
 from __future__ import annotations
 
@@ -9,67 +10,19 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from . import shared
-from .modules import Adapter
-from .slots import iter_slots
-from .wrappers import unwrap
+from .methods.layers import Adapter
+from .runtime import shared
+from .runtime.heads import get_head
+from .runtime.slots import iter_slots
+from .runtime.wrappers import unwrap
+from .state import TRAINED_ATTR
 
 __all__ = [
-    "TRAINED_ATTR",
     "ParameterCounts",
     "adapter_parameters",
     "count_parameters",
     "freeze_backbone",
-    "get_head",
 ]
-
-
-# Where freeze_backbone records the module paths it was asked to train (``also=``), so that
-# save_adapter stores them: a plain attribute of the model, not part of its state dict.
-TRAINED_ATTR = "_arc_peft_trained"
-
-
-def get_head(model: nn.Module, name: str | None = None) -> nn.Module | None:
-    """The classifier head that runs: the active adapter's own head if it has one (see
-    ``arc_peft.add_head``), otherwise the model's: timm's ``get_classifier()``, else a
-    ``heads`` (torchvision ViT), ``head`` (Swin), ``fc`` or ``classifier`` attribute. ``None``
-    if the model has none.
-
-    A module containing attention is never taken for a classifier: it is an attention-pooling
-    head (Hugging Face SigLIP's ``head``) that computes features.
-
-    Args:
-        model: The model.
-        name: An adapter: the head that runs while it is active. Default: the active one.
-    """
-    head = find_head(model)
-    if head is None:
-        return None
-    from . import heads  # heads imports this module
-
-    path = next(p for p, m in model.named_modules() if m is head)
-    return heads.running(model, name if name is not None else heads.active(model), path)
-
-
-def find_head(model: nn.Module) -> nn.Module | None:
-    """The model's own classifier head (whichever adapter is active); see ``get_head``."""
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        found = get_classifier()
-        if isinstance(found, nn.Module):
-            return found
-    for attr in ("heads", "head", "fc", "classifier"):
-        found = getattr(model, attr, None)
-        if isinstance(found, nn.Module) and not _has_attention(found):
-            return found
-    return None
-
-
-def _has_attention(module: nn.Module) -> bool:
-    return any(
-        isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
-        for m in module.modules()
-    )
 
 
 def _adapter_modules(model: nn.Module, name: str | None = None) -> list[tuple[str, Adapter]]:

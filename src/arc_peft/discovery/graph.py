@@ -1,7 +1,7 @@
 """Queries over one recorded forward (``Recording``): which ops read a
 tensor, at which width and on which channel axis, which ops are attention and which tensor their
-queries, keys and values come from. Site discovery (``arc_peft.discover``) and the generic
-merge fold (``arc_peft.fold``) are built on these.
+queries, keys and values come from. Site discovery (``discovery/sites.py``) and the generic
+merge fold (``arc_peft.discovery.fold``) are built on these.
 """
 
 from __future__ import annotations

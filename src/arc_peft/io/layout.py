@@ -1,7 +1,7 @@
 """What an adapter file holds, read off a model: the adapter's tensors under their file keys, the
 backbone fingerprint, the modules trained with it; and how a file's keys and shapes are matched
-against them. Shared by ``arc_peft.saving`` and ``arc_peft.loading``, so that a file is written
-and read with one definition of its layout (specified in ``docs/file-format.md``).
+against them. Shared by ``io/saving.py`` and ``io/loading.py``, so that a file is written and read
+with one definition of its layout (specified in ``docs/file-format.md``).
 """
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..inject import build_adapters, select_sites, site_plan
+from ..methods import AdapterConfig
+from ..methods.layers import Adapter
+from ..runtime.shared import iter_shared
+from ..runtime.slots import AdapterSlot, holder_of, iter_slots
+from ..runtime.wrappers import original_class
+from ..state import SLOT_ATTR, TRAINED_ATTR
 from . import identity
-from .config import AdapterConfig
-from .fileformat import bad
-from .info import runs
-from .inject import _build_adapters, _select, site_plan
-from .modules import Adapter, SharedProjection
-from .params import TRAINED_ATTR
-from .shared import iter_shared
-from .slots import SLOT_ATTR, AdapterSlot, holder_of, iter_slots
-from .wrappers import original_class
+from .format import FileProblem, runs
 
 __all__ = [
     "adapter_state",
@@ -73,16 +72,17 @@ def fingerprint_differences(stored: dict[str, Any], actual: dict[str, Any]) -> l
 def file_state(layers: list[tuple[str, str, Adapter]]) -> dict[str, Tensor]:
     """``{file key: tensor}`` of one adapter from its ``(slot path, site path, layer)`` per site:
     each layer's state under its slot, with the adapter-name component dropped
-    (``blocks.0.arc_peft.attn.scale``), so a file loads under any name; a shared ARC projection
-    once, as ``projection`` under the slot of its group's first site (its ``anchor``), wherever
+    (``blocks.0.arc_peft.attn.scale``), so a file loads under any name; shared state (ARC's
+    ``projection``) once, under the slot of its group's first site (its ``anchor``), wherever
     the model holds it."""
     state: dict[str, Tensor] = {}
     for slot_path, site_path, layer in layers:
         for key, value in layer.state_dict(keep_vars=True).items():
             state[f"{slot_path}.{key}"] = value
-        owner = getattr(layer, "owner", None)
-        if isinstance(owner, SharedProjection) and owner.anchor == site_path:
-            state[f"{slot_path}.projection"] = owner.projection
+        shared = layer.shared
+        if shared is not None and shared.anchor == site_path:
+            for key, value in shared.state_dict(keep_vars=True).items():
+                state[f"{slot_path}.{key}"] = value
     return state
 
 
@@ -93,14 +93,14 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, Tensor]:
     )
 
 
-def planned_state(path: str, model: nn.Module, config: AdapterConfig) -> dict[str, Tensor]:
+def planned_state(model: nn.Module, config: AdapterConfig) -> dict[str, Tensor]:
     """``{file key: tensor}`` that injecting ``config`` would create, built on the meta device:
     nothing is allocated, so a file claiming ``rank=10**9`` costs nothing to refuse."""
     try:
-        chosen = _select(site_plan(model), config)
-        built = _build_adapters(model, chosen, config, device="meta")
+        chosen = select_sites(site_plan(model), config)
+        built = build_adapters(model, chosen, config, device="meta")
     except ValueError as exc:  # UnsupportedModelError included
-        raise bad(path, f"its config {config} does not fit this model: {exc}") from None
+        raise FileProblem(f"its config {config} does not fit this model: {exc}") from None
     layers = []
     for site, adapter in built:
         holder_path, _ = holder_of(model, site.path)
@@ -139,15 +139,14 @@ def trained_state(model: nn.Module, exclude: set[str]) -> tuple[list[str], dict[
     return paths, state
 
 
-def trained_targets(path: str, model: nn.Module, trained: dict[str, Any]) -> dict[str, Tensor]:
+def trained_targets(model: nn.Module, trained: dict[str, Any]) -> dict[str, Tensor]:
     """The model tensors the file's trained-module tensors go to (those the model has)."""
     state: dict[str, Tensor] = {}
     for module_path in trained["modules"]:
         try:
             module = model.get_submodule(module_path)
         except AttributeError:
-            raise bad(
-                path,
+            raise FileProblem(
                 f"it stores the trained module {module_path!r} (freeze_backbone(also=...)), "
                 f"which {type(model).__name__} does not have",
             ) from None
@@ -191,7 +190,7 @@ def _describe_keys(keys: set[str], limit: int = 5) -> str:
 
 
 def match_keys(
-    path: str, what: str, expected: dict[str, Tensor], found: dict[str, Any], versus: str = "model"
+    what: str, expected: dict[str, Tensor], found: dict[str, Any], versus: str = "model"
 ) -> list[tuple[str, Tensor]]:
     """Pair every expected tensor with the file's key, or raise naming what does not fit.
 
@@ -203,8 +202,7 @@ def match_keys(
             parts.append(f"missing {what} key(s): {_describe_keys(missing)}")
         if unexpected:
             parts.append(f"unexpected {what} key(s): {_describe_keys(unexpected)}")
-        raise bad(
-            path,
+        raise FileProblem(
             "; ".join(parts) + ". The file was made for a differently structured model or "
             "adapter (or edited).",
         )
@@ -213,8 +211,7 @@ def match_keys(
         source = found[key]
         shape = list(source["shape"] if isinstance(source, dict) else source.shape)
         if shape != list(target.shape):
-            raise bad(
-                path,
+            raise FileProblem(
                 f"shape mismatch for {key}: file {shape[:8]}, {versus} {list(target.shape)}",
             )
         pairs.append((key, target))

@@ -14,26 +14,22 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..methods import AdapterConfig
+from ..state import DEFAULT_ADAPTER
 from . import identity
-from .config import AdapterConfig
-from .fileformat import Header, bad, check_metadata, open_regular, parse_metadata, read_header
+from .format import (
+    FileProblem,
+    Header,
+    about,
+    check_metadata,
+    open_regular,
+    parse_metadata,
+    read_header,
+    runs,
+)
+from .sources import resolve
 
-__all__ = ["AdapterInfo", "read_adapter_info", "resolve_source", "runs"]
-
-DEFAULT_ADAPTER = "default"  # the name a file without one was saved under (inject's default)
-
-
-def runs(values: list[int]) -> str:
-    """``[768, 768, 384]`` -> ``"768×2, 384"``: widths per block, readable for 24-block Swins."""
-    parts: list[str] = []
-    i = 0
-    while i < len(values):
-        j = i
-        while j < len(values) and values[j] == values[i]:
-            j += 1
-        parts.append(f"{values[i]}×{j - i}" if j - i > 1 else str(values[i]))
-        i = j
-    return ", ".join(parts) if parts else "none"
+__all__ = ["AdapterInfo", "identity_fields", "read_adapter_info"]
 
 
 @dataclass(frozen=True)
@@ -126,21 +122,13 @@ class AdapterInfo:
         return "\n".join([self.path] + [f"  {label:<11} {text}" for label, text in rows])
 
 
-def resolve_source(source: str | os.PathLike[str]) -> str:
-    """A local file for ``source``: a path, a folder holding ``adapter.safetensors`` (a Hub
-    repo's layout) or ``"hf-hub:user/repo"`` (see ``arc_peft.hub``)."""
-    from .hub import resolve  # imports huggingface_hub only for "hf-hub:" sources
-
-    return resolve(source)
-
-
-def identity_fields(path: str, header: Header) -> tuple[dict[str, Any], dict[str, Any]]:
+def identity_fields(header: Header) -> tuple[dict[str, Any], dict[str, Any]]:
     """The file's model identity and user metadata (``{}`` when absent)."""
     try:
         meta = header.metadata
         return identity.json_object(meta, "model"), identity.json_object(meta, "user")
     except ValueError as exc:
-        raise bad(path, f"corrupt metadata: {exc}") from None
+        raise FileProblem(f"corrupt metadata: {exc}") from None
 
 
 def read_adapter_info(path: str | os.PathLike[str]) -> AdapterInfo:
@@ -153,12 +141,13 @@ def read_adapter_info(path: str | os.PathLike[str]) -> AdapterInfo:
         AdapterFileError: the file is not a (readable, current) arc_peft adapter file.
         OSError: the file cannot be opened.
     """
-    path = resolve_source(path)
-    with open_regular(path) as handle:
-        header = read_header(path, handle)
-    check_metadata(path, header)
-    contents = parse_metadata(path, header)
-    model_id, user = identity_fields(path, header)
+    path = resolve(path)
+    with about(path):
+        with open_regular(path) as handle:
+            header = read_header(handle)
+        check_metadata(header)
+        contents = parse_metadata(header)
+        model_id, user = identity_fields(header)
     counts = {k: math.prod(e["shape"]) for k, e in header.entries.items()}
 
     def total(group: dict[str, Any] | None) -> int:

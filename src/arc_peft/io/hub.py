@@ -18,58 +18,19 @@ import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # torch is not imported to read a file's description
+import timm
+
+from .info import read_adapter_info
+from .loading import load_adapter
+from .saving import save_adapter
+from .sources import ADAPTER_FILE, CONFIG_FILE, HUB_PREFIX, hub_client, resolve
+
+if TYPE_CHECKING:
     from torch import nn
 
-__all__ = [
-    "ADAPTER_FILE",
-    "CONFIG_FILE",
-    "HUB_PREFIX",
-    "create_model",
-    "push_adapter_to_hub",
-    "resolve",
-    "save_adapter_folder",
-]
+__all__ = ["create_model", "push_adapter_to_hub", "save_adapter_folder"]
 
-HUB_PREFIX = "hf-hub:"
-ADAPTER_FILE = "adapter.safetensors"
-CONFIG_FILE = "adapter_config.json"
 CARD_FILE = "README.md"
-
-
-def _hub() -> Any:
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise ImportError(
-            "loading from or pushing to the Hugging Face Hub needs huggingface_hub: "
-            'pip install "arc-peft[hub]"'
-        ) from None
-    return huggingface_hub
-
-
-def _split(source: str) -> tuple[str, str | None]:
-    """``"hf-hub:user/repo@rev"`` -> ``("user/repo", "rev")``."""
-    repo = source[len(HUB_PREFIX) :]
-    repo, _, revision = repo.partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise ValueError(
-            f"{source!r} is not a Hub source: expected 'hf-hub:user/repo' (optionally '@revision')"
-        )
-    return repo, revision or None
-
-
-def resolve(source: str | os.PathLike[str]) -> str:
-    """The local adapter file for ``source``: a file path (returned as is), a folder holding
-    ``adapter.safetensors`` (a Hub repo's layout), or ``"hf-hub:user/repo[@revision]"``
-    (downloaded to, or found offline in, huggingface_hub's cache)."""
-    path = os.fspath(source)
-    if isinstance(path, str) and path.startswith(HUB_PREFIX):
-        repo, revision = _split(path)
-        return _hub().hf_hub_download(repo, ADAPTER_FILE, revision=revision)
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_FILE)):
-        return os.path.join(path, ADAPTER_FILE)
-    return path  # a directory without one is refused by the reader, naming it
 
 
 def _card(info: Any, repo_id: str | None) -> str:
@@ -115,9 +76,6 @@ def save_adapter_folder(
     """Write adapter ``name`` as a Hub repo's files into ``folder`` (created if needed):
     ``adapter.safetensors``, ``adapter_config.json`` and a generated ``README.md``. Returns the
     folder; ``arc_peft.load_adapter`` and ``create_model`` read it directly."""
-    from .info import read_adapter_info
-    from .saving import save_adapter
-
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     file = os.path.join(folder, ADAPTER_FILE)
@@ -150,7 +108,7 @@ def push_adapter_to_hub(
     Load it back with ``arc_peft.load_adapter(model, "hf-hub:" + repo_id)``, or build backbone
     and adapter in one call with ``create_model``.
     """
-    hub = _hub()
+    hub = hub_client()
     api = hub.HfApi(token=token)
     with tempfile.TemporaryDirectory() as folder:
         save_adapter_folder(model, folder, name=name, metadata=metadata, repo_id=repo_id)
@@ -176,9 +134,6 @@ def create_model(
     its pretrained tag); for others build the model yourself and call
     ``arc_peft.load_adapter``.
     """
-    from .info import read_adapter_info
-    from .loading import load_adapter
-
     file = resolve(source)
     info = read_adapter_info(file)
     model_id = info.model
@@ -189,8 +144,6 @@ def create_model(
             f"({model_id.get('architecture') or info.backbone.get('architecture')}): build it "
             "yourself and call arc_peft.load_adapter(model, ...)"
         )
-    import timm
-
     name = model_id["architecture"]
     if model_id.get("tag"):
         name = f"{name}.{model_id['tag']}"

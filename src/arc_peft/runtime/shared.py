@@ -1,5 +1,5 @@
-"""Where ARC's shared projections live: one ``U`` per adapter and (position, width) group, held
-by the nearest module above every site of the group, under
+"""Where state that several sites share lives (a ``SharedState``: ARC's ``U``, one per adapter
+and (position, width) group), held by the nearest module above every site of the group, under
 ``<holder>.arc_peft_shared.<adapter name>.<position>-<width>`` (for a ViT:
 ``arc_peft_shared.default.attn-768.projection`` on the model itself).
 
@@ -7,19 +7,19 @@ Why above the sites and not on the group's first layer: FSDP2 gathers a sharded 
 parameters only while that module runs. With ``fully_shard(block)`` per block, a ``U`` held by
 block 0 would still be sharded when block 1 reads it; held above the blocks, it belongs to the
 unit that encloses them all (the root's, after ``fully_shard(model)``). Files are unaffected:
-they store ``U`` under the slot of the group's first site (``SharedProjection.anchor``).
+they store ``U`` under the slot of the group's first site (``SharedState.anchor``).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .errors import UnsupportedModelError
-from .modules import SharedProjection
+from ..errors import UnsupportedModelError
+from ..methods.layers import SharedState
+from ..state import SHARED_ATTR
 from .slots import holder_of
 
 __all__ = [
-    "SHARED_ATTR",
     "Entry",
     "SharedBank",
     "attach",
@@ -30,15 +30,12 @@ __all__ = [
     "place",
 ]
 
-# The attribute under which a module holds shared projections (part of their parameter names).
-SHARED_ATTR = "arc_peft_shared"
-
 # (holder path, adapter name, group key, projection)
-Entry = tuple[str, str, str, SharedProjection]
+Entry = tuple[str, str, str, SharedState]
 
 
 class SharedBank(nn.ModuleDict):
-    """A module's shared projections, ``{adapter name: {group key: SharedProjection}}``; it
+    """A module's shared projections, ``{adapter name: {group key: SharedState}}``; it
     never runs, it only holds state."""
 
 

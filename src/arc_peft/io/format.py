@@ -10,19 +10,22 @@ reads the data or builds anything. The format itself is described in ``docs/file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from ..errors import AdapterFileError
+from ..methods import AdapterConfig, config_from_dict
+from ..state import __version__
+
 if TYPE_CHECKING:  # torch is imported only to read the tensors: describing a file needs none
     from torch import Tensor
-
-from .config import AdapterConfig, config_from_dict
-from .errors import AdapterFileError
 
 FORMAT_NAME = "arc_peft.adapter"
 FORMAT_VERSION = 1
@@ -71,9 +74,20 @@ class Contents:
         return keys | (set(self.trained["shapes"]) if self.trained else set())
 
 
-def bad(path: str, problem: str) -> AdapterFileError:
-    shown = path if path.isprintable() else repr(path)
-    return AdapterFileError(f"{shown}: {problem}")
+class FileProblem(ValueError):
+    """What is wrong with a file, said without its path: the checks here and in ``layout.py``
+    raise it, and the verb reading the file (``load_adapter``, ``read_adapter_info``) turns it
+    into one ``AdapterFileError`` naming the path (``about``)."""
+
+
+@contextlib.contextmanager
+def about(path: str) -> Iterator[None]:
+    """Report every ``FileProblem`` raised inside as an ``AdapterFileError`` naming ``path``."""
+    try:
+        yield
+    except FileProblem as exc:
+        shown = path if path.isprintable() else repr(path)
+        raise AdapterFileError(f"{shown}: {exc}") from None
 
 
 def open_regular(path: str) -> BinaryIO:
@@ -83,7 +97,7 @@ def open_regular(path: str) -> BinaryIO:
     or FIFO is then refused by its ``fstat`` mode (their sizes say nothing about their length).
     """
     if "\0" in path:
-        raise bad(path, "the path contains a NUL character")
+        raise FileProblem("the path contains a NUL character")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     fd = os.open(path, flags)
     try:
@@ -96,20 +110,20 @@ def open_regular(path: str) -> BinaryIO:
                 if stat.S_ISFIFO(mode)
                 else "a device or socket"
             )
-            raise bad(path, f"not a regular file ({kind}); adapter files are regular files")
+            raise FileProblem(f"not a regular file ({kind}); adapter files are regular files")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
 
 
-def read_header(path: str, handle: BinaryIO) -> Header:
+def read_header(handle: BinaryIO) -> Header:
     """Read and validate only the length prefix and the header (bounded by ``MAX_HEADER_BYTES``)."""
     file_size = os.fstat(handle.fileno()).st_size
     prefix = handle.read(9)
     size = int.from_bytes(prefix[:8], "little") if len(prefix) >= 8 else 0
     rest = handle.read(size - 1) if 0 < size <= MAX_HEADER_BYTES and size < file_size else b""
-    return parse_header(path, prefix + rest, file_size)
+    return parse_header(prefix + rest, file_size)
 
 
 def _printable_json(value: Any) -> bool:
@@ -122,56 +136,53 @@ def _printable_json(value: Any) -> bool:
     return True
 
 
-def parse_header(path: str, head: bytes, file_size: int) -> Header:
+def parse_header(head: bytes, file_size: int) -> Header:
     """Validate the safetensors header in ``head`` (the file's first bytes, at least the header)."""
     if file_size == 0:
-        raise bad(path, "the file is empty (truncated, or the save never finished)")
+        raise FileProblem("the file is empty (truncated, or the save never finished)")
     if file_size < 8:
-        raise bad(path, f"only {file_size} bytes: truncated, or not a safetensors file")
+        raise FileProblem(f"only {file_size} bytes: truncated, or not a safetensors file")
     if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[8:9] != b"{"):
-        raise bad(
-            path,
+        raise FileProblem(
             "not a safetensors file: it looks like a torch.save / pickle checkpoint. arc_peft "
             "never unpickles files; save adapters with arc_peft.save_adapter",
         )
     size = int.from_bytes(head[:8], "little")
     if size == 0 or size > 100 * 1024 * 1024:  # safetensors' own limit
-        raise bad(path, "not a safetensors file (its first 8 bytes are not a header length)")
+        raise FileProblem("not a safetensors file (its first 8 bytes are not a header length)")
     if len(head) > 8 and head[8:9] != b"{":
-        raise bad(path, "not a safetensors file (no JSON header after the length prefix)")
+        raise FileProblem("not a safetensors file (no JSON header after the length prefix)")
     if size > MAX_HEADER_BYTES:
-        raise bad(
-            path,
+        raise FileProblem(
             f"its header claims {size:,} bytes; adapter files have headers of a few KB and this "
             f"reader accepts at most {MAX_HEADER_BYTES:,}",
         )
     if 8 + size > file_size:
-        raise bad(
-            path,
+        raise FileProblem(
             f"truncated or corrupt: the header needs {8 + size} bytes but the file has "
             f"{file_size}. Re-save or re-download it.",
         )
     try:
         header = json.loads(head[8 : 8 + size].decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise bad(path, f"corrupt header (not valid JSON: {exc})") from None
+        raise FileProblem(f"corrupt header (not valid JSON: {exc})") from None
     if not isinstance(header, dict):
-        raise bad(path, "corrupt header (expected a JSON object)")
+        raise FileProblem("corrupt header (expected a JSON object)")
     count = len(header) - ("__metadata__" in header)
     if count > MAX_TENSORS:
-        raise bad(path, f"{count:,} tensors; this reader accepts at most {MAX_TENSORS:,}")
+        raise FileProblem(f"{count:,} tensors; this reader accepts at most {MAX_TENSORS:,}")
     if not _printable_json(header):
-        raise bad(path, "corrupt header (a string holds an unpaired UTF-16 surrogate)")
+        raise FileProblem("corrupt header (a string holds an unpaired UTF-16 surrogate)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise bad(path, "corrupt header (__metadata__ must map strings to strings)")
+        raise FileProblem("corrupt header (__metadata__ must map strings to strings)")
     data_size = file_size - 8 - size
     spans = []
     for key, entry in header.items():
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise bad(path, f"corrupt header entry for {key!r}")
+            raise FileProblem(f"corrupt header entry for {key!r}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         valid_shape = isinstance(shape, list) and all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -182,13 +193,12 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
             and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         )
         if not isinstance(dtype, str) or dtype not in _ITEMSIZE or not valid_shape:
-            raise bad(path, f"corrupt header entry for {key!r}: {str(entry)[:200]}")
+            raise FileProblem(f"corrupt header entry for {key!r}: {str(entry)[:200]}")
         if not valid_offsets:
-            raise bad(path, f"corrupt header entry for {key!r}: {str(entry)[:200]}")
+            raise FileProblem(f"corrupt header entry for {key!r}: {str(entry)[:200]}")
         begin, end = offsets
         if not 0 <= begin <= end or end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
-            raise bad(
-                path,
+            raise FileProblem(
                 f"corrupt header: {key!r} has shape {str(shape)[:100]} ({dtype}) but spans "
                 f"bytes [{begin}, {end}) of the data",
             )
@@ -197,52 +207,47 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
     expected = 0
     for begin, end, key in spans:
         if begin != expected:
-            raise bad(path, f"corrupt header: tensor data is not contiguous at {key!r}")
+            raise FileProblem(f"corrupt header: tensor data is not contiguous at {key!r}")
         expected = end
     if expected > data_size:
-        raise bad(
-            path,
+        raise FileProblem(
             f"truncated: the tensors need {expected} bytes of data but only {data_size} "
             "follow the header. Re-save or re-download the file.",
         )
     if expected < data_size:
-        raise bad(path, f"corrupt: {data_size - expected} unexpected bytes after the tensor data")
+        raise FileProblem(f"corrupt: {data_size - expected} unexpected bytes after the tensor data")
     return Header(metadata, header, file_size, 8 + size)
 
 
-def check_metadata(path: str, header: Header) -> None:
+def check_metadata(header: Header) -> None:
     """The file is an arc_peft adapter file of a version this reader knows."""
     meta = header.metadata
     if meta.get("format") != FORMAT_NAME:
         keys = sorted(header.entries)
-        raise bad(
-            path,
+        raise FileProblem(
             "a safetensors file, but not an arc_peft adapter file (no arc_peft metadata; it "
             f"holds {len(keys)} tensors, e.g. {keys[:3]}). Adapter files are written by "
             "arc_peft.save_adapter.",
         )
     version = meta.get("format_version", "")
     if not _VERSION.fullmatch(version):
-        raise bad(path, f"corrupt metadata: format_version={version[:20]!r} is not a number")
+        raise FileProblem(f"corrupt metadata: format_version={version[:20]!r} is not a number")
     if int(version) > FORMAT_VERSION:
-        from . import __version__
-
-        raise bad(
-            path,
+        raise FileProblem(
             f"written by arc_peft {meta.get('arc_peft_version', '?')[:40]} with file-format "
             f"version {version}; this arc_peft ({__version__}) reads versions up to "
             f"{FORMAT_VERSION}. Update arc-peft (git pull, then pip install -e .) to read it",
         )
     missing = [k for k in _REQUIRED_METADATA if k not in meta]
     if missing:
-        raise bad(path, f"corrupt metadata: missing field(s) {missing}")
+        raise FileProblem(f"corrupt metadata: missing field(s) {missing}")
 
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _check_backbone(path: str, backbone: Any) -> None:
+def _check_backbone(backbone: Any) -> None:
     widths = backbone.get("widths") if isinstance(backbone, dict) else None
     valid = (
         isinstance(backbone, dict)
@@ -252,15 +257,14 @@ def _check_backbone(path: str, backbone: Any) -> None:
         and all(isinstance(w, list) and all(_is_count(v) for v in w) for w in widths.values())
     )
     if not valid:
-        raise bad(
-            path,
+        raise FileProblem(
             "corrupt metadata: backbone must be a JSON object {architecture: str, num_blocks: "
             "int, widths: "
             f"{{position: [int, ...]}}}}, got {str(backbone)[:200]}",
         )
 
 
-def _tensor_group(path: str, header: Header, value: Any, field: str, where: str) -> Any:
+def _tensor_group(header: Header, value: Any, field: str, where: str) -> Any:
     """Check a ``{where: ..., "shapes": {key: shape}}`` group of stored tensors (or ``None``)."""
     if value is None:
         return None
@@ -270,56 +274,69 @@ def _tensor_group(path: str, header: Header, value: Any, field: str, where: str)
         isinstance(located, list) and all(isinstance(m, str) for m in located)
     )
     if not isinstance(shapes, dict) or not where_ok:
-        raise bad(path, f"corrupt metadata: {field} must be null or {{{where}, shapes}}")
+        raise FileProblem(f"corrupt metadata: {field} must be null or {{{where}, shapes}}")
     for key, shape in shapes.items():
         entry = header.entries.get(key)
         if entry is None or entry["shape"] != shape:
-            raise bad(path, f"corrupt metadata: {field} tensor {key!r} does not match the data")
+            raise FileProblem(f"corrupt metadata: {field} tensor {key!r} does not match the data")
     return value
 
 
-def parse_metadata(path: str, header: Header) -> Contents:
+def parse_metadata(header: Header) -> Contents:
     """The config, backbone fingerprint, head and trained modules, each checked for shape."""
     meta = header.metadata
     try:
         config = config_from_dict(json.loads(meta["config"]))
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-        raise bad(path, f"unusable method config {meta['config'][:300]!r}: {exc}") from None
+        raise FileProblem(f"unusable method config {meta['config'][:300]!r}: {exc}") from None
     if config.method != meta["method"]:
-        raise bad(path, f"corrupt metadata: method {meta['method'][:40]!r} but config {config}")
+        raise FileProblem(f"corrupt metadata: method {meta['method'][:40]!r} but config {config}")
     try:
         backbone = json.loads(meta["backbone"])
         head = json.loads(meta.get("head", "null"))
         trained = json.loads(meta.get("trained", "null"))
     except (ValueError, RecursionError) as exc:
-        raise bad(path, f"corrupt metadata (backbone/head is not valid JSON: {exc})") from None
+        raise FileProblem(f"corrupt metadata (backbone/head is not valid JSON: {exc})") from None
     if not _printable_json([backbone, head, trained]):
-        raise bad(path, "corrupt metadata (a string holds an unpaired UTF-16 surrogate)")
-    _check_backbone(path, backbone)
-    head = _tensor_group(path, header, head, "head", "module")
-    trained = _tensor_group(path, header, trained, "trained", "modules")
+        raise FileProblem("corrupt metadata (a string holds an unpaired UTF-16 surrogate)")
+    _check_backbone(backbone)
+    head = _tensor_group(header, head, "head", "module")
+    trained = _tensor_group(header, trained, "trained", "modules")
     if head and trained and set(head["shapes"]) & set(trained["shapes"]):
-        raise bad(path, "corrupt metadata: a tensor is listed both as head and as trained")
+        raise FileProblem("corrupt metadata: a tensor is listed both as head and as trained")
     return Contents(config, backbone, head, trained)
 
 
-def read_tensors(path: str, handle: BinaryIO, header: Header) -> dict[str, Tensor]:
+def read_tensors(handle: BinaryIO, header: Header) -> dict[str, Tensor]:
     """Every tensor of a validated header (on the CPU): reads the data only now."""
     data = handle.read(header.file_size - header.data_start)
     handle.seek(0)
     prefix = handle.read(header.data_start)
     if len(data) + len(prefix) != header.file_size:
-        raise bad(path, "the file changed while it was being read")
+        raise FileProblem("the file changed while it was being read")
     try:
         import safetensors.torch
 
         tensors = safetensors.torch.load(prefix + data)
     except Exception as exc:  # the Rust reader raises its own SafetensorError type
-        raise bad(path, f"corrupt safetensors data ({exc})") from None
+        raise FileProblem(f"corrupt safetensors data ({exc})") from None
     # Checked again because the bytes were read twice: a writer changing the file in place in
     # between must not slip other shapes past the checks made on the first header.
     if set(tensors) != set(header.entries) or any(
         list(t.shape) != header.entries[k]["shape"] for k, t in tensors.items()
     ):
-        raise bad(path, "corrupt: the tensors do not match the header (changed while read?)")
+        raise FileProblem("corrupt: the tensors do not match the header (changed while read?)")
     return tensors
+
+
+def runs(values: list[int]) -> str:
+    """``[768, 768, 384]`` -> ``"768×2, 384"``: widths per block, readable for 24-block Swins."""
+    parts: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j < len(values) and values[j] == values[i]:
+            j += 1
+        parts.append(f"{values[i]}×{j - i}" if j - i > 1 else str(values[i]))
+        i = j
+    return ", ".join(parts) if parts else "none"

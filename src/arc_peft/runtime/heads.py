@@ -12,7 +12,7 @@ dots as dashes>`` (``arc_peft_tasks.pets.head.weight``), which ``model.to()``,
 In a mixed-task batch (``arc_peft.mixed_batch``) the hook runs each sample's own module on
 its rows; heads of different widths are padded on the right with ``-inf``, which makes
 ``cross_entropy`` over the padded logits exactly each task's own loss (the routing is set up by
-``arc_peft.multitask``). What a file carries of these modules: ``arc_peft.taskfiles``.
+``arc_peft.runtime.multitask``). What a file carries of these modules: ``arc_peft.io.taskfiles``.
 """
 
 from __future__ import annotations
@@ -24,16 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import UnsupportedModelError
-from .slots import SLOT_ATTR, iter_slots, remove_hooks
+from ..errors import UnsupportedModelError
+from ..state import BASE_ATTR, SLOT_ATTR, TASKS_ATTR
+from .slots import adapter_configs, iter_slots, remove_hooks
 
-__all__ = ["TASKS_ATTR", "add_head", "task_modules"]
+__all__ = ["add_head", "find_head", "get_head", "task_modules"]
 
-TASKS_ATTR = "arc_peft_tasks"
-# ``{adapter: [module path]}``: trained modules a file loaded into the model's own modules (it
-# was the only adapter then), so that saving that adapter later stores them again. A plain
-# attribute, not state.
-BASE_ATTR = "_arc_peft_base_modules"
+# BASE_ATTR, ``{adapter: [module path]}``: trained modules a file loaded into the model's own
+# modules (it was the only adapter then), so that saving that adapter later stores them again.
 
 
 class TaskModules(nn.ModuleDict):
@@ -169,8 +167,6 @@ def check_path(model: nn.Module, path: str) -> nn.Module:
 
 def set_task_module(model: nn.Module, name: str, path: str, module: nn.Module) -> None:
     """Give adapter ``name`` its own ``module`` at ``path`` (replacing one it owned there)."""
-    from .inject import adapter_configs  # inject imports this module
-
     if name not in adapter_configs(model):
         raise KeyError(
             f"model has no adapter named {name!r}; it has {sorted(adapter_configs(model))}"
@@ -321,8 +317,6 @@ def _factory(module: nn.Module) -> dict:
 
 def head_path(model: nn.Module) -> str:
     """Path of the model's classifier head (see ``arc_peft.get_head``)."""
-    from .params import find_head
-
     head = find_head(model)
     if head is None:
         raise ValueError(
@@ -434,3 +428,44 @@ def _route(
             out = nn.functional.pad(out, (0, width - out.shape[-1]), value=float("-inf"))
         result = result.index_copy(0, idx, out)
     return result
+
+
+def get_head(model: nn.Module, name: str | None = None) -> nn.Module | None:
+    """The classifier head that runs: the active adapter's own head if it has one (see
+    ``arc_peft.add_head``), otherwise the model's: timm's ``get_classifier()``, else a
+    ``heads`` (torchvision ViT), ``head`` (Swin), ``fc`` or ``classifier`` attribute. ``None``
+    if the model has none.
+
+    A module containing attention is never taken for a classifier: it is an attention-pooling
+    head (Hugging Face SigLIP's ``head``) that computes features.
+
+    Args:
+        model: The model.
+        name: An adapter: the head that runs while it is active. Default: the active one.
+    """
+    head = find_head(model)
+    if head is None:
+        return None
+    path = next(p for p, m in model.named_modules() if m is head)
+    return running(model, name if name is not None else active(model), path)
+
+
+def find_head(model: nn.Module) -> nn.Module | None:
+    """The model's own classifier head (whichever adapter is active); see ``get_head``."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        found = get_classifier()
+        if isinstance(found, nn.Module):
+            return found
+    for attr in ("heads", "head", "fc", "classifier"):
+        found = getattr(model, attr, None)
+        if isinstance(found, nn.Module) and not _has_attention(found):
+            return found
+    return None
+
+
+def _has_attention(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
+        for m in module.modules()
+    )

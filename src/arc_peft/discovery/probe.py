@@ -1,7 +1,7 @@
 """One recorded forward pass: which modules ran, which tensor operations each issued, and how the
 tensors flowed between them.
 
-Site discovery (``arc_peft.discover``) and the generic merge (``arc_peft.fold``) ask
+Site discovery (``discovery/sites.py``) and the generic merge (``discovery/fold.py``) ask
 questions of this record ("which tensor do q, k and v all come from?", "which linear layers read
 this input?") instead of knowing module classes. The record is built by a
 ``TorchFunctionMode``, which sees every torch function and tensor method

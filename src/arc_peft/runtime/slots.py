@@ -21,14 +21,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .discover import Site
-from .errors import UnsupportedModelError
-from .modules import Adapter
+from ..discovery.sites import Site
+from ..errors import UnsupportedModelError
+from ..methods import AdapterConfig
+from ..methods.layers import Adapter
+from ..state import SLOT_ATTR
 
-__all__ = ["SLOT_ATTR", "AdapterSlot", "BlockSlots", "holder_of", "iter_slots", "remove_hooks"]
-
-# The attribute under which a block holds its slots (part of every adapter parameter's name).
-SLOT_ATTR = "arc_peft"
+__all__ = [
+    "AdapterSlot",
+    "BlockSlots",
+    "adapter_configs",
+    "check_name",
+    "holder_of",
+    "iter_slots",
+    "remove_hooks",
+]
 
 
 class BlockSlots(nn.ModuleDict):
@@ -131,7 +138,7 @@ class AdapterSlot(nn.ModuleDict):
                 return None
             if want_input:
                 return self._adapt(adapter, x)
-            return self._adapt(adapter, x if adapter.placement == "parallel" else out)
+            return self._adapt(adapter, out if adapter.placement == "sequential" else x)
         batch, groups = self.routing
         dim = self.site.batch_axis  # 1 for sequence-first inputs (L, N, D)
         rows = x.shape[dim]
@@ -155,7 +162,7 @@ class AdapterSlot(nn.ModuleDict):
                 base = x if result is None else result
                 result = base.index_copy(dim, idx, self._adapt(adapter, x.index_select(dim, idx)))
             else:
-                src = x if adapter.placement == "parallel" else out
+                src = out if adapter.placement == "sequential" else x
                 base = torch.zeros_like(out) if result is None else result
                 term = self._adapt(adapter, src.index_select(dim, idx))
                 result = base.index_copy(dim, idx, term)
@@ -165,7 +172,7 @@ class AdapterSlot(nn.ModuleDict):
         if name is None or name not in self:
             return None
         adapter = self[name]
-        return adapter if adapter.transforms_input == want_input else None
+        return adapter if (adapter.placement == "input") == want_input else None
 
     def _places(self, module: nn.Module) -> list[tuple[int | None, str | None]]:
         """``(position, keyword)`` of every place the input may be passed: the probe saw one
@@ -283,3 +290,33 @@ def iter_slots(model: nn.Module) -> list[tuple[str, nn.Module, AdapterSlot]]:
             for key, slot in slots.items():
                 found.append((f"{prefix}.{key}", block, slot))
     return found
+
+
+def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """The adapters injected into ``model``, as ``{name: config}`` in injection order."""
+    configs: dict[str, AdapterConfig] = {}
+    for _, _, slot in iter_slots(model):
+        for name, adapter in slot.items():
+            configs.setdefault(name, adapter.config)
+    return configs
+
+
+def check_name(name: str) -> None:
+    """Adapter names become ``ModuleDict`` keys of every slot (and parts of parameter names), so a
+    name must not collide with anything an ``AdapterSlot`` instance has: class attributes,
+    methods, and the attributes ``nn.Module.__init__`` sets (``training``, ``_parameters``...)."""
+    valid = (
+        isinstance(name, str)
+        and name.replace("-", "_").isidentifier()
+        and not name.startswith(("_", "-"))
+    )
+    if not valid or name in _reserved_names():
+        raise ValueError(
+            f"adapter name {name!r} is invalid: expected letters, digits, '_' and '-', not "
+            "starting with '_', '-' or a digit, and not an attribute of a module (e.g. "
+            "'default', 'cifar100', 'cifar-100'; not 'training', 'forward', 'active')"
+        )
+
+
+def _reserved_names() -> set[str]:
+    return set(dir(AdapterSlot)) | set(AdapterSlot.__annotations__) | set(vars(nn.Module()))
