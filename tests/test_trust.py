@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import arc_peft
-from arc_peft import AdapterFileError, AdaptMLPConfig, ARCConfig
+from arc_peft import AdapterFileError, AdaptMLPConfig, ARCConfig, cli
 from arc_peft.io.saving import _serialize
 
 from models import MATRIX, build, inputs, randomise_adapters
@@ -549,3 +549,208 @@ def test_frozen_batchnorm_keeps_its_statistics_in_train_mode(tmp_path: Path) -> 
     assert any(
         k.endswith("running_mean") for k in arc_peft.read_adapter_info(path).trained["shapes"]
     )
+
+
+# -- second pass: task heads, identity, folders ---------------------------------------------------
+
+
+def _with_head(src: Path, dst: Path, head: dict[str, torch.Tensor], module: str = "head") -> Path:
+    """``src`` with its stored head replaced by ``head`` (keys relative to ``module``)."""
+
+    def meta(m):
+        m["head"] = json.dumps(
+            {"module": module, "shapes": {f"{module}.{k}": list(v.shape) for k, v in head.items()}}
+        )
+
+    def tensors(t):
+        for key in [k for k in t if k.startswith(f"{module}.")]:
+            del t[key]
+        t.update({f"{module}.{k}": v for k, v in head.items()})
+
+    return rewrite(src, dst, meta=meta, tensors=tensors)
+
+
+def test_repeated_or_nested_trained_modules_are_refused_in_linear_time(tmp_path: Path) -> None:
+    """A path listed 20,000 times cost paths × keys (0.8 MB took 51 s); "" rebuilt the whole
+    state dict per repeat. Each stored tensor now belongs to exactly one listed module."""
+    model = adapted()
+    arc_peft.freeze_backbone(model, also=["norm", "blocks.1", "blocks.1.norm2"])
+    path = tmp_path / "a.safetensors"
+    arc_peft.save_adapter(model, path)
+    assert arc_peft.read_adapter_info(path).trained["modules"] == ["norm", "blocks.1"]
+    for modules, match in [
+        ([""] * 20_000, "twice"),
+        (["norm"] * 20_000, "twice"),
+        (["norm", "blocks.1", "blocks"], "inside it"),
+        (["norm"], "outside the trained modules"),
+    ]:
+
+        def edit(meta, modules=modules):
+            meta["trained"] = json.dumps({**json.loads(meta["trained"]), "modules": modules})
+
+        bad = rewrite(path, tmp_path / "bad.safetensors", meta=edit)
+        start = time.perf_counter()
+        with pytest.raises(AdapterFileError, match=match):
+            arc_peft.read_adapter_info(bad)
+        rejected(adapted(), bad, match, name="other")
+        assert time.perf_counter() - start < 5
+
+
+def test_many_head_entries_cost_linear_time(saved: Path, tmp_path: Path) -> None:
+    """19,000 zero-size head tensors (1.7 MB) took 48 s: the set of head keys was rebuilt for
+    every entry."""
+    count = 19_000
+
+    def many(header):
+        for i in range(count):
+            header[f"head.x{i}"] = {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}
+        head = json.loads(header["__metadata__"]["head"])
+        head["shapes"].update({f"head.x{i}": [0] for i in range(count)})
+        header["__metadata__"]["head"] = json.dumps(head)
+
+    bad = edit_header(saved, tmp_path / "many.safetensors", many)
+    start = time.perf_counter()
+    rejected(build("vit"), bad, "stored head does not fit")
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize(
+    "head, match",
+    [
+        ({"bias": torch.zeros(600_000, dtype=torch.float8_e4m3fn)}, "weight is missing"),
+        ({"weight": torch.zeros(1, 32), "bias": torch.zeros(10)}, r"bias \[10\]"),
+        ({"weight": torch.zeros(10, 32), "bias": torch.zeros(1)}, r"bias \[1\]"),
+        ({"weight": torch.zeros(7, 32), "bias": torch.zeros(())}, r"bias \[\]"),
+        ({"weight": torch.zeros(7)}, r"weight is \[7\]"),
+        ({"weight": torch.zeros(5, 32, 2), "bias": torch.zeros(5)}, r"weight is \[5, 32, 2\]"),
+        ({"weight": torch.zeros(5, 7), "bias": torch.zeros(5)}, "takes 32 features"),
+        ({"weight": torch.zeros(2**20, 0), "bias": torch.zeros(2**20)}, "takes 32 features"),
+        ({"weight": torch.zeros(0, 32), "bias": torch.zeros(0)}, "outputs >= 1"),
+        ({"weight": torch.zeros(5, 32), "extra": torch.zeros(5)}, "extra"),
+    ],
+)
+def test_task_heads_load_with_exactly_the_files_shapes_or_are_refused(
+    saved: Path, tmp_path: Path, monkeypatch, head: dict, match: str
+) -> None:
+    """Heads that become an adapter's own (another adapter is on the model): a bias-only head
+    of N classes built Linear(32, N) before it was refused (632 KB -> +1.8 GB); a [1, 32]
+    weight with a [10] bias loaded as ten identical rows; a [5, 7] weight was accepted. Each
+    is refused from the header, before the data is read."""
+    bad = _with_head(saved, tmp_path / "bad.safetensors", head)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was read before the head was checked")
+
+    monkeypatch.setattr(arc_peft.io.loading, "read_tensors", never)
+    rejected(adapted(), bad, match, name="other")
+
+
+def test_identity_head_takes_only_a_linear_layer_of_its_width(saved: Path, tmp_path: Path) -> None:
+    def headless() -> nn.Module:
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **_TINY_VIT)
+        arc_peft.inject_arc(model, ARC)
+        return model
+
+    bad = _with_head(saved, tmp_path / "bad.safetensors", {"weight": torch.zeros(5, 7)})
+    rejected(headless(), bad, r"would hold weight \[5, 32\]", name="other")
+    good = _with_head(saved, tmp_path / "good.safetensors", {"weight": torch.randn(5, 32)})
+    model = arc_peft.load_adapter(headless(), good, name="other", activate=True)
+    assert model(inputs("vit")).shape == (2, 5)
+
+
+_TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.mark.parametrize(
+    "dtype, value", [(torch.float32, float("nan")), (torch.float32, float("inf")),
+                     (torch.float64, 1e300)]
+)  # fmt: skip
+def test_non_finite_values_in_a_files_own_head_are_refused(
+    saved: Path, tmp_path: Path, dtype, value: float
+) -> None:
+    weight = torch.randn(7, 32, dtype=dtype)
+    weight[3, 4] = value
+    head = {"weight": weight, "bias": weight[:, 0].clone()}
+    bad = _with_head(saved, tmp_path / "bad.safetensors", head)
+    rejected(adapted(), bad, r"head\.weight holds NaN or infinite", name="other")
+
+
+def test_loading_leaves_the_rng_and_the_models_attributes_alone(
+    saved: Path, tmp_path: Path
+) -> None:
+    """A head of another shape is built (its initial weights drawn, then replaced): the global
+    RNG advanced. A refused load left the site plan it computed in model.__dict__."""
+    other = _with_head(
+        saved, tmp_path / "seven.safetensors", {"weight": torch.randn(7, 32), "bias": torch.ones(7)}
+    )
+    model = adapted()
+    torch.manual_seed(123)
+    arc_peft.load_adapter(model, other, name="seven")
+    assert torch.equal(torch.rand(4), torch.manual_seed(123) and torch.rand(4))
+
+    model = build("vit")
+    before = dict(model.__dict__)
+    bad = rewrite(
+        saved, tmp_path / "bad.safetensors", tensors=lambda t: t.pop("blocks.1.arc_peft.mlp.bias")
+    )
+    torch.manual_seed(5)
+    rejected(model, bad, "missing adapter key")
+    assert torch.equal(torch.rand(4), torch.manual_seed(5) and torch.rand(4))
+    assert model.__dict__.keys() == before.keys()
+    assert all(model.__dict__[k] is v for k, v in before.items())
+
+
+def test_configs_with_sizes_torch_cannot_allocate_are_value_errors() -> None:
+    for make in (lambda: ARCConfig(rank=2**62), lambda: AdaptMLPConfig(bottleneck=2**62)):
+        with pytest.raises(ValueError, match=r"an int in \[1, 2147483647\]"):
+            make()
+
+
+@pytest.mark.parametrize(
+    "head, match",
+    [
+        ({"weight": torch.zeros(2**40, 0)}, r"not a classifier's"),  # zero bytes, 2**40 classes
+        ({"weight": torch.zeros(())}, r"not a classifier's"),
+        ({"weight": torch.zeros(7, 32), "bias": torch.zeros(8)}, r"not a classifier's"),
+        ({"weight": torch.zeros(600_000, 1, dtype=torch.float8_e4m3fn)}, "takes 1 features"),
+    ],
+)
+def test_create_model_checks_the_head_before_building_it(
+    saved: Path, tmp_path: Path, head: dict, match: str
+) -> None:
+    """create_model passed the head's first dimension to timm as num_classes: 2**40 classes
+    from a zero-byte tensor tried to allocate 844 TB and raised a RuntimeError."""
+    bad = _with_head(saved, tmp_path / "bad.safetensors", head)
+    torch.manual_seed(0)
+    with pytest.raises(AdapterFileError, match=match):
+        arc_peft.create_model(bad, pretrained=False, **_TINY_VIT)
+    assert cli.main(["check", str(bad), "--model", "vit_tiny_patch16_224",
+                              "--model-kwargs", json.dumps(_TINY_VIT)]) == 1  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model_id",
+    [
+        {"library": "timm", "architecture": "local-dir:/tmp/elsewhere"},
+        {"library": "timm", "architecture": "hf-hub:attacker/x"},
+        {"library": "timm", "architecture": "vit_tiny_patch16_224", "tag": "x:y"},
+        {"library": "timm", "architecture": "vit_tiny_patch16_224", "tag": "not_a_tag"},
+        {"library": "timm", "architecture": "no_such_model"},
+        {"library": "timm", "architecture": ["vit_tiny_patch16_224"]},
+    ],
+)
+def test_create_model_builds_only_models_of_timms_registry(
+    saved: Path, tmp_path: Path, monkeypatch, model_id: dict
+) -> None:
+    """A file's identity naming "local-dir:/path" made timm read that folder's config.json and
+    torch.load its weights; "hf-hub:attacker/x" queried a second repository."""
+    bad = rewrite(saved, tmp_path / "bad.safetensors",
+                  meta=lambda m: m.update(model=json.dumps(model_id)))  # fmt: skip
+
+    def never(*args, **kwargs):
+        raise AssertionError("timm.create_model was called")
+
+    monkeypatch.setattr(timm, "create_model", never)
+    with pytest.raises(AdapterFileError, match="not in this timm's registry"):
+        arc_peft.create_model(bad, pretrained=False)

@@ -10,14 +10,16 @@ reads the data or builds anything. The format itself is described in ``docs/file
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import json
 import math
 import os
 import re
 import stat
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import AdapterFileError
@@ -67,11 +69,63 @@ class Contents:
     backbone: dict[str, Any]
     head: dict[str, Any] | None
     trained: dict[str, Any] | None
+    # Computed once: callers test every file key against it, which rebuilding the set per test
+    # made quadratic in the number of keys (19,000 head entries took 48 s).
+    extra: frozenset[str] = field(init=False, repr=False, compare=False)
 
-    def extra_keys(self) -> set[str]:
-        """File keys that are not adapter tensors."""
+    def __post_init__(self) -> None:
         keys = set(self.head["shapes"]) if self.head else set()
-        return keys | (set(self.trained["shapes"]) if self.trained else set())
+        keys |= set(self.trained["shapes"]) if self.trained else set()
+        object.__setattr__(self, "extra", frozenset(keys))
+
+    def extra_keys(self) -> frozenset[str]:
+        """File keys that are not adapter tensors."""
+        return self.extra
+
+
+def key_prefix(module_path: str) -> str:
+    """The prefix of a module's keys in a state dict (``""`` for the model itself)."""
+    return f"{module_path}." if module_path else ""
+
+
+def nested_pair(paths: Iterable[str]) -> tuple[str, str] | None:
+    """Two module paths of which one contains the other (or a repeated path), or ``None``.
+
+    Sorted, a path's key prefix is followed directly by the prefixes it contains (every string
+    between a prefix and one that starts with it starts with it too), so comparing neighbours
+    finds any such pair in ``O(n log n)``."""
+    ordered = sorted((key_prefix(p), p) for p in paths)
+    for (prefix, path), (following, other) in itertools.pairwise(ordered):
+        if following.startswith(prefix):
+            return path, other
+    return None
+
+
+def outermost(paths: Iterable[str]) -> list[str]:
+    """``paths`` in their order without repeats and without paths inside another of them (whose
+    keys the outer module's state holds anyway): the form a file lists modules in."""
+    paths = list(dict.fromkeys(paths))
+    kept: list[str] = []
+    for prefix, path in sorted((key_prefix(p), p) for p in paths):
+        if not kept or not prefix.startswith(key_prefix(kept[-1])):
+            kept.append(path)
+    keep = set(kept)
+    return [p for p in paths if p in keep]
+
+
+def group_by_module(paths: Iterable[str], keys: Iterable[str]) -> dict[str, list[str]] | None:
+    """``{module path: [its keys]}`` for disjoint module ``paths`` (see ``nested_pair``), or
+    ``None`` if a key lies under none of them. ``O((paths + keys) log paths)``: the one prefix
+    that can contain a key is the greatest one not after it (same argument as ``nested_pair``)."""
+    ordered = sorted((key_prefix(p), p) for p in paths)
+    prefixes = [prefix for prefix, _ in ordered]
+    groups: dict[str, list[str]] = {p: [] for _, p in ordered}
+    for key in keys:
+        i = bisect.bisect_right(prefixes, key) - 1
+        if i < 0 or not key.startswith(prefixes[i]) or key == prefixes[i]:
+            return None
+        groups[ordered[i][1]].append(key)
+    return groups
 
 
 class FileProblem(ValueError):
@@ -279,6 +333,17 @@ def _tensor_group(header: Header, value: Any, field: str, where: str) -> Any:
         entry = header.entries.get(key)
         if entry is None or entry["shape"] != shape:
             raise FileProblem(f"corrupt metadata: {field} tensor {key!r} does not match the data")
+    # Each stored tensor belongs to exactly one listed module: what lets a load sort them in
+    # linear time (a path listed 20,000 times cost paths × keys before: 0.8 MB took 51 s).
+    modules = [located] if isinstance(located, str) else located
+    pair = nested_pair(modules)
+    if pair is not None:
+        raise FileProblem(
+            f"corrupt metadata: {field} lists the module {pair[0][:100]!r} twice, or with "
+            f"{pair[1][:100]!r} inside it"
+        )
+    if group_by_module(modules, shapes) is None:
+        raise FileProblem(f"corrupt metadata: a {field} tensor lies outside the {field} modules")
     return value
 
 

@@ -135,18 +135,21 @@ def remap_keys(found: set[str], expected: set[str]) -> dict[str, str]:
     """
     if found == expected:
         return {k: k for k in found}
-    by_words: dict[str, list[str]] = {}
+    if len(found) != len(expected):  # a complete one-to-one mapping needs as many keys
+        return {}
+    # Every model key under each of its word-boundary suffixes: a file key is then looked up
+    # once (comparing it with every model key made a hostile file quadratic in its keys). The
+    # index is the model's, so its size depends on the model alone.
+    by_suffix: dict[str, list[str]] = {}
     for key in expected:
-        by_words.setdefault(_words(key), []).append(key)
+        words = _words(key)
+        by_suffix.setdefault(words, []).append(key)
+        for i, ch in enumerate(words):
+            if ch == "_":
+                by_suffix.setdefault(words[i + 1 :], []).append(key)
     mapping: dict[str, str] = {}
     for key in found:
-        want = _words(key)
-        hits = [
-            k
-            for words, keys in by_words.items()
-            if words == want or words.endswith("_" + want)
-            for k in keys
-        ]
+        hits = by_suffix.get(_words(key), [])
         if len(hits) != 1:
             return {}
         mapping[key] = hits[0]

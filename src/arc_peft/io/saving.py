@@ -26,7 +26,7 @@ from ..runtime.wrappers import full_tensor, is_sharded, reshard, unwrap
 from ..state import TRAINED_ATTR, __version__
 from . import identity, layout, taskfiles
 from .atomic import write_atomic
-from .format import FORMAT_NAME, FORMAT_VERSION
+from .format import FORMAT_NAME, FORMAT_VERSION, outermost
 
 __all__ = ["save_adapter"]
 
@@ -120,6 +120,7 @@ def save_adapter(
     trained_paths, trained_state = taskfiles.with_owned(
         model, name, trained_paths, trained_state, exclude=set(head_state)
     )
+    trained_paths = outermost(trained_paths)  # a module inside another is stored with it
     user = identity.user_metadata(metadata)
     clash = sorted(set(state) & (set(head_state) | set(trained_state)))
     if clash:
