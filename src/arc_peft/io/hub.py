@@ -23,6 +23,7 @@ import timm
 import torch
 
 from ..runtime.heads import features_into
+from .atomic import replace_folder, write_atomic
 from .format import FileProblem, about
 from .info import read_adapter_info
 from .loading import load_adapter
@@ -79,19 +80,26 @@ def save_adapter_folder(
 ) -> str:
     """Write adapter ``name`` as a Hub repo's files into ``folder`` (created if needed):
     ``adapter.safetensors``, ``adapter_config.json`` and a generated ``README.md``. Returns the
-    folder; ``arc_peft.load_adapter`` and ``create_model`` read it directly."""
+    folder; ``arc_peft.load_adapter`` and ``create_model`` read it directly.
+
+    The folder is replaced whole and atomically (``arc_peft.io.atomic.replace_folder``): the three
+    files are written and ``fsync``ed into a new folder next to it, which then takes its place
+    in one step, so a reader, a crash or a concurrent save never leaves a mix of two saves;
+    links in the old folder are discarded, not followed. A folder holding other files is
+    refused (``ValueError``): they would be lost."""
+
+    def write(into: str) -> None:
+        file = os.path.join(into, ADAPTER_FILE)
+        save_adapter(model, file, name=name, metadata=metadata)
+        info = read_adapter_info(file)
+        config = info.to_dict()
+        config.pop("path")
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        write_atomic(os.path.join(into, CONFIG_FILE), text.encode("utf-8"))
+        write_atomic(os.path.join(into, CARD_FILE), _card(info, repo_id).encode("utf-8"))
+
     folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    file = os.path.join(folder, ADAPTER_FILE)
-    save_adapter(model, file, name=name, metadata=metadata)
-    info = read_adapter_info(file)
-    config = info.to_dict()
-    config.pop("path")
-    with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    with open(os.path.join(folder, CARD_FILE), "w", encoding="utf-8") as handle:
-        handle.write(_card(info, repo_id))
+    replace_folder(folder, write, own=(ADAPTER_FILE, CONFIG_FILE, CARD_FILE))
     return folder
 
 
