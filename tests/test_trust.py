@@ -887,3 +887,115 @@ def test_concurrent_folder_saves_and_readers_never_see_a_mix(tmp_path: Path) -> 
     assert {w for w, _ in seen} >= {"a", "b"}, seen  # both saved while we read
     assert _folder_version(folder) is not None
     assert _leftovers(tmp_path) == []
+
+
+# -- printing a file's text; writing only what reads back; files changing while read -----------
+
+_FORGERS = ["\n", "\r", "\x85", "\u2028", "\x0b", "\x0c", "\x1c", "\x1b[2J"]
+
+
+@pytest.mark.parametrize("forger", _FORGERS)
+def test_inspect_never_prints_a_files_own_rows(
+    saved: Path, tmp_path: Path, capsys, forger: str
+) -> None:
+    """Line breaks in a version, dtype, architecture, head key or trained-module name started
+    rows of their own (a forged "model timm vit_huge_patch14_224 (tag VERIFIED)")."""
+    fake = f"{forger}  model       timm vit_huge_patch14_224 (tag VERIFIED)"
+
+    def edit(header):
+        meta = header["__metadata__"]
+        meta["arc_peft_version"] += fake
+        meta["dtype"] += fake
+        model = json.loads(meta["model"])
+        meta["model"] = json.dumps({**model, "architecture": model["architecture"] + fake})
+        backbone = json.loads(meta["backbone"])
+        meta["backbone"] = json.dumps({**backbone, "architecture": "x" + fake})
+
+    bad = edit_header(saved, tmp_path / f"forged{forger.strip()}.safetensors", edit)
+    assert cli.main(["inspect", str(bad)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()  # splits at every line boundary a terminal or editor may honour
+    assert not any(line.lstrip().startswith("model       timm vit_huge") for line in lines)
+    assert "\x1b" not in out and len(lines) == len(
+        str(arc_peft.read_adapter_info(saved)).split("\n")
+    )
+    assert cli.main(["compare", str(bad), str(saved)]) == 0
+    assert "\x1b" not in capsys.readouterr().out
+
+
+def test_error_messages_escape_the_files_text(saved: Path, tmp_path: Path) -> None:
+    """Library exception messages (and so tracebacks) carried raw ESC from the file."""
+
+    def edit(meta):
+        del meta["model"]
+        backbone = json.loads(meta["backbone"])
+        meta["backbone"] = json.dumps({**backbone, "architecture": "x\x1b[2J\nforged"})
+
+    bad = rewrite(saved, tmp_path / "bad.safetensors", meta=edit)
+    error = rejected(build("vit"), bad, "made for another backbone")
+    assert "\x1b" not in str(error) and "\n" not in str(error) and "\\x1b[2J\\n" in str(error)
+
+
+def test_deep_metadata_is_refused_on_save_and_on_read(saved: Path, tmp_path: Path, capsys):
+    """save_adapter wrote what read_adapter_info refused (4.5 MB of metadata, nesting at ~990
+    levels); `inspect --json` hit the recursion limit on valid files nested 500 deep."""
+    deep: object = 1
+    for _ in range(500):
+        deep = [deep]
+    model = adapted()
+    for metadata, match in [
+        ({"deep": deep}, "nests deeper than 64"),
+        ({"big": "x" * (4_500_000)}, "header claims"),
+        ({f"k{i}": i for i in range(300_000)}, "header claims"),
+    ]:
+        out = tmp_path / "new.safetensors"
+        with pytest.raises(ValueError, match=f"could not read this file back.*{match}"):
+            arc_peft.save_adapter(model, out, metadata=metadata)
+        assert not out.exists()
+    bad = rewrite(saved, tmp_path / "deep.safetensors",
+                  meta=lambda m: m.update(user=json.dumps({"deep": deep})))  # fmt: skip
+    with pytest.raises(AdapterFileError, match="nests deeper than 64"):
+        arc_peft.read_adapter_info(bad)
+    assert cli.main(["inspect", str(bad), "--json"]) == 1
+    assert "nests deeper" in capsys.readouterr().err
+    shallow = {"a": [[[{"b": [1, 2]}]]]}
+    arc_peft.save_adapter(model, out, metadata=shallow)
+    assert arc_peft.read_adapter_info(out).metadata == shallow
+
+
+@pytest.mark.parametrize("change", ["append", "rewrite-header", "truncate"])
+def test_a_file_changing_while_it_is_read_is_refused_cleanly(
+    saved: Path, tmp_path: Path, monkeypatch, change: str
+) -> None:
+    """A writer appending to the file or rewriting it in place between the header check and
+    the data read: refused, the model (and its attributes) exactly as they were."""
+    other = tmp_path / "other.safetensors"
+    arc_peft.save_adapter(adapted(seed=3), other, metadata={"x": "y" * 40})
+    real = arc_peft.io.loading.read_tensors
+
+    def changing(handle, header):
+        with open(saved, "r+b") as f:
+            if change == "append":
+                f.seek(0, os.SEEK_END)
+                f.write(b"\0" * 64)
+            elif change == "rewrite-header":
+                f.write(other.read_bytes()[: header.data_start])
+            else:
+                f.truncate(header.file_size - 8)
+        return real(handle, header)
+
+    monkeypatch.setattr(arc_peft.io.loading, "read_tensors", changing)
+    model = adapted(seed=1)  # it holds "default": the load replaces its weights
+    before = dict(model.__dict__)
+    rejected(model, saved, "changed while it was being read")
+    assert model.__dict__.keys() == before.keys()
+    assert all(model.__dict__[k] is v for k, v in before.items())
+
+
+def test_identity_checks_catch_accidents_and_say_they_stop_no_attacker(saved: Path) -> None:
+    """A vit_tiny file into deit_tiny (every width equal) is refused; a file edited to drop its
+    identity is not, which docs/file-format.md says plainly."""
+    rejected(build("deit"), saved, "made for another model")
+    text = " ".join((ROOT / "docs" / "file-format.md").read_text().split())
+    assert "Identity checks stop accidents, not attackers." in text
+    assert "with its `model` field removed" in text

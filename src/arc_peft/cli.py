@@ -19,9 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import AdapterFileError
+from .errors import AdapterFileError, printable
 from .io.format import about
-from .io.identity import printable
 from .io.info import read_adapter_info
 from .state import __version__
 

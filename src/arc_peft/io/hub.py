@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import timm
 import torch
 
+from ..errors import printable
 from ..runtime.heads import features_into
 from .atomic import replace_folder, write_atomic
 from .format import FileProblem, about
@@ -144,17 +145,22 @@ def create_model(
 
     Only timm backbones can be built from the file alone (their identity names the model and
     its pretrained tag); for others build the model yourself and call
-    ``arc_peft.load_adapter``.
+    ``arc_peft.load_adapter``. The name must be a model (and tag) of the installed timm's own
+    registry: a file naming ``local-dir:...`` or another ``hf-hub:...`` source is refused
+    (``AdapterFileError``) before timm is called. The head's classes come from the file once
+    a headless meta-device copy of the model shows that its input width is the file's.
     """
     file = resolve(source)
     info = read_adapter_info(file)
     model_id = info.model
     if model_id.get("library") != "timm":
         raise ValueError(
-            f"{source}: create_model builds timm backbones; this adapter was trained on "
-            f"{model_id.get('library') or 'an unrecorded'} model "
-            f"({model_id.get('architecture') or info.backbone.get('architecture')}): build it "
-            "yourself and call arc_peft.load_adapter(model, ...)"
+            printable(
+                f"{source}: create_model builds timm backbones; this adapter was trained on "
+                f"{model_id.get('library') or 'an unrecorded'} model "
+                f"({model_id.get('architecture') or info.backbone.get('architecture')}): build "
+                "it yourself and call arc_peft.load_adapter(model, ...)"
+            )
         )
     with about(file):
         name = timm_name(model_id)

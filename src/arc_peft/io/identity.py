@@ -21,6 +21,8 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..errors import printable
+
 if TYPE_CHECKING:  # torch is not imported to read a file's description
     from torch import nn
 
@@ -178,15 +180,6 @@ def describe(model: dict[str, Any], metadata: dict[str, Any]) -> list[tuple[str,
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         rows.append((f"[{key}]", text if len(text) <= 100 else text[:97] + "..."))
     return [(printable(label), printable(text)) for label, text in rows]
-
-
-def printable(text: str) -> str:
-    """``text`` safe to print anywhere: control characters and lone surrogates (which a file's
-    JSON may hold, and which no terminal encoding accepts) become escapes."""
-    return "".join(
-        ch if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF else ascii(ch)[1:-1]
-        for ch in text
-    )
 
 
 def user_metadata(metadata: Mapping[str, Any] | None) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import printable
 from ..inject import delete_adapter, inject_arc
 from ..runtime import heads
 from ..runtime.multitask import active_adapter, set_active_adapter
@@ -36,7 +37,6 @@ from .format import (
     read_header,
     read_tensors,
 )
-from .identity import printable
 from .info import identity_fields
 from .sources import resolve
 
