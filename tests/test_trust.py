@@ -999,3 +999,12 @@ def test_identity_checks_catch_accidents_and_say_they_stop_no_attacker(saved: Pa
     text = " ".join((ROOT / "docs" / "file-format.md").read_text().split())
     assert "Identity checks stop accidents, not attackers." in text
     assert "with its `model` field removed" in text
+
+
+def test_folder_save_refuses_to_replace_the_working_directory(tmp_path: Path, monkeypatch):
+    folder = tmp_path / "repo"
+    arc_peft.save_adapter_folder(adapted(), folder)
+    monkeypatch.chdir(folder)
+    with pytest.raises(ValueError, match="current working directory"):
+        arc_peft.save_adapter_folder(adapted(), ".")
+    assert Path.cwd() == folder and folder.is_dir()

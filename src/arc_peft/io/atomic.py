@@ -147,6 +147,13 @@ def replace_folder(folder: str, write: Callable[[str], None], own: Collection[st
     except FileNotFoundError:
         info = None
     if info is not None and stat.S_ISDIR(info.st_mode):
+        cwd = os.getcwd()
+        if cwd == folder or cwd.startswith(os.path.join(folder, "")):
+            # The process would be left in the removed old folder.
+            raise ValueError(
+                f"{folder} is (or holds) the current working directory, which replacing the "
+                "folder would remove: save into another folder, or chdir out of it first"
+            )
         other = sorted(n for n in os.listdir(folder) if n not in own and not _own_temporary(n, own))
         if other:
             raise ValueError(
