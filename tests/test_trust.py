@@ -1008,3 +1008,21 @@ def test_folder_save_refuses_to_replace_the_working_directory(tmp_path: Path, mo
     with pytest.raises(ValueError, match="current working directory"):
         arc_peft.save_adapter_folder(adapted(), ".")
     assert Path.cwd() == folder and folder.is_dir()
+
+
+def test_create_model_checks_the_head_width_without_the_meta_device(saved: Path, monkeypatch):
+    """A timm constructor that cannot run on the meta device: the headless copy is built on
+    the CPU instead (the model's own size), and the result is the same."""
+    real = timm.create_model
+
+    def no_meta(*args, **kwargs):
+        if torch.empty(0).device.type == "meta":
+            raise NotImplementedError("this constructor computes on its tensors")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", no_meta)
+    torch.manual_seed(0)
+    model = arc_peft.create_model(saved, pretrained=False, **_TINY_VIT).eval()
+    classes = arc_peft.read_adapter_info(saved).head["shapes"]["head.weight"][0]
+    with torch.no_grad():
+        assert model(inputs("vit")).shape == (2, classes)

@@ -218,8 +218,14 @@ def build_timm(name: str, info: Any, pretrained: bool, **kwargs: Any) -> nn.Modu
     if info.head is None or "num_classes" in kwargs:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     classes, features = head_size(info.head)
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        width = features_into(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            headless = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except (RuntimeError, NotImplementedError):  # a constructor that computes on its tensors
+        with torch.random.fork_rng(devices=[]):  # the model's own size, not the file's
+            headless = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    width = features_into(headless)
+    del headless
     if width != features:
         raise FileProblem(
             f"its head takes {features} features but {name} gives its head {width}: the file "
