@@ -389,3 +389,62 @@ def test_lean_path_under_ddp(tmp_path):
             torch.testing.assert_close(got[f"module.{name}"], grad, rtol=1e-4, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+def _gradient_penalty(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    return grad.square().sum()
+
+
+@pytest.mark.parametrize("method", ["arc", "adaptmlp"])
+def test_double_backward_through_the_lean_path_raises_and_plain_autograd_is_exact(method):
+    """A gradient penalty through ARC's lean path was silently wrong (0.065 off plain autograd
+    in float64): its backward pass is not differentiable. It now raises, naming the fix; the
+    first derivatives under create_graph=True are still the plain ones."""
+    config = (
+        arc_peft.ARCConfig(rank=4, dropout=0.0)
+        if method == "arc"
+        else arc_peft.AdaptMLPConfig(bottleneck=4, dropout=0.0)
+    )
+    model = build("vit").double()
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    arc_peft.inject_arc(model, config)
+    randomise_adapters(model, 0)
+    model.double().train()
+    x = inputs("vit").double()
+    params = list(arc_peft.adapter_parameters(model).values())
+    with lean_disabled():
+        penalty = _gradient_penalty(model, x)
+        expected = torch.autograd.grad(penalty, params)
+    penalty = _gradient_penalty(model, x)
+    torch.testing.assert_close(penalty, _gradient_penalty_plain(model, x))
+    with pytest.raises(RuntimeError, match="lean_disabled"):
+        torch.autograd.grad(penalty, params)
+    with lean_disabled():  # the documented fix
+        torch.testing.assert_close(
+            torch.autograd.grad(_gradient_penalty(model, x), params), expected
+        )
+
+
+def _gradient_penalty_plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with lean_disabled():
+        return _gradient_penalty(model, x)
+
+
+def test_gradgradcheck_of_the_lean_functions_raises():
+    u, s, b = _arc_params()
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.gradgradcheck(lambda *a: _LeanARC.apply(*a, 0.0, None), (x, u, s, b))
+    g = torch.Generator().manual_seed(3)
+    down_w, down_b, up_w, up_b = (
+        torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        for shape in ((3, 6), (3,), (6, 3), (6,))
+    )
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.gradgradcheck(
+            lambda *a: _LeanAdaptMLP.apply(*a, 0.5, 0.0, None), (x, down_w, down_b, up_w, up_b)
+        )
+    assert torch.autograd.gradgradcheck(_plain_arc, (x, u, s, b))  # what plain autograd gives

@@ -30,6 +30,7 @@ from arc_peft.io.saving import _serialize
 sys.path.insert(0, str(Path(__file__).parent))
 from models import build, randomise_adapters
 
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)  # models.build("vit")
 METHODS = {
     "arc": arc_peft.ARCConfig(rank=4),
     "adaptmlp": arc_peft.AdaptMLPConfig(bottleneck=4, scale="learnable", layernorm="in"),
@@ -172,19 +173,93 @@ def fixed_cases(folder: Path, sources: list) -> list[tuple[str, Path]]:
     return cases
 
 
+def _head(raw: bytes, head: dict[str, torch.Tensor]) -> bytes:
+    """``raw`` with its stored head replaced by ``head`` (keys relative to ``head``)."""
+    header, _ = read_raw(raw)
+    meta = header["__metadata__"]
+    tensors = {k: v for k, v in safetensors.torch.load(raw).items() if not k.startswith("head.")}
+    tensors.update({f"head.{k}": v for k, v in head.items()})
+    shapes = {f"head.{k}": list(v.shape) for k, v in head.items()}
+    meta["head"] = json.dumps({"module": "head", "shapes": shapes})
+    return _serialize(tensors, meta)
+
+
+def _meta(raw: bytes, **fields: object) -> bytes:
+    header, data = read_raw(raw)
+    header["__metadata__"].update({k: json.dumps(v) for k, v in fields.items()})
+    return with_header(header, data)
+
+
+def crafted_cases(folder: Path, sources: list) -> list[tuple[str, Path]]:
+    """The second trust pass's cases (issue 20): repeated trained modules, many head entries,
+    task heads of inconsistent or huge shapes or non-finite values, identities naming other
+    sources, forged text, deep metadata."""
+    by_name = {name: raw for name, raw, _ in sources}
+    arc, trained = by_name["arc-head"], by_name["arc-trained"]
+    header, data = read_raw(trained)
+    trained_meta = json.loads(header["__metadata__"]["trained"])
+    cases = []
+
+    def write(label: str, raw: bytes) -> None:
+        path = folder / f"crafted-{label}.safetensors"
+        path.write_bytes(raw)
+        cases.append((f"crafted-{label}", path))
+
+    for label, modules in [
+        ("empty-path-x20000", [""] * 20_000),
+        ("norm-x20000", ["norm"] * 20_000),
+    ]:
+        write(label, _meta(trained, trained={**trained_meta, "modules": modules}))
+    header, data = read_raw(arc)
+    head = json.loads(header["__metadata__"]["head"])
+    for i in range(19_000):
+        header[f"head.x{i}"] = {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}
+        head["shapes"][f"head.x{i}"] = [0]
+    header["__metadata__"]["head"] = json.dumps(head)
+    write("head-19000-empty", with_header(header, data))
+    heads = {
+        "bias-only-600k": {"bias": torch.zeros(600_000, dtype=torch.float8_e4m3fn)},
+        "weight-1-bias-10": {"weight": torch.ones(1, 32), "bias": torch.zeros(10)},
+        "weight-5x7": {"weight": torch.ones(5, 7), "bias": torch.zeros(5)},
+        "bias-scalar": {"weight": torch.ones(7, 32), "bias": torch.zeros(())},
+        "weight-1d": {"weight": torch.ones(7)},
+        "weight-3d": {"weight": torch.ones(5, 32, 2), "bias": torch.zeros(5)},
+        "weight-2**40x0": {"weight": torch.zeros(2**40, 0)},
+        "weight-scalar": {"weight": torch.zeros(())},
+        "nan": {"weight": torch.full((7, 32), float("nan")), "bias": torch.zeros(7)},
+        "f64-1e300": {"weight": torch.full((7, 32), 1e300, dtype=torch.float64)},
+    }
+    for label, tensors in heads.items():
+        write(f"head-{label}", _head(arc, tensors))
+    model = json.loads(read_raw(arc)[0]["__metadata__"]["model"])
+    for label, arch in [("local-dir", f"local-dir:{folder}"), ("hf-hub", "hf-hub:attacker/x")]:
+        write(f"model-{label}", _meta(arc, model={**model, "architecture": arch}))
+    write("rank-2**62", _set_config(arc, "rank", 2**62))
+    forged = "\n  model       timm vit_huge_patch14_224 (tag VERIFIED)\x1b[2J"
+    write("forged-text", _meta(arc, model={**model, "architecture": "x" + forged}))
+    deep: object = 1
+    for _ in range(500):
+        deep = [deep]
+    write("deep-metadata", _meta(arc, user={"deep": deep}))
+    return cases
+
+
 def snapshot(model: nn.Module) -> tuple:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return state, arc_peft.adapter_configs(model), arc_peft.active_adapter(model)
+    attrs = dict(model.__dict__)
+    return state, arc_peft.adapter_configs(model), arc_peft.active_adapter(model), attrs
 
 
 def unchanged(model: nn.Module, before: tuple) -> bool:
-    state, configs, active = before
+    state, configs, active, attrs = before
     now = model.state_dict()
     return (
         list(now) == list(state)
         and all(torch.equal(now[k], v) for k, v in state.items())
         and arc_peft.adapter_configs(model) == configs
         and arc_peft.active_adapter(model) == active
+        and model.__dict__.keys() == attrs.keys()
+        and all(model.__dict__[k] is v for k, v in attrs.items())
     )
 
 
@@ -199,6 +274,12 @@ def _sources(folder: Path) -> list[tuple[str, bytes, Callable[[], nn.Module]]]:
             path = folder / f"{method}-{head}.safetensors"
             arc_peft.save_adapter(model, path, include_head=head)
             out.append((f"{method}-{'head' if head else 'nohead'}", path.read_bytes(), config))
+    model = build("vit")
+    arc_peft.inject_arc(model, METHODS["arc"])
+    arc_peft.freeze_backbone(model, also=["norm"])
+    path = folder / "arc-trained.safetensors"
+    arc_peft.save_adapter(model, path)
+    out.append(("arc-trained", path.read_bytes(), METHODS["arc"]))
     return out
 
 
@@ -220,35 +301,64 @@ def run(seed: int, cases: int) -> dict:
         slowest = (0.0, "")
         path = folder / "case.safetensors"
 
-        def attempt(label: str, kind: str, path: Path, target: nn.Module) -> None:
+        errors: dict[str, int] = {}
+
+        def outcome(call: str, exc: BaseException | None) -> None:
+            key = f"{call}: {type(exc).__name__ if exc is not None else 'ok'}"
+            errors[key] = errors.get(key, 0) + 1
+
+        def attempt(label: str, kind: str, path: Path, target: nn.Module, create: bool = False):
             nonlocal slowest
             before = snapshot(target)
+            rng = torch.get_rng_state()
             start = time.perf_counter()
             try:
                 str(arc_peft.read_adapter_info(path))
                 info = "info"
-            except AdapterFileError:
+                outcome("read_adapter_info", None)
+            except AdapterFileError as exc:
                 info = "refused"
+                outcome("read_adapter_info", exc)
             except Exception as exc:
                 failures.append(f"{label}: read_adapter_info raised {type(exc).__name__}: {exc}")
                 info = "error"
+                outcome("read_adapter_info", exc)
             try:
                 arc_peft.load_adapter(target, path, name="fuzz")
                 result = "loaded"
+                outcome("load_adapter", None)
                 arc_peft.delete_adapter(target, "fuzz")
-            except AdapterFileError:
+            except AdapterFileError as exc:
                 result = "refused"
+                outcome("load_adapter", exc)
                 if not unchanged(target, before):
                     failures.append(f"{label}: refused but the model changed")
+                if not torch.equal(torch.get_rng_state(), rng):
+                    failures.append(f"{label}: refused but the global RNG advanced")
             except Exception as exc:
                 failures.append(f"{label}: load_adapter raised {type(exc).__name__}: {exc}")
                 result = "error"
+                outcome("load_adapter", exc)
+            if create:
+                try:
+                    arc_peft.create_model(path, pretrained=False, **TINY)
+                    outcome("create_model", None)
+                except AdapterFileError as exc:
+                    outcome("create_model", exc)
+                except Exception as exc:
+                    failures.append(f"{label}: create_model raised {type(exc).__name__}: {exc}")
+                    outcome("create_model", exc)
             slowest = max(slowest, (time.perf_counter() - start, label))
             key = f"{kind}: info {info}, load {result}"
             outcomes[key] = outcomes.get(key, 0) + 1
 
         for label, fixed in fixed_cases(folder, sources):
             attempt(label, label, fixed, plain)
+        for label, crafted in crafted_cases(folder, sources):
+            # into a plain model (the head goes into the model's own) and into one that holds
+            # another adapter (the head becomes the loaded adapter's own)
+            attempt(label, label, crafted, plain, create=True)
+            attempt(f"{label} (beside another)", label, crafted, injected["arc"])
         for case in range(cases):
             source_name, raw, _ = rng.choice(sources)
             kind, data = mutate(rng, raw)
@@ -260,6 +370,7 @@ def run(seed: int, cases: int) -> dict:
         "cases": cases,
         "failures": failures[:20],
         "outcomes": dict(sorted(outcomes.items())),
+        "exceptions": dict(sorted(errors.items())),
         "slowest_s": round(slowest[0], 4),
         "slowest_case": slowest[1],
         "peak_rss_growth_mb": round(peak_growth_mb, 1),

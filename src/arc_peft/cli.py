@@ -19,8 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import AdapterFileError
-from .io.identity import printable
+from .errors import AdapterFileError, printable
+from .io.format import about
 from .io.info import read_adapter_info
 from .state import __version__
 
@@ -116,21 +116,19 @@ def _compare(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import warnings
 
-    import timm
     import torch
 
     # torch, timm and the loader only for the command that builds a model: inspect and compare
     # answer without importing torch.
+    from .io.hub import build_timm
     from .io.loading import load_adapter
 
     info = read_adapter_info(args.file)
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     if not isinstance(kwargs, dict):
         raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
-    if info.head is not None and "num_classes" not in kwargs:
-        kwargs["num_classes"] = int(_classes(info)) if _classes(info).isdigit() else 1000
-    with torch.device("cpu"):
-        model = timm.create_model(args.model, pretrained=False, **kwargs)
+    with torch.device("cpu"), about(info.path):  # the head's classes checked before it is built
+        model = build_timm(args.model, info, pretrained=False, **kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         load_adapter(model, args.file)

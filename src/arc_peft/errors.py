@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AdapterFileError", "MergeError", "UnsupportedModelError"]
+__all__ = ["AdapterFileError", "MergeError", "UnsupportedModelError", "printable"]
 
 
 class UnsupportedModelError(ValueError):
@@ -15,3 +15,14 @@ class AdapterFileError(ValueError):
 
 class MergeError(ValueError):
     """An adapter cannot be folded exactly into the backbone at some site."""
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print anywhere: control characters (newlines, ESC, VT/FF/FS, NEL,
+    U+2028 included: a file's text must not start lines of its own or drive the terminal) and
+    lone surrogates (which a file's JSON may hold, and which no terminal encoding accepts)
+    become escapes."""
+    return "".join(
+        ch if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF else ascii(ch)[1:-1]
+        for ch in text
+    )

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import timm
+import torch
 
+from ..errors import printable
+from ..runtime.heads import features_into
+from .atomic import replace_folder, write_atomic
+from .format import FileProblem, about
 from .info import read_adapter_info
 from .loading import load_adapter
 from .saving import save_adapter
@@ -28,7 +34,7 @@ from .sources import ADAPTER_FILE, CONFIG_FILE, HUB_PREFIX, hub_client, resolve
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["create_model", "push_adapter_to_hub", "save_adapter_folder"]
+__all__ = ["build_timm", "create_model", "push_adapter_to_hub", "save_adapter_folder", "timm_name"]
 
 CARD_FILE = "README.md"
 
@@ -75,19 +81,26 @@ def save_adapter_folder(
 ) -> str:
     """Write adapter ``name`` as a Hub repo's files into ``folder`` (created if needed):
     ``adapter.safetensors``, ``adapter_config.json`` and a generated ``README.md``. Returns the
-    folder; ``arc_peft.load_adapter`` and ``create_model`` read it directly."""
+    folder; ``arc_peft.load_adapter`` and ``create_model`` read it directly.
+
+    The folder is replaced whole and atomically (``arc_peft.io.atomic.replace_folder``): the three
+    files are written and ``fsync``ed into a new folder next to it, which then takes its place
+    in one step, so a reader, a crash or a concurrent save never leaves a mix of two saves;
+    links in the old folder are discarded, not followed. A folder holding other files is
+    refused (``ValueError``): they would be lost."""
+
+    def write(into: str) -> None:
+        file = os.path.join(into, ADAPTER_FILE)
+        save_adapter(model, file, name=name, metadata=metadata)
+        info = read_adapter_info(file)
+        config = info.to_dict()
+        config.pop("path")
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        write_atomic(os.path.join(into, CONFIG_FILE), text.encode("utf-8"))
+        write_atomic(os.path.join(into, CARD_FILE), _card(info, repo_id).encode("utf-8"))
+
     folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    file = os.path.join(folder, ADAPTER_FILE)
-    save_adapter(model, file, name=name, metadata=metadata)
-    info = read_adapter_info(file)
-    config = info.to_dict()
-    config.pop("path")
-    with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    with open(os.path.join(folder, CARD_FILE), "w", encoding="utf-8") as handle:
-        handle.write(_card(info, repo_id))
+    replace_folder(folder, write, own=(ADAPTER_FILE, CONFIG_FILE, CARD_FILE))
     return folder
 
 
@@ -132,25 +145,90 @@ def create_model(
 
     Only timm backbones can be built from the file alone (their identity names the model and
     its pretrained tag); for others build the model yourself and call
-    ``arc_peft.load_adapter``.
+    ``arc_peft.load_adapter``. The name must be a model (and tag) of the installed timm's own
+    registry: a file naming ``local-dir:...`` or another ``hf-hub:...`` source is refused
+    (``AdapterFileError``) before timm is called. The head's classes come from the file once
+    a headless meta-device copy of the model shows that its input width is the file's.
     """
     file = resolve(source)
     info = read_adapter_info(file)
     model_id = info.model
     if model_id.get("library") != "timm":
         raise ValueError(
-            f"{source}: create_model builds timm backbones; this adapter was trained on "
-            f"{model_id.get('library') or 'an unrecorded'} model "
-            f"({model_id.get('architecture') or info.backbone.get('architecture')}): build it "
-            "yourself and call arc_peft.load_adapter(model, ...)"
+            printable(
+                f"{source}: create_model builds timm backbones; this adapter was trained on "
+                f"{model_id.get('library') or 'an unrecorded'} model "
+                f"({model_id.get('architecture') or info.backbone.get('architecture')}): build "
+                "it yourself and call arc_peft.load_adapter(model, ...)"
+            )
         )
-    name = model_id["architecture"]
-    if model_id.get("tag"):
-        name = f"{name}.{model_id['tag']}"
-    if info.head is not None and "num_classes" not in kwargs:
-        # The stored head decides the classes; the model's own head then has the same shape.
-        weight = [s for k, s in info.head["shapes"].items() if k.endswith("weight")]
-        if weight:
-            kwargs["num_classes"] = weight[-1][0]
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    with about(file):
+        name = timm_name(model_id)
+        model = build_timm(name, info, pretrained=pretrained, **kwargs)
     return load_adapter(model, file)
+
+
+# What a file may name for create_model: a model of timm's own registry and a pretrained tag of
+# it; never "local-dir:..." or another "hf-hub:..." (timm would read that folder's config and
+# weights, or query a second repository, on the file's word).
+_TIMM_NAME = re.compile(r"[A-Za-z0-9_]{1,200}")
+_TIMM_TAG = re.compile(r"[A-Za-z0-9_]{1,200}(?:[.-][A-Za-z0-9_]{1,200}){0,8}")
+
+
+def timm_name(model_id: dict[str, Any]) -> str:
+    """The timm model name (``architecture.tag``) a file's identity records, if timm's own
+    registry knows it; ``FileProblem`` otherwise (nothing is read or downloaded)."""
+    arch, tag = model_id.get("architecture"), model_id.get("tag")
+    known = isinstance(arch, str) and bool(_TIMM_NAME.fullmatch(arch)) and timm.is_model(arch)
+    if known and tag is not None:
+        known = isinstance(tag, str) and bool(_TIMM_TAG.fullmatch(tag))
+        try:
+            known = known and timm.models.get_pretrained_cfg(f"{arch}.{tag}") is not None
+        except RuntimeError:  # timm: "Invalid pretrained tag"
+            known = False
+    if not known:
+        shown = repr(f"{arch}.{tag}" if tag is not None else arch)[:200]
+        raise FileProblem(
+            f"it names the timm model {shown}, which is not in this timm's registry "
+            f"(timm {timm.__version__}). create_model builds only registered models; build "
+            "the backbone yourself and call arc_peft.load_adapter(model, path)"
+        )
+    return f"{arch}.{tag}" if tag else arch
+
+
+def head_size(head: dict[str, Any]) -> tuple[int, int]:
+    """``(classes, features)`` of a file's stored head (its last linear layer's weight), checked
+    to be one a linear layer has; ``FileProblem`` otherwise."""
+    weights = sorted(k for k in head["shapes"] if k.endswith("weight"))
+    shape = head["shapes"][weights[-1]] if weights else None
+    bias = head["shapes"].get(f"{weights[-1][: -len('weight')]}bias") if weights else None
+    if shape is None or len(shape) != 2 or min(shape) < 1 or bias not in (None, shape[:1]):
+        raise FileProblem(
+            f"its head is not a classifier's (a last weight of shape [classes >= 1, features "
+            f">= 1] and a bias of [classes]); it holds {str(head['shapes'])[:200]}"
+        )
+    return shape[0], shape[1]
+
+
+def build_timm(name: str, info: Any, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, ...)`` with the classes of the file's head (unless ``kwargs``
+    says ``num_classes``), once a headless copy built on the meta device (no memory, the global
+    RNG put back) shows that the head's input width is the file's: a head claiming 2**40
+    classes is refused (``FileProblem``), not allocated."""
+    if info.head is None or "num_classes" in kwargs:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    classes, features = head_size(info.head)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            headless = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except (RuntimeError, NotImplementedError):  # a constructor that computes on its tensors
+        with torch.random.fork_rng(devices=[]):  # the model's own size, not the file's
+            headless = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    width = features_into(headless)
+    del headless
+    if width != features:
+        raise FileProblem(
+            f"its head takes {features} features but {name} gives its head {width}: the file "
+            "was made for another backbone"
+        )
+    return timm.create_model(name, pretrained=pretrained, num_classes=classes, **kwargs)

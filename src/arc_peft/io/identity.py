@@ -21,6 +21,8 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..errors import printable
+
 if TYPE_CHECKING:  # torch is not imported to read a file's description
     from torch import nn
 
@@ -135,18 +137,21 @@ def remap_keys(found: set[str], expected: set[str]) -> dict[str, str]:
     """
     if found == expected:
         return {k: k for k in found}
-    by_words: dict[str, list[str]] = {}
+    if len(found) != len(expected):  # a complete one-to-one mapping needs as many keys
+        return {}
+    # Every model key under each of its word-boundary suffixes: a file key is then looked up
+    # once (comparing it with every model key made a hostile file quadratic in its keys). The
+    # index is the model's, so its size depends on the model alone.
+    by_suffix: dict[str, list[str]] = {}
     for key in expected:
-        by_words.setdefault(_words(key), []).append(key)
+        words = _words(key)
+        by_suffix.setdefault(words, []).append(key)
+        for i, ch in enumerate(words):
+            if ch == "_":
+                by_suffix.setdefault(words[i + 1 :], []).append(key)
     mapping: dict[str, str] = {}
     for key in found:
-        want = _words(key)
-        hits = [
-            k
-            for words, keys in by_words.items()
-            if words == want or words.endswith("_" + want)
-            for k in keys
-        ]
+        hits = by_suffix.get(_words(key), [])
         if len(hits) != 1:
             return {}
         mapping[key] = hits[0]
@@ -175,15 +180,6 @@ def describe(model: dict[str, Any], metadata: dict[str, Any]) -> list[tuple[str,
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         rows.append((f"[{key}]", text if len(text) <= 100 else text[:97] + "..."))
     return [(printable(label), printable(text)) for label, text in rows]
-
-
-def printable(text: str) -> str:
-    """``text`` safe to print anywhere: control characters and lone surrogates (which a file's
-    JSON may hold, and which no terminal encoding accepts) become escapes."""
-    return "".join(
-        ch if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF else ascii(ch)[1:-1]
-        for ch in text
-    )
 
 
 def user_metadata(metadata: Mapping[str, Any] | None) -> str | None:

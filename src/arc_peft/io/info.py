@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import printable
 from ..methods import AdapterConfig
 from ..state import DEFAULT_ADAPTER
 from . import identity
@@ -119,7 +120,11 @@ class AdapterInfo:
             modules = ", ".join(self.trained["modules"])
             rows.insert(3, ("trained", f"{self.trained_parameters:,} values in {modules}"))
         rows[3:3] = identity.describe(self.model, self.metadata)
-        return "\n".join([self.path] + [f"  {label:<11} {text}" for label, text in rows])
+        # Every value may be a file's text: escaped, so that it cannot start rows of its own
+        # (a forged "model ... (tag VERIFIED)") or send terminal escapes.
+        lines = [printable(self.path)]
+        lines += [f"  {printable(label):<11} {printable(text)}" for label, text in rows]
+        return "\n".join(lines)
 
 
 def identity_fields(header: Header) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import printable
 from ..inject import delete_adapter, inject_arc
 from ..runtime import heads
 from ..runtime.multitask import active_adapter, set_active_adapter
@@ -127,6 +128,35 @@ def load_adapter(
     path = resolve(path)
     wrapper, model = model, unwrap(model)
     check_name(name)
+    # A refused load leaves the model as it was, down to its attributes (the site plan a check
+    # computed and keeps on the model) and the global RNG (building a head of another shape
+    # draws its initial weights, which the file's then replace).
+    before = dict(model.__dict__)
+    try:
+        with _rng_untouched(model):
+            _load(model, wrapper, path, name, activate, load_head, check_model)
+    except BaseException:
+        for key in [k for k in model.__dict__ if k not in before]:
+            del model.__dict__[key]
+        for key, value in before.items():
+            if model.__dict__.get(key, _MISSING) is not value:
+                model.__dict__[key] = value
+        raise
+    return wrapper
+
+
+_MISSING = object()
+
+
+def _load(
+    model: nn.Module,
+    wrapper: nn.Module,
+    path: str,
+    name: str,
+    activate: bool | None,
+    load_head: bool,
+    check_model: bool,
+) -> None:
     reshard(model)  # FSDP2: write into the kept shards, not unsharded copies about to be freed
     with about(path):
         with open_regular(path) as handle:
@@ -140,20 +170,32 @@ def load_adapter(
             expected, needs_inject, warning = _check_against_model(
                 model, header, contents, name, head, trained, check_model
             )
+            try:
+                taskfiles.check_owned(model, to_own)
+            except ValueError as exc:
+                raise FileProblem(str(exc)) from None
             if warning:
-                warnings.warn(f"{path}: {warning}", stacklevel=2)
+                # stacklevel 3: the user's call, above load_adapter and _load
+                warnings.warn(printable(f"{path}: {warning}"), stacklevel=3)
             if needs_inject:
-                check_injectable(wrapper, "load_adapter")
+                check_injectable(wrapper, "load_adapter", stacklevel=4)
             tensors = read_tensors(handle, header)
         try:
             owned = taskfiles.build_owned(model, to_own, tensors)
         except ValueError as exc:
             raise FileProblem(str(exc)) from None
+        # The file's own heads are checked like the tensors copied into the model: in the dtype
+        # they now have (a value finite in the file may not be in the model's dtype).
+        key = layout.first_non_finite(
+            {f"{p}.{k}": v for p, m in owned.items() for k, v in m.state_dict().items()}
+        )
+        if key is not None:
+            raise FileProblem(f"{key} holds NaN or infinite values (in the model's dtype)")
 
         previous_active = active_adapter(model)
         if needs_inject:
             try:
-                with _rng_untouched(model), warnings.catch_warnings():
+                with warnings.catch_warnings():
                     warnings.filterwarnings(
                         "ignore", message=".*torch.compile has already compiled"
                     )
@@ -162,7 +204,8 @@ def load_adapter(
                 problem = f"its config {contents.config} does not fit this model: {exc}"
                 raise FileProblem(problem) from None
         try:
-            adapter_found = {k: v for k, v in tensors.items() if k not in contents.extra_keys()}
+            extra = contents.extra_keys()
+            adapter_found = {k: v for k, v in tensors.items() if k not in extra}
             model_state = layout.adapter_state(model, name)
             adapter_found = layout.renamed(adapter_found, model_state)
             tensors = {**tensors, **adapter_found}  # also under the model's names, for staging
@@ -194,7 +237,6 @@ def load_adapter(
             set_active_adapter(model, name)
         elif activate is False and active_adapter(model) != previous_active:
             set_active_adapter(model, previous_active)
-    return wrapper
 
 
 def _check_against_model(
@@ -255,7 +297,8 @@ def _check_against_model(
 
     config = contents.config
     existing = adapter_configs(model)
-    adapter_entries = {k: e for k, e in entries.items() if k not in contents.extra_keys()}
+    extra = contents.extra_keys()
+    adapter_entries = {k: e for k, e in entries.items() if k not in extra}
     if name in existing:
         if existing[name] != config:
             raise FileProblem(

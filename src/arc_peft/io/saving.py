@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from ..errors import printable
 from ..runtime import heads
 from ..runtime.heads import get_head
 from ..runtime.multitask import active_adapter
@@ -26,7 +27,16 @@ from ..runtime.wrappers import full_tensor, is_sharded, reshard, unwrap
 from ..state import TRAINED_ATTR, __version__
 from . import identity, layout, taskfiles
 from .atomic import write_atomic
-from .format import FORMAT_NAME, FORMAT_VERSION
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FileProblem,
+    check_metadata,
+    outermost,
+    parse_header,
+    parse_metadata,
+)
+from .info import identity_fields
 
 __all__ = ["save_adapter"]
 
@@ -120,6 +130,7 @@ def save_adapter(
     trained_paths, trained_state = taskfiles.with_owned(
         model, name, trained_paths, trained_state, exclude=set(head_state)
     )
+    trained_paths = outermost(trained_paths)  # a module inside another is stored with it
     user = identity.user_metadata(metadata)
     clash = sorted(set(state) & (set(head_state) | set(trained_state)))
     if clash:
@@ -164,7 +175,25 @@ def save_adapter(
         )
     # Own contiguous CPU copies: safetensors refuses views and tensors sharing storage.
     cpu = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    write_atomic(os.fspath(path), _serialize(cpu, fields))
+    data = _serialize(cpu, fields)
+    _check_readable(data)
+    write_atomic(os.fspath(path), data)
+
+
+def _check_readable(data: bytes) -> None:
+    """Refuse to write what ``read_adapter_info`` / ``load_adapter`` would refuse (a header over
+    the size limit, metadata nested too deeply...): the reader's own checks on the header."""
+    size = int.from_bytes(data[:8], "little")
+    try:
+        header = parse_header(data[: 8 + size], len(data))
+        check_metadata(header)
+        parse_metadata(header)
+        identity_fields(header)
+    except FileProblem as exc:
+        raise ValueError(
+            "save_adapter: arc_peft could not read this file back, so it is not written: "
+            f"{printable(str(exc))[:500]}. Store less metadata (or less deeply nested) with it"
+        ) from None
 
 
 def _check_nothing_lost(

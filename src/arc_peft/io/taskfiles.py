@@ -11,11 +11,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..runtime.heads import check_path, find_head, head_like, head_path, owned, running
+from ..runtime.heads import (
+    check_head_shapes,
+    check_path,
+    features_into,
+    find_head,
+    head_like,
+    head_path,
+    owned,
+    running,
+)
 from ..runtime.slots import adapter_configs
 from ..state import BASE_ATTR
+from .format import group_by_module, key_prefix
 
-__all__ = ["build_owned", "head_state", "load_plan", "module_like", "with_owned"]
+__all__ = ["build_owned", "check_owned", "head_state", "load_plan", "module_like", "with_owned"]
 
 
 def prefixed(path: str, module: nn.Module) -> dict[str, Tensor]:
@@ -86,11 +96,26 @@ def load_plan(
     elif head is not None:
         head = None
     if trained is not None and not alone:
-        for path in trained["modules"]:
-            keys = {k: s for k, s in trained["shapes"].items() if k.startswith(f"{path}.")}
-            own[path] = (path, keys)
+        groups = group_by_module(trained["modules"], trained["shapes"]) or {}  # checked on read
+        for path, keys in groups.items():
+            own[path] = (path, {k: trained["shapes"][k] for k in keys})
         trained = None
     return head, trained, own
+
+
+def check_owned(model: nn.Module, plan: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    """Check that every module of a ``load_plan`` can be built with exactly the file's shapes,
+    before the file's data is read or anything is allocated; ``ValueError`` names what does
+    not fit. The model is not changed."""
+    for path, (file_path, shapes) in plan.items():
+        prefix = key_prefix(file_path)
+        try:
+            check_path(model, path)
+            base = running(model, None, path)
+            relative = {k[len(prefix) :]: s for k, s in shapes.items()}
+            check_head_shapes(base, relative, _features(model, path))
+        except ValueError as exc:
+            raise ValueError(f"the stored {path} does not fit: {exc}") from None
 
 
 def build_owned(
@@ -100,7 +125,7 @@ def build_owned(
     names what does not fit. The model is not changed."""
     built = {}
     for path, (file_path, shapes) in plan.items():
-        prefix = f"{file_path}." if file_path else ""
+        prefix = key_prefix(file_path)
         try:
             built[path] = module_like(model, path, {k[len(prefix) :]: tensors[k] for k in shapes})
         except ValueError as exc:
@@ -108,12 +133,18 @@ def build_owned(
     return built
 
 
+def _features(model: nn.Module, path: str) -> int | None:
+    """What a parameter-free module at ``path`` receives, known for the classifier head only."""
+    head = find_head(model)
+    return features_into(model) if head is not None and path == head_path(model) else None
+
+
 def module_like(model: nn.Module, path: str, state: dict[str, Tensor]) -> nn.Module:
-    """A copy of the model's own module at ``path`` holding ``state`` (keys relative to it);
-    raises ``ValueError`` when it does not fit. The model is not changed."""
+    """A copy of the model's own module at ``path`` holding exactly ``state`` (keys relative to
+    it); raises ``ValueError`` when it does not fit. The model is not changed."""
     check_path(model, path)
     base = running(model, None, path)
-    module = head_like(base, {k: list(v.shape) for k, v in state.items()})
+    module = head_like(base, {k: list(v.shape) for k, v in state.items()}, _features(model, path))
     ref = dict(module.state_dict(keep_vars=True))
     with torch.no_grad():
         for key, value in state.items():

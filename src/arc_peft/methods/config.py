@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, ClassVar, NoReturn
 
-__all__ = ["POSITIONS", "AdapterConfig", "check_dropout", "check_int", "invalid"]
+__all__ = ["MAX_SIZE", "POSITIONS", "AdapterConfig", "check_dropout", "check_int", "invalid"]
 
 POSITIONS = ("attn", "mlp")
 
@@ -18,9 +18,15 @@ def invalid(cls: type, field: str, value: Any, allowed: str) -> NoReturn:
     raise ValueError(f"{cls.__name__}.{field}={value!r} is invalid: expected {allowed}.")
 
 
+# Far above any size a config holds (a rank is at most a site's width, a few thousand), and small
+# enough that width × size cannot overflow a tensor's size computation: ARCConfig(rank=2**62)
+# raised a RuntimeError from inside torch, after part of the model was injected.
+MAX_SIZE = 2**31 - 1
+
+
 def check_int(cls: type, field: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        invalid(cls, field, value, f"an int >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_SIZE:
+        invalid(cls, field, value, f"an int in [{minimum}, {MAX_SIZE}]")
 
 
 def check_dropout(cls: type, value: Any) -> None:

@@ -34,6 +34,7 @@ to float rounding (``tests/test_lean.py``: gradcheck in float64, every architect
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,7 +43,9 @@ from torch import Tensor
 
 __all__ = [
     "LEAN",
+    "SECOND_ORDER_ERROR",
     "dropout_with_mask",
+    "first_order_only",
     "input_grad_product",
     "lean_applies",
     "lean_disabled",
@@ -239,3 +242,58 @@ def norm_source(x: Tensor) -> tuple[Any, ...] | None:
     if not x.requires_grad or _saved_tensor_hooks_active():
         return None
     return recompute_source(x)
+
+
+SECOND_ORDER_ERROR = (
+    "arc_peft: a second derivative (autograd.grad(..., create_graph=True), then a backward pass "
+    "through its result: a gradient penalty, MAML) reached the memory-lean training path of an "
+    "adapter, whose backward pass is not differentiable. Run that forward pass under "
+    "arc_peft.methods.lean.lean_disabled() (plain autograd), which differentiates twice exactly"
+)
+
+
+class _SecondOrderRefused(torch.autograd.Function):
+    """Passes the lean backward's gradients on; differentiating them again raises. Its inputs
+    include what the gradients truly depend on, so that any second backward pass that needs
+    them reaches this node (autograd skips nodes with no path to the inputs asked for)."""
+
+    @staticmethod
+    def forward(ctx: Any, links: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(g.clone() for g in tensors[links:])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        raise RuntimeError(SECOND_ORDER_ERROR)
+
+
+def first_order_only(backward: Callable[..., tuple[Tensor | None, ...]]) -> Callable[..., Any]:
+    """Decorates a lean Function's ``backward``. It computes its gradients from tensors its
+    forward pass produced outside autograd, so differentiating them again would silently miss
+    terms (0.065 off a gradient penalty through a ViT). Under ``create_graph=True`` (grad mode
+    on in the backward pass) the gradients are computed as usual and tied to a node that
+    raises if a second backward pass reaches it; first derivatives are unaffected. The
+    Function's ``ctx.source`` is the norm chain its input is recomputed from (or ``None``)."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        tensors = [g for g in out if g is not None]
+        if not tensors:
+            return out
+        # Linked to: the incoming gradients, the saved inputs and the norm input the adapter's
+        # input is recomputed from (every path a second derivative can take through this
+        # node), and a fresh leaf so that the outputs require grad in any case.
+        source = getattr(ctx, "source", None)
+        norm_input = _recompute(source)[:1] if source is not None else ()
+        links = [torch.zeros((), requires_grad=True)] + [
+            t
+            for t in (*grads, *ctx.saved_tensors, *norm_input)
+            if isinstance(t, Tensor) and t.requires_grad
+        ]
+        tied = iter(_SecondOrderRefused.apply(len(links), *links, *tensors))
+        return tuple(None if g is None else next(tied) for g in out)
+
+    return wrapped

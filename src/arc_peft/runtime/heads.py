@@ -262,36 +262,26 @@ def last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
     return found
 
 
-def head_like(base: nn.Module, shapes: dict[str, Sequence[int]]) -> nn.Module:
+def head_like(
+    base: nn.Module, shapes: dict[str, Sequence[int]], in_features: int | None = None
+) -> nn.Module:
     """A copy of ``base`` whose linear layers take the given parameter ``shapes`` (keys relative
     to ``base``), freshly initialised where a shape changed; raises ``ValueError`` naming the
-    tensor when the structure cannot take them. A base without parameters (``nn.Identity``, a
-    model built with ``num_classes=0``) becomes an ``nn.Linear`` if the shapes are one's."""
-    own = dict(base.state_dict())
-    if not own and set(shapes) in ({"weight", "bias"}, {"weight"}) and len(shapes["weight"]) == 2:
+    tensor when the structure cannot take them exactly. A base without parameters
+    (``nn.Identity``, a model built with ``num_classes=0``) becomes an ``nn.Linear`` if the
+    shapes are one's taking ``in_features`` (the features the base receives).
+
+    The shapes are checked in full before anything is allocated (``check_head_shapes``): a file
+    claiming a bias of 2**40 classes costs nothing to refuse."""
+    layers = check_head_shapes(base, shapes, in_features)
+    if not dict(base.state_dict()):
         out_f, in_f = shapes["weight"]
-        factory = _factory(base)
-        return nn.Linear(in_f, out_f, bias="bias" in shapes, **factory)
+        return nn.Linear(in_f, out_f, bias="bias" in shapes, **_factory(base))
     head = copy.deepcopy(base)
     for module in head.modules():  # the copy must not carry the task hook of the original
         remove_hooks(module, lambda fn: isinstance(fn, _TaskHook))
-    for key, shape in shapes.items():
-        if key not in own or list(own[key].shape) == list(shape):
-            continue
-        owner_path, _, leaf = key.rpartition(".")
-        layer = head.get_submodule(owner_path)
-        if not isinstance(layer, nn.Linear) or leaf not in ("weight", "bias"):
-            raise ValueError(
-                f"cannot give {key} the shape {list(shape)}: it belongs to a "
-                f"{type(layer).__name__}, and only linear layers are resized"
-            )
-        out_f = shape[0]
-        in_f = shape[1] if leaf == "weight" else layer.in_features
-        if leaf == "weight" and in_f != layer.in_features:
-            raise ValueError(
-                f"{key} has shape {list(shape)} but the layer takes {layer.in_features} "
-                "features: the head was made for another backbone width"
-            )
+    for owner_path, layer in layers.items():
+        out_f, in_f = shapes[f"{owner_path}.weight" if owner_path else "weight"]
         fresh = nn.Linear(
             in_f, out_f, bias=layer.bias is not None, device=layer.weight.device,
             dtype=layer.weight.dtype,
@@ -300,13 +290,103 @@ def head_like(base: nn.Module, shapes: dict[str, Sequence[int]]) -> nn.Module:
             _install(head, owner_path, fresh)
         else:
             head = fresh
-    missing = set(head.state_dict()) ^ set(shapes)
-    if missing:
-        raise ValueError(
-            f"the head's tensors {sorted(shapes)} do not fit a copy of {type(base).__name__} "
-            f"(its tensors: {sorted(head.state_dict())})"
-        )
     return head
+
+
+def check_head_shapes(
+    base: nn.Module, shapes: dict[str, Sequence[int]], in_features: int | None = None
+) -> dict[str, nn.Linear]:
+    """Check that a copy of ``base`` can hold exactly ``shapes`` (see ``head_like``), without
+    allocating anything; returns ``{path: linear layer}`` of the layers to be resized.
+
+    Every tensor must keep ``base``'s shape except a linear layer's ``weight`` (and with it its
+    ``bias``), which may change its number of outputs but not of inputs; the keys must be
+    exactly ``base``'s."""
+    own = {k: list(v.shape) for k, v in base.state_dict().items()}
+    wanted = {k: list(v) for k, v in shapes.items()}
+    if not own:
+        return _check_linear(base, wanted, in_features)
+    resized: dict[str, nn.Linear] = {}
+    for key, shape in wanted.items():
+        if key not in own or own[key] == shape:
+            continue
+        owner_path, _, leaf = key.rpartition(".")
+        layer = base.get_submodule(owner_path)
+        if not isinstance(layer, nn.Linear) or leaf not in ("weight", "bias"):
+            raise ValueError(
+                f"cannot give {key} the shape {shape[:8]}: it belongs to a "
+                f"{type(layer).__name__}, and only linear layers are resized"
+            )
+        resized[owner_path] = layer
+    planned = dict(own)
+    for owner_path, layer in resized.items():
+        prefix = f"{owner_path}." if owner_path else ""
+        weight = wanted.get(f"{prefix}weight")
+        if weight is None or len(weight) != 2 or weight[0] < 1:
+            raise ValueError(
+                f"{prefix}bias or weight has another shape than the layer's, but "
+                f"{prefix}weight is {'missing' if weight is None else weight[:8]}: a resized "
+                "linear layer needs a weight of shape [outputs >= 1, inputs]"
+            )
+        if weight[1] != layer.in_features:
+            raise ValueError(
+                f"{prefix}weight has shape {weight} but the layer takes {layer.in_features} "
+                "features: the head was made for another backbone width"
+            )
+        planned[f"{prefix}weight"] = weight
+        if layer.bias is not None:
+            planned[f"{prefix}bias"] = [weight[0]]
+    _same_shapes(base, planned, wanted)
+    return resized
+
+
+def _check_linear(
+    base: nn.Module, wanted: dict[str, list[int]], in_features: int | None
+) -> dict[str, nn.Linear]:
+    weight = wanted.get("weight")
+    if weight is None or len(weight) != 2 or weight[0] < 1 or set(wanted) - {"weight", "bias"}:
+        raise ValueError(
+            f"the {type(base).__name__} here has no parameters; it can only become a linear "
+            f"layer (weight [outputs >= 1, inputs], optional bias), not {_shown(wanted)}"
+        )
+    if in_features is None:
+        raise ValueError(
+            f"cannot tell how many features the {type(base).__name__} receives (the model "
+            "declares no num_features), so a linear layer for it cannot be checked"
+        )
+    planned = {"weight": [weight[0], in_features]}
+    if "bias" in wanted:
+        planned["bias"] = [weight[0]]
+    _same_shapes(base, planned, wanted)
+    return {}
+
+
+def _shown(shapes: dict[str, list[int]]) -> str:
+    listed = sorted(shapes)
+    text = ", ".join(f"{k} {shapes[k][:8]}" for k in listed[:5])
+    return text + (f" and {len(listed) - 5} more" if len(listed) > 5 else "")
+
+
+def _same_shapes(
+    base: nn.Module, planned: dict[str, list[int]], wanted: dict[str, list[int]]
+) -> None:
+    if planned == wanted:
+        return
+    wrong = sorted(k for k in set(planned) | set(wanted) if planned.get(k) != wanted.get(k))
+    raise ValueError(
+        f"the tensors {_shown({k: wanted[k] for k in wrong if k in wanted})} do not fit a "
+        f"copy of {type(base).__name__}, which would hold "
+        f"{_shown({k: planned[k] for k in wrong if k in planned}) or 'no such tensors'}"
+    )
+
+
+def features_into(model: nn.Module) -> int | None:
+    """The number of features the model's classifier head receives, where the model says."""
+    for attr in ("head_hidden_size", "num_features"):
+        value = getattr(model, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def _factory(module: nn.Module) -> dict:

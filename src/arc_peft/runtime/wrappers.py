@@ -103,8 +103,9 @@ def _compiled_code(model: nn.Module) -> bool:
     return forward is not None and bool(_debug_get_cache_entry_list(forward))
 
 
-def check_injectable(model: nn.Module, verb: str) -> None:
-    """Refuse to add adapters to a wrapped or sharded model; warn if it was already compiled."""
+def check_injectable(model: nn.Module, verb: str, stacklevel: int = 3) -> None:
+    """Refuse to add adapters to a wrapped or sharded model; warn if it was already compiled
+    (the warning points ``stacklevel`` frames up: the user's call)."""
     inner = _wrapped(model)
     if inner is not None:
         kind = type(model).__name__
@@ -127,5 +128,5 @@ def check_injectable(model: nn.Module, verb: str) -> None:
             "compiled model does not see adapters added after it ran (its graph does not guard "
             "on hooks) and keeps computing without them. Add adapters before compiling, or "
             "compile again after torch._dynamo.reset()",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )

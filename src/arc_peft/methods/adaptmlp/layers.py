@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import Adapter
-from ..lean import dropout_with_mask, input_grad_product, lean_applies, norm_source
+from ..lean import (
+    dropout_with_mask,
+    first_order_only,
+    input_grad_product,
+    lean_applies,
+    norm_source,
+)
 from ..registry import SiteLike
 from .config import AdaptMLPConfig
 
@@ -137,6 +143,7 @@ class _LeanAdaptMLP(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         w_down, b_down, w_up, b_up, h, flat = ctx.saved_tensors
         dim, cd = w_down.shape[1], h.dtype

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..layers import Adapter, SharedState
 from ..lean import (
     dropout_with_mask,
+    first_order_only,
     input_grad_product,
     lean_applies,
     noise_from_mask,
@@ -218,6 +219,7 @@ class _LeanARC(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
+    @first_order_only
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         u, s, mask, h, flat = ctx.saved_tensors
         cd = h.dtype  # the bottleneck's dtype: the GEMMs' under autocast
