@@ -450,11 +450,14 @@ def family_rows(
             continue
         with_attn = [census_[n] for n in names if census_.get(n, {}).get("attn_ops")]
         failed_meta = [n for n in names if "cpu_error" in census_.get(n, {})]
-        if not with_attn:
-            if failed_meta and len(failed_meta) == len(names):
-                print(f"{family}: no entrypoint ran on meta: {census_[names[0]]}", file=sys.stderr)
+        if not with_attn and len(failed_meta) == len(names):
+            # no probe forward ran at all (CSATv2's wrong probe input hid a whole family): its
+            # row says why, rather than the family silently not being counted
+            print(f"{family}: no entrypoint ran: {census_[names[0]]}", file=sys.stderr)
+            jobs.append((family, (len(names), [census_[n] for n in names])))
             continue
-        jobs.append((family, (len(names), with_attn)))
+        if with_attn:
+            jobs.append((family, (len(names), with_attn)))
     for name in TORCHVISION if torchvision else ():
         if "torchvision." + name not in done:
             jobs.append(("torchvision." + name, None))
