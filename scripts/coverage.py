@@ -67,6 +67,7 @@ METHODS = {
     "ARC": (lambda: arc_peft.ARCConfig(rank=4, allow_partial=True), ARC),
     "AdaptMLP": (lambda: arc_peft.AdaptMLPConfig(bottleneck=8, allow_partial=True), AdaptMLP),
 }
+ADDS_OUTPUT = {"AdaptMLP"}  # adds to the site's output: left out where no forward reaches it
 
 TORCHVISION = [
     "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "swin_t", "swin_s", "swin_b",
@@ -210,9 +211,14 @@ def check(name: str, device: str = "cpu", **kwargs: Any) -> dict:
             )
             row["left_out"] = [
                 {"path": i.path, "kind": i.kind.rsplit(".", 1)[-1], "reason": i.reason,
-                 "on_purpose": i.on_purpose, "end": i.end}
+                 "on_purpose": i.on_purpose}
                 for i in plan.left_out
             ]  # fmt: skip
+            row["no_output"] = [
+                {"path": s.path, "kind": s.kind.rsplit(".", 1)[-1], "reason": s.no_output}
+                for s in plan.sites
+                if s.no_output and s.position == "mlp"
+            ]
             # every attention module is either a site's owner or left out on purpose
             covered = set()
             site_paths = [s.path for s in plan.sites if s.position == "attn"]
@@ -245,15 +251,10 @@ def run_method(model: torch.nn.Module, method: str, plan: Any, device: str) -> d
     many adapters were injected, how many a real forward ran, whether the output changed."""
     make_config, layer = METHODS[method]
     config = make_config()
-    out: dict[str, Any] = {
-        "left_out": [
-            i.path
-            for i in plan.left_out
-            if not i.on_purpose
-            and i.position in config.positions
-            and (i.end != "output" or not layer.transforms_input)
-        ]
-    }
+    left = [i.path for i in plan.left_out if not i.on_purpose and i.position in config.positions]
+    if method in ADDS_OUTPUT:
+        left += [s.path for s in plan.sites if s.position in config.positions and s.no_output]
+    out: dict[str, Any] = {"left_out": left}
     try:
         adapted = copy.deepcopy(model)
         with warnings.catch_warnings():
@@ -361,7 +362,7 @@ def ok(row: dict) -> bool:
     output (so a row checked on the meta device is never OK)."""
     if "error" in row or not row.get("attn") or row.get("uncovered"):
         return False
-    if any(not i["on_purpose"] and not i.get("end") for i in row.get("left_out", ())):
+    if any(not i["on_purpose"] for i in row.get("left_out", ())):
         return False
     methods = row.get("methods", {})
     return set(methods) == set(METHODS) and all(method_ok(m) for m in methods.values())
@@ -504,15 +505,19 @@ def _job_row(job: tuple[str, Any]) -> dict | None:
 
 
 def _cell_left(row: dict) -> str:
-    items = row.get("left_out", [])
-    if not items:
-        return ""
     grouped: dict[tuple, int] = defaultdict(int)
-    for i in items:
+    for i in row.get("left_out", []):
         grouped[(i["kind"], i["reason"], i["on_purpose"])] += 1
-    return "; ".join(
-        f"{n}× `{k}`{' (on purpose)' if p else ''}: {r}" for (k, r, p), n in grouped.items()
-    )
+    parts = [f"{n}× `{k}`{' (on purpose)' if p else ''}: {r}" for (k, r, p), n in grouped.items()]
+    dead: dict[str, list[str]] = defaultdict(list)
+    for i in row.get("no_output", []):
+        dead[i["kind"]].append(i["path"])
+    parts += [
+        f"{len(paths)}× `{k}` MLP site where no adapter adding to the output runs (AdaptMLP left "
+        f"out): a forward never reaches its output end (`{paths[0]}` ...)"
+        for k, paths in dead.items()
+    ]
+    return "; ".join(parts)
 
 
 def markdown(rows: list[dict], all_summary: str | None) -> str:

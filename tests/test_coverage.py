@@ -240,10 +240,9 @@ def test_every_timm_family_on_the_meta_device(name: str) -> None:
     coverage = _coverage_script()
     row = coverage.check(name, "meta")
     assert not row["ok"]  # nothing is counted as running on the meta device
-    # sites whose output end no forward reaches: reported, and known (see the NextViT test)
-    unreached = [i["path"] for i in row.get("left_out", ()) if i["end"] == "output"]
+    # MLP sites whose output end no forward reaches: reported, and known (see the NextViT test)
+    unreached = [i["path"] for i in row.get("no_output", ())]
     assert unreached == UNREACHED_OUTPUTS.get(name, []), unreached
-    row["left_out"] = [i for i in row.get("left_out", ()) if i["path"] not in unreached]
     for result in row.get("methods", {}).values():
         result["left_out"] = [p for p in result.get("left_out", ()) if p not in unreached]
     assert coverage.structure_ok(row), {
@@ -323,7 +322,8 @@ def test_nextvit_adaptmlp_sites_whose_adapter_never_runs_are_refused() -> None:
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     dead = UNREACHED_OUTPUTS["nextvit_small"]
     plan = arc_peft.site_plan(model, example_input=x)
-    assert [(i.path, i.end) for i in plan.left_out] == [(p, "output") for p in dead]
+    assert not plan.left_out
+    assert [s.path for s in plan.sites if s.position == "mlp" and s.no_output] == dead
     with pytest.raises(arc_peft.UnsupportedModelError, match=r"4 attention or MLP site"):
         arc_peft.inject_arc(model, arc_peft.AdaptMLPConfig(bottleneck=8))
     assert iter_slots(model) == []
@@ -382,10 +382,13 @@ def test_every_timm_family_with_attention() -> None:
         if not m.get("none") and not (m["changed"] and m["finite"])
     ]
     assert not unchanged, unchanged
-    # nothing left out but attention pooling (on purpose) and sites no output adapter reaches
+    # nothing left out but attention pooling (on purpose); MLP sites no output adapter reaches
+    # are reported (no_output) and known
     partial = [
         (r["family"], r["left_out"], r["uncovered"])
         for r in rows
-        if r["uncovered"] or any(not i["on_purpose"] and not i["end"] for i in r["left_out"])
+        if r["uncovered"] or any(not i["on_purpose"] for i in r["left_out"])
     ]
     assert not partial, partial
+    unreached = {r["entrypoint"]: [i["path"] for i in r["no_output"]] for r in rows}
+    assert {k: v for k, v in unreached.items() if v} == UNREACHED_OUTPUTS

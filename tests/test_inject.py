@@ -631,18 +631,15 @@ def test_a_site_whose_adapter_the_forward_never_runs_is_reported_not_injected():
     plan = arc_peft.site_plan(make(), example_input=x)
     # the input end runs: a site for ARC; the output end never adds anything: not for AdaptMLP
     assert [s.path for s in plan.sites] == ["0.mixer", "0.ff", "1.mixer", "1.ff"]
-    assert [(i.path, i.position, i.end, i.on_purpose) for i in plan.left_out] == [
-        ("1.ff", "mlp", "output", False)
-    ]
-    assert "never runs an output adapter" in plan.left_out[0].reason
+    assert [s.path for s in plan.sites if s.position == "mlp" and s.no_output] == ["1.ff"]
+    assert not plan.left_out and "where no adapter adding to the output runs: 1" in plan.summary()
     model = make()
-    with pytest.raises(UnsupportedModelError, match=r"1\.ff \(.*_AuxFF, its MLP, output adapters"):
+    with pytest.raises(UnsupportedModelError, match=r"1\.ff \(.*_AuxFF, its MLP, adapters adding"):
         arc_peft.inject_arc(model, AdaptMLPConfig(bottleneck=4), example_input=x)
     assert iter_slots(model) == []
-    with pytest.warns(UserWarning, match="output adapters"):
-        arc_peft.inject_arc(
-            model, AdaptMLPConfig(bottleneck=4, allow_partial=True), example_input=x
-        )
+    with pytest.warns(UserWarning, match="never reaches the hook at 1.ff"):
+        config = AdaptMLPConfig(bottleneck=4, allow_partial=True)
+        arc_peft.inject_arc(model, config, example_input=x)
     assert [s.site.path for _, _, s in iter_slots(model)] == ["0.ff"]
     assert _adapter_calls(model, x) == (1, 1)  # no adapter that never runs
     model = make()
