@@ -3,14 +3,19 @@
 For every model, randomly initialised (never downloaded):
 
 1. ``arc_peft.site_plan(model, refresh=True)``: the attention / MLP sites and what is left out;
-2. ``inject_arc(copy, ARCConfig(rank=4))`` and one forward with every adapter made non-zero:
-   each adapter must run, and the output must change.
+2. for each method, ``inject_arc(copy, ARCConfig(rank=4))`` and
+   ``inject_arc(copy, AdaptMLPConfig(bottleneck=8))``, then one forward with every adapter made
+   non-zero: each injected adapter must run (counted by forward hooks on the adapter layers), and
+   the output must change. An adapter counts as running only when a forward on real tensors ran
+   it: on the ``meta`` device nothing is counted.
 
 A model "has attention" when its probe forward issues an attention op (SDPA,
 ``multi_head_attention_forward`` or a product of two activations): that is found with a forward
 on the ``meta`` device, which costs no arithmetic. A family is a timm model module
-(``timm.models.<family>``); its representative is its smallest entrypoint (fewest parameters)
-that has attention.
+(``timm.models.<family>``), so a family added to timm is checked without naming it here; its
+representative is its smallest entrypoint (fewest parameters) that has attention, and it is
+always run on real tensors (the CPU), however large: a family is counted as adapted only when
+every adapter of both methods ran there.
 
 Usage::
 
@@ -31,6 +36,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -43,14 +49,25 @@ sys.path.insert(0, str(ROOT / "src"))
 import arc_peft  # noqa: E402
 from arc_peft.discovery import sites as _discover  # noqa: E402
 from arc_peft.discovery.graph import Finder  # noqa: E402
+from arc_peft.methods.adaptmlp.layers import AdaptMLP  # noqa: E402
 from arc_peft.methods.arc.layers import ARC  # noqa: E402
 
 DOCS = ROOT / "docs" / "models.md"
 CACHE = Path(os.environ.get("ARC_PEFT_COVERAGE_CACHE", "/tmp/arc_peft_coverage"))
 BEGIN = "<!-- BEGIN coverage (generated: python scripts/coverage.py) -->"
 END = "<!-- END coverage -->"
-TIMEOUT = 120  # seconds per model (build + probe + inject + forward), on a busy machine too
-REAL_LIMIT = 120e6  # parameters: larger models are checked on the meta device (no output check)
+TIMEOUT = 300  # seconds per model (build + probe + inject + forward), on a busy machine too
+# parameters: in ``--all``, larger models are checked on the meta device (structure only: no
+# adapter is counted as running there); a family's representative always runs for real
+REAL_LIMIT = 120e6
+
+# The methods checked, with the layer type that counts as one of their adapters. allow_partial:
+# a site left out is reported in the row (and makes it not OK) while the others are still run.
+METHODS = {
+    "ARC": (lambda: arc_peft.ARCConfig(rank=4, allow_partial=True), ARC),
+    "AdaptMLP": (lambda: arc_peft.AdaptMLPConfig(bottleneck=8, allow_partial=True), AdaptMLP),
+}
+ADDS_OUTPUT = {"AdaptMLP"}  # adds to the site's output: left out where no forward reaches it
 
 TORCHVISION = [
     "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "swin_t", "swin_s", "swin_b",
@@ -197,6 +214,11 @@ def check(name: str, device: str = "cpu", **kwargs: Any) -> dict:
                  "on_purpose": i.on_purpose}
                 for i in plan.left_out
             ]  # fmt: skip
+            row["no_output"] = [
+                {"path": s.path, "kind": s.kind.rsplit(".", 1)[-1], "reason": s.no_output}
+                for s in plan.sites
+                if s.no_output and s.position == "mlp"
+            ]
             # every attention module is either a site's owner or left out on purpose
             covered = set()
             site_paths = [s.path for s in plan.sites if s.position == "attn"]
@@ -215,45 +237,88 @@ def check(name: str, device: str = "cpu", **kwargs: Any) -> dict:
                         # and layer scales of 1e-6 (EdgeNeXt): the change would be ~1e-7
                         if p.is_floating_point() and p.numel() and p.abs().max() < 1e-4:
                             p.normal_(0, 0.02)
-            adapted = copy.deepcopy(model)
-            arc_peft.inject_arc(adapted, arc_peft.ARCConfig(rank=4))
-            adapters = [m for m in adapted.modules() if isinstance(m, ARC)]  # the site layers
-            row["adapters"] = len(adapters)
-            called = set()
-            handles = [
-                m.register_forward_hook(lambda mod, a, o: called.add(id(mod))) for m in adapters
-            ]
-            g = torch.Generator().manual_seed(1)
-            for p in arc_peft.adapter_parameters(adapted).values():
-                with torch.no_grad():
-                    p.copy_(0.3 * torch.randn(p.shape, generator=g).to(p))
-            x = arc_peft.discovery.inputs.example_input(model, batch=2)
-            # the features, not the logits: some heads start at zero (Hiera)
-            features = hasattr(model, "forward_features")
-            with torch.no_grad():
-                y = adapted.forward_features(x) if features else adapted(x)
-                if features and len(called) < len(adapters):  # a site in the head (CLIP pool)
-                    features = False
-                    y = adapted(x)
-            for h in handles:
-                h.remove()
-            row["adapters_run"] = len(called)
-            if device != "meta":
-                with torch.no_grad():
-                    y0 = model.forward_features(x) if features else model(x)
-                y, y0 = _first(y), _first(y0)
-                # relative: a layer scale of 1e-5 (FastViT) makes the change small, not zero
-                diff = (y.float() - y0.float()).abs().max().item()
-                row["rel_change"] = diff / max(y0.float().abs().max().item(), 1e-12)
-                row["changed"] = row["rel_change"] > 1e-6
-                row["finite"] = bool(torch.isfinite(y).all())
-                row["merge"] = merge_status(adapted, x, y, features)
+            row["methods"] = {method: run_method(model, method, plan, device) for method in METHODS}
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         row["trace"] = traceback.format_exc()[-1500:]
     row["seconds"] = round(time.time() - start, 2)
     row["ok"] = ok(row)
     return row
+
+
+def run_method(model: torch.nn.Module, method: str, plan: Any, device: str) -> dict:
+    """Inject ``method`` into a copy of ``model`` and run it with every adapter non-zero: how
+    many adapters were injected, how many a real forward ran, whether the output changed."""
+    make_config, layer = METHODS[method]
+    config = make_config()
+    left = [i.path for i in plan.left_out if not i.on_purpose and i.position in config.positions]
+    if method in ADDS_OUTPUT:
+        left += [s.path for s in plan.sites if s.position in config.positions and s.no_output]
+    out: dict[str, Any] = {"left_out": left}
+    try:
+        adapted = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # what is left out is in the row
+            arc_peft.inject_arc(adapted, config)
+    except arc_peft.UnsupportedModelError as exc:
+        if "no site to adapt" in str(exc):  # AdaptMLP on a model without MLP sites
+            out["none"] = True
+            return out
+        out["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        return out
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        return out
+    adapters = [m for m in adapted.modules() if isinstance(m, layer)]  # the site layers
+    out["adapters"] = len(adapters)
+    calls: dict[int, int] = defaultdict(int)
+
+    def count(module: torch.nn.Module, args: Any, output: Any) -> None:
+        calls[id(module)] += 1
+
+    handles = [m.register_forward_hook(count) for m in adapters]
+    g = torch.Generator().manual_seed(1)
+    for p in arc_peft.adapter_parameters(adapted).values():
+        with torch.no_grad():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g).to(p))
+    x = arc_peft.discovery.inputs.example_input(model, batch=2)
+    # the features, not the logits: some heads start at zero (Hiera)
+    features = hasattr(model, "forward_features")
+    try:
+        with torch.no_grad():
+            y = adapted.forward_features(x) if features else adapted(x)
+            if features and len(calls) < len(adapters):  # a site in the head (CLIP pool)
+                features = False
+                y = adapted(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if device == "meta":  # nothing ran: meta tensors carry no values
+        return out
+    out["adapters_run"] = len(calls)
+    with torch.no_grad():
+        y0 = model.forward_features(x) if features else model(x)
+    y, y0 = _first(y), _first(y0)
+    # relative: a layer scale of 1e-5 (FastViT) makes the change small, not zero
+    diff = (y.float() - y0.float()).abs().max().item()
+    out["rel_change"] = diff / max(y0.float().abs().max().item(), 1e-12)
+    out["changed"] = out["rel_change"] > 1e-6
+    out["finite"] = bool(torch.isfinite(y).all())
+    if method == "ARC":
+        out["merge"] = merge_status(adapted, x, y, features)
+    return out
+
+
+def method_ok(result: dict) -> bool:
+    """Every site of the method adapted and every adapter injected ran on real tensors and
+    changed the output; a model without a site for the method (no MLP for AdaptMLP) passes."""
+    if result.get("none"):
+        return True
+    if "error" in result or result.get("left_out") or "adapters_run" not in result:
+        return False
+    if result["adapters_run"] != result.get("adapters"):
+        return False
+    return result.get("changed", False) and result.get("finite", False)
 
 
 def merge_status(adapted: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, features: bool) -> str:
@@ -292,15 +357,26 @@ def _first(y: Any) -> torch.Tensor:
 
 
 def ok(row: dict) -> bool:
-    """Fully adapted: no error, every attention module adapted (or pooling, on purpose), every
-    adapter ran and (on a real device) changed the output."""
-    if "error" in row or not row.get("attn"):
+    """Fully adapted: no error, every attention module adapted (or pooling, on purpose), and
+    under each method every site adapted and every adapter run by a real forward, changing the
+    output (so a row checked on the meta device is never OK)."""
+    if "error" in row or not row.get("attn") or row.get("uncovered"):
         return False
-    if any(not i["on_purpose"] for i in row.get("left_out", ())) or row.get("uncovered"):
+    if any(not i["on_purpose"] for i in row.get("left_out", ())):
         return False
-    if row.get("adapters_run") != row.get("adapters"):
+    methods = row.get("methods", {})
+    return set(methods) == set(METHODS) and all(method_ok(m) for m in methods.values())
+
+
+def structure_ok(row: dict) -> bool:
+    """What the meta device can check: every attention module is a site or pooling on
+    purpose, every site's hooks are reached, every adapter injected."""
+    if "error" in row or not row.get("attn") or row.get("uncovered"):
         return False
-    return row.get("changed", True) and row.get("finite", True)
+    if any(not i["on_purpose"] for i in row.get("left_out", ())):
+        return False
+    methods = row.get("methods", {})
+    return all("error" not in m for m in methods.values())
 
 
 # -- driving --------------------------------------------------------------------------------------
@@ -335,10 +411,13 @@ def _map(fn, items, workers):
         yield from pool.imap_unordered(fn, items)
 
 
-def _check_auto(name: str) -> dict:
-    """Real device when small enough (output check), meta device otherwise."""
-    info = census(name)
-    device = "cpu" if info.get("params", 0) <= REAL_LIMIT else "meta"
+def _check_auto(name: str, real: bool = False) -> dict:
+    """Real device when ``real`` or small enough (adapters counted, output checked), the meta
+    device otherwise (structure only)."""
+    device = "cpu"
+    if not real:
+        info = census(name)
+        device = "cpu" if info.get("params", 0) <= REAL_LIMIT else "meta"
     row = check(name, device)
     if device == "meta" and "error" in row:  # some models need real data (data-dependent ops)
         row2 = check(name, "cpu")
@@ -347,50 +426,98 @@ def _check_auto(name: str) -> dict:
     return row
 
 
+def _check_real(name: str) -> dict:
+    return _check_auto(name, real=True)
+
+
 def family_rows(
-    fams: dict[str, list[str]], census_: dict[str, dict], torchvision: bool = True
+    fams: dict[str, list[str]],
+    census_: dict[str, dict],
+    torchvision: bool = True,
+    progress: Path | None = None,
+    workers: int = 1,
 ) -> list[dict]:
-    rows = []
+    """One row per timm family with attention (its smallest entrypoint that has self-attention,
+    run on real tensors), then torchvision's vision transformers. Rows already in ``progress``
+    (a JSON-lines file each new row is appended to) are not checked again."""
+    done: dict[str, dict] = {}
+    if progress is not None and progress.exists():
+        for line in progress.read_text().splitlines():
+            item = json.loads(line)
+            done[item["key"]] = item
+    jobs: list[tuple[str, Any]] = []
     for family, names in fams.items():
+        if family in done:
+            continue
         with_attn = [census_[n] for n in names if census_.get(n, {}).get("attn_ops")]
         failed_meta = [n for n in names if "cpu_error" in census_.get(n, {})]
-        if not with_attn:
-            if failed_meta and len(failed_meta) == len(names):
-                print(f"{family}: no entrypoint ran on meta: {census_[names[0]]}", file=sys.stderr)
+        if not with_attn and len(failed_meta) == len(names):
+            # no probe forward ran at all (CSATv2's wrong probe input hid a whole family): its
+            # row says why, rather than the family silently not being counted
+            print(f"{family}: no entrypoint ran: {census_[names[0]]}", file=sys.stderr)
+            jobs.append((family, (len(names), [census_[n] for n in names])))
             continue
-        # the smallest entrypoint with self-attention (not only an attention-pooling head)
-        for candidate in sorted(with_attn, key=lambda c: c.get("params", 0))[:5]:
-            print(f"{family}: {candidate['entrypoint']}", file=sys.stderr, flush=True)
-            row = _check_auto(candidate["entrypoint"])
-            if not pooling_only(row):
-                break
-        if pooling_only(row):
-            continue
-        row["family"] = family
-        row["entrypoints"] = len(names)
-        row["entrypoints_attn"] = len(with_attn)
-        rows.append(row)
-        detail = f"{row.get('error', '')} {row.get('uncovered', '')}"
-        print(f"  ok={row['ok']} attn={row.get('attn')} mlp={row.get('mlp')} {detail}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        if with_attn:
+            jobs.append((family, (len(names), with_attn)))
     for name in TORCHVISION if torchvision else ():
-        row = _check_auto("torchvision." + name)
+        if "torchvision." + name not in done:
+            jobs.append(("torchvision." + name, None))
+    for row in _map(_job_row, jobs, workers):
+        if row is None:
+            continue
+        done[row["key"]] = row
+        detail = f"{row.get('error', '')} {row.get('uncovered', '')} {ran_cells(row)}"
+        print(f"{row['key']}: {row['entrypoint']} ok={row['ok']} attn={row.get('attn')} "
+              f"mlp={row.get('mlp')} {detail}", file=sys.stderr, flush=True)  # fmt: skip
+        if progress is not None:
+            with progress.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    keys = [f for f in fams if f in done] + [
+        "torchvision." + n for n in (TORCHVISION if torchvision else ())
+    ]
+    return [done[k] for k in keys if k in done]
+
+
+def _job_row(job: tuple[str, Any]) -> dict | None:
+    """The row of one timm family (``(family, (entrypoints, census of those with attention))``)
+    or one torchvision model (``(name, None)``); ``None`` for a family whose only attention is
+    attention pooling."""
+    key, info = job
+    if info is None:
+        row = _check_auto(key)
         row["family"] = "torchvision"
-        rows.append(row)
-        print(f"torchvision.{name}: ok={row['ok']} {row.get('error', '')}", file=sys.stderr)
-    return rows
+        row["key"] = key
+        return row
+    n_names, with_attn = info
+    # the smallest entrypoint with self-attention (not only an attention-pooling head)
+    for candidate in sorted(with_attn, key=lambda c: c.get("params", 0))[:5]:
+        print(f"{key}: {candidate['entrypoint']}", file=sys.stderr, flush=True)
+        row = _check_real(candidate["entrypoint"])
+        if not pooling_only(row):
+            break
+    if pooling_only(row):
+        return None
+    row["family"] = key
+    row["key"] = key
+    row["entrypoints"] = n_names
+    row["entrypoints_attn"] = len(with_attn)
+    return row
 
 
 def _cell_left(row: dict) -> str:
-    items = row.get("left_out", [])
-    if not items:
-        return ""
     grouped: dict[tuple, int] = defaultdict(int)
-    for i in items:
+    for i in row.get("left_out", []):
         grouped[(i["kind"], i["reason"], i["on_purpose"])] += 1
-    return "; ".join(
-        f"{n}× `{k}`{' (on purpose)' if p else ''}: {r}" for (k, r, p), n in grouped.items()
-    )
+    parts = [f"{n}× `{k}`{' (on purpose)' if p else ''}: {r}" for (k, r, p), n in grouped.items()]
+    dead: dict[str, list[str]] = defaultdict(list)
+    for i in row.get("no_output", []):
+        dead[i["kind"]].append(i["path"])
+    parts += [
+        f"{len(paths)}× `{k}` MLP site where no adapter adding to the output runs (AdaptMLP left "
+        f"out): a forward never reaches its output end (`{paths[0]}` ...)"
+        for k, paths in dead.items()
+    ]
+    return "; ".join(parts)
 
 
 def markdown(rows: list[dict], all_summary: str | None) -> str:
@@ -412,40 +539,73 @@ def markdown(rows: list[dict], all_summary: str | None) -> str:
         "so it adapts architectures nobody registered. This page is the evidence: every timm",
         "model family whose forward issues self-attention, built randomly initialised",
         f"(timm {timm.__version__}, torchvision {torchvision.__version__}, torch",
-        f"{torch.__version__}), with `arc_peft.site_plan`, then `inject_arc(ARCConfig(rank=4))`",
-        "and one forward with every adapter non-zero. **OK** means: no error, every module",
-        "issuing attention ops is an attention site (or attention pooling, left out on purpose),",
-        "every adapter ran, and the output changed.",
+        f"{torch.__version__}), with `arc_peft.site_plan`, then, for each method,",
+        "`inject_arc(ARCConfig(rank=4))` and `inject_arc(AdaptMLPConfig(bottleneck=8))` and one",
+        "forward on real tensors (the CPU) with every adapter non-zero, forward hooks counting",
+        "the adapter layers that run. **OK** means: no error, every module issuing attention ops",
+        "is an attention site (or attention pooling, left out on purpose), under both methods",
+        "every site is adapted and every injected adapter ran in that forward, and the output",
+        "changed. *Ran* is adapters run / adapters injected; a model on the meta device counts",
+        "no adapter as running.",
         "",
         f"**timm families with attention: {n_ok} / {len(fam)} fully adapted** (the smallest",
-        "entrypoint of each family that has attention).",
+        "entrypoint of each family that has attention, a family being a `timm.models` module).",
+        "torchvision models too large to run here are checked on the meta device: *sites only*",
+        "(every attention module a site and every site's hooks reached, no adapter counted).",
         "",
     ]
     if all_summary:
         lines += [all_summary, ""]
     lines += [
-        "| Family | Entrypoint | Params | OK | Attention sites | MLP sites | ARC merge "
-        "| Left out / error |",
-        "|---|---|---:|:-:|---:|---:|---|---|",
+        "| Family | Entrypoint | Params | OK | Attention sites | MLP sites | ARC ran "
+        "| AdaptMLP ran | ARC merge | Left out / error |",
+        "|---|---|---:|:-:|---:|---:|---:|---:|---|---|",
     ]
     for r in fam + tv:
         note = r.get("error", "") or _cell_left(r)
         if r.get("uncovered"):
             note += f" not adapted: {', '.join(r['uncovered'][:3])}"
         if r.get("device") == "meta":
-            note += " (checked on the meta device: no output check)"
+            note += " (checked on the meta device: no adapter counted as running)"
+        for method, result in r.get("methods", {}).items():
+            if result.get("error"):
+                note += f" {method}: {result['error']}"
         note = note.replace("|", "\\|").replace("\n", " ")
         params = f"{r['params'] / 1e6:.1f}M" if "params" in r else ""
         kinds = ", ".join(r.get("attn_kinds", []))
         mkinds = ", ".join(r.get("mlp_kinds", []))
-        merge = _short(r.get("merge", "not checked (meta device)"))
-        merge = merge.replace("|", "\\|").replace("\n", " ")
+        merge = r.get("methods", {}).get("ARC", {}).get("merge", "not checked")
+        merge = _short(merge).replace("|", "\\|").replace("\n", " ")
+        arc, mlp = ran_cells(r)
+        verdict = "yes" if r["ok"] else "**no**"
+        if r.get("device") == "meta" and structure_ok(r):
+            verdict = "sites only"
         lines.append(
-            f"| {r['family']} | `{r['entrypoint']}` | {params} | {'yes' if r['ok'] else '**no**'} "
-            f"| {r.get('attn', '')} ({kinds}) | {r.get('mlp', '')} ({mkinds}) | {merge} | {note} |"
+            f"| {r['family']} | `{r['entrypoint']}` | {params} | {verdict} "
+            f"| {r.get('attn', '')} ({kinds}) | {r.get('mlp', '')} ({mkinds}) | {arc} | {mlp} "
+            f"| {merge} | {note} |"
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def ran_cells(row: dict) -> tuple[str, ...]:
+    """``adapters run / injected`` per method, for the table."""
+    cells = []
+    for method in METHODS:
+        result = row.get("methods", {}).get(method, {})
+        if result.get("none"):
+            cell = "no site"
+        elif "error" in result:
+            cell = "error"
+        elif "adapters_run" not in result:
+            cell = f"? / {result.get('adapters', '?')}"
+        else:
+            cell = f"{result['adapters_run']} / {result['adapters']}"
+        if result.get("left_out"):
+            cell += f" ({len(result['left_out'])} left out)"
+        cells.append(cell)
+    return tuple(cells)
 
 
 def pooling_only(row: dict) -> bool:
@@ -470,12 +630,20 @@ def all_summary_text(path: Path) -> str | None:
     rows = [r for r in rows if not pooling_only(r)]
     if not rows:
         return None
-    n_ok = sum(r["ok"] for r in rows)
-    bad = [r for r in rows if not r["ok"]]
+    real = [r for r in rows if r.get("device") != "meta"]
+    meta = [r for r in rows if r.get("device") == "meta"]
+    n_ok = sum(r["ok"] for r in real)
+    bad = [r for r in real if not r["ok"]] + [r for r in meta if not structure_ok(r)]
     text = (
-        f"**Every timm entrypoint with attention (`--all`): {n_ok} / {len(rows)} adapted "
-        f"({100 * n_ok / len(rows):.1f} %).**"
+        f"**Every timm entrypoint with attention (`--all`): {n_ok} / {len(real)} run on real "
+        f"tensors adapted ({100 * n_ok / max(len(real), 1):.1f} %)"
     )
+    if meta:
+        text += (
+            f"; {sum(structure_ok(r) for r in meta)} / {len(meta)} larger ones checked on the "
+            "meta device only (sites and hooks, no adapter counted as running)"
+        )
+    text += ".**"
     if pooling:
         text += (
             f" Not counted: {len(pooling)} whose only attention is attention pooling, left out"
@@ -492,13 +660,16 @@ def all_summary_text(path: Path) -> str | None:
 
 
 def main() -> None:
-    global REAL_LIMIT
+    global REAL_LIMIT, TIMEOUT
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--all", action="store_true", help="check every entrypoint with attention")
     parser.add_argument("--only", nargs="*", help="families (or entrypoints) to check")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(CACHE / "all.jsonl"))
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument(
+        "--timeout", type=float, default=TIMEOUT, help="seconds per model (default %(default)s)"
+    )
     parser.add_argument(
         "--real-limit", type=float, default=120e6,
         help="models with more parameters are checked on the meta device (no output check)",
@@ -508,7 +679,7 @@ def main() -> None:
         help="rewrite docs/models.md from the cached results of the last runs",
     )  # fmt: skip
     args = parser.parse_args()
-    REAL_LIMIT = args.real_limit
+    REAL_LIMIT, TIMEOUT = args.real_limit, args.timeout
     if args.docs_only:
         rows = json.loads((CACHE / "families.json").read_text())
         write_docs(markdown(rows, all_summary_text(Path(args.out))))
@@ -543,7 +714,7 @@ def main() -> None:
                   file=sys.stderr, flush=True)  # fmt: skip
         print(all_summary_text(out))
         return
-    rows = family_rows(fams, cen)
+    rows = family_rows(fams, cen, progress=CACHE / "families.jsonl", workers=args.workers)
     (CACHE / "families.json").write_text(json.dumps(rows, indent=1))
     if not args.no_docs:
         write_docs(markdown(rows, all_summary_text(Path(args.out))))

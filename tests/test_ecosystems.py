@@ -117,6 +117,23 @@ def test_image_layout_reads_hf_config():
     assert image_layout(transformers.CLIPModel(clip)) == (3, 48, 48)
 
 
+def test_image_layout_prefers_what_the_model_declares():
+    class Model(nn.Module):  # a stem computing 64 channels from the image (CSATv2's DCT)
+        def __init__(self, **declared) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(64, 8, 1)
+            for key, value in declared.items():
+                setattr(self, key, value)
+
+    cfg = {"input_size": (3, 96, 128)}  # timm's pretrained_cfg: the weights' input
+    assert image_layout(Model(pretrained_cfg=cfg)) == (3, 96, 128)
+    assert image_layout(Model(default_cfg=cfg)) == (3, 96, 128)
+    assert image_layout(Model(in_chans=3)) == (3, 224, 224)
+    # the model as built (timm ``in_chans=1``) over the weights' configuration
+    assert image_layout(Model(in_chans=1, pretrained_cfg=cfg)) == (1, 96, 128)
+    assert image_layout(Model()) == (64, 224, 224)  # nothing declared: the first layer's guess
+
+
 def test_image_layout_reads_open_clip():
     pytest.importorskip("open_clip")
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg

@@ -10,6 +10,7 @@ from torch import nn
 import arc_peft
 from arc_peft import AdaptMLPConfig, ARCConfig, UnsupportedModelError
 from arc_peft.methods.arc.layers import SharedProjection
+from arc_peft.methods.layers import Adapter, SharedState
 from arc_peft.runtime.shared import entry_path, iter_shared
 from arc_peft.runtime.slots import iter_slots
 
@@ -585,6 +586,65 @@ def test_an_mlp_nothing_can_hook_is_reported_not_skipped():
     with pytest.warns(UserWarning, match="its MLP"):
         arc_peft.inject_arc(model, ARCConfig(rank=2, allow_partial=True), name="b")
     assert [s.site.path for _, _, s in iter_slots(model)] == ["0.mixer", "1.mixer"]
+
+
+class _AuxFF(nn.Module):
+    """An MLP returning ``(output, auxiliary)``: the probe reads its output off the tuple, but
+    a hook cannot add an output adapter's term to a tuple."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, tokens):
+        hidden = nn.functional.gelu(self.fc1(tokens))
+        return self.fc2(hidden), hidden.mean()
+
+
+class _AuxBlock(_Block):
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.ff = _AuxFF(dim)
+
+    def forward(self, x):
+        x = x + self.mixer(self.norm1(x))
+        return x + self.ff(self.norm2(x))[0]
+
+
+def _adapter_calls(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(adapter layers injected, how many a forward with non-zero adapters runs)."""
+    layers = [m for m in model.modules() if isinstance(m, Adapter)]
+    layers = [m for m in layers if not isinstance(m, SharedState)]  # ARC's shared U never runs
+    ran: set[int] = set()
+    hooks = [m.register_forward_hook(lambda m, a, o: ran.add(id(m))) for m in layers]
+    randomise_adapters(model)
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return len(layers), len(ran)
+
+
+def test_a_site_whose_adapter_the_forward_never_runs_is_reported_not_injected():
+    make = lambda: nn.Sequential(_Block(16), _AuxBlock(16))  # noqa: E731
+    x = torch.randn(2, 3, 16)
+    plan = arc_peft.site_plan(make(), example_input=x)
+    # the input end runs: a site for ARC; the output end never adds anything: not for AdaptMLP
+    assert [s.path for s in plan.sites] == ["0.mixer", "0.ff", "1.mixer", "1.ff"]
+    assert [s.path for s in plan.sites if s.position == "mlp" and s.no_output] == ["1.ff"]
+    assert not plan.left_out and "where no adapter adding to the output runs: 1" in plan.summary()
+    model = make()
+    with pytest.raises(UnsupportedModelError, match=r"1\.ff \(.*_AuxFF, its MLP, adapters adding"):
+        arc_peft.inject_arc(model, AdaptMLPConfig(bottleneck=4), example_input=x)
+    assert iter_slots(model) == []
+    with pytest.warns(UserWarning, match="never reaches the hook at 1.ff"):
+        config = AdaptMLPConfig(bottleneck=4, allow_partial=True)
+        arc_peft.inject_arc(model, config, example_input=x)
+    assert [s.site.path for _, _, s in iter_slots(model)] == ["0.ff"]
+    assert _adapter_calls(model, x) == (1, 1)  # no adapter that never runs
+    model = make()
+    arc_peft.inject_arc(model, ARCConfig(rank=2), example_input=x)  # no warning: ARC runs there
+    assert _adapter_calls(model, x) == (4, 4)
 
 
 def test_attention_pooling_is_left_out_on_purpose():

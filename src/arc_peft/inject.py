@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import warnings
 from typing import Any
 
 from torch import nn
 
-from .discovery.sites import Site, SitePlan, discover
+from .discovery import inputs, probe
+from .discovery.sites import LeftOut, Site, SitePlan, discover
 from .discovery.targets import registry_generation
 from .errors import UnsupportedModelError
 from .methods import AdapterConfig, get_method
@@ -54,8 +56,10 @@ def site_plan(model: nn.Module, example_input: Any = None, refresh: bool = False
         slot.disabled = True
     # probing again (refresh, or a target registered since) with the input the user gave before
     example = example_input if example_input is not None else model.__dict__.get(EXAMPLE_ATTR)
+    if example is None:
+        example = inputs.example_input(model)
     try:
-        plan = discover(model, example)
+        plan = _reached(model, discover(model, example), example)
     finally:
         for slot, was in zip(slots, previous, strict=True):
             slot.disabled = was
@@ -63,6 +67,68 @@ def site_plan(model: nn.Module, example_input: Any = None, refresh: bool = False
     if example_input is not None:
         model.__dict__[EXAMPLE_ATTR] = example_input
     return plan
+
+
+def _reached(model: nn.Module, plan: SitePlan, example: Any) -> SitePlan:
+    """``plan`` checked against a forward on ``example`` through the hooks adapters run from:
+    discovery reads sites off one forward, but an adapter runs only if its slot's hook is
+    called (an adapter adding to the output, at the far end of a two-ended MLP, only after the
+    input end). Every site gets a slot that records which of its ends ran and changes nothing.
+    A site whose input end never runs is left out; one whose output end never runs keeps
+    adapters of its input (ARC) and says why none adding to its output (AdaptMLP) would run."""
+    present = {slot.site.path: slot for _, _, slot in iter_slots(model)}
+    watched: dict[str, AdapterSlot] = {}
+    added: list[tuple[nn.Module, AdapterSlot]] = []
+    left = list(plan.left_out)
+    try:
+        for site in plan.sites:
+            slot = present.get(site.path)
+            if slot is None:
+                try:
+                    holder_path, holder = holder_of(model, site.path)
+                except UnsupportedModelError as exc:
+                    left.append(LeftOut(site.path, site.kind, str(exc), False, site.position))
+                    continue
+                slot = AdapterSlot(site, holder_path)
+                slot.attach(holder)
+                added.append((holder, slot))
+            slot.reached = set()
+            watched[site.path] = slot
+        try:
+            probe.run(model, example)
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"arc_peft found adapter sites in {type(model).__name__}, but a forward with a "
+                f"hook at each of them failed ({type(exc).__name__}: {exc}): "
+                + plan.summary().replace("\n", "; ")
+            ) from exc
+        reached = {path: set(slot.reached or ()) for path, slot in watched.items()}
+    finally:
+        for slot in watched.values():
+            slot.reached = None
+        for holder, slot in added:
+            slot.detach(holder)
+    sites = []
+    for site in plan.sites:
+        if site.path not in reached:
+            continue  # no holder for its slot: left out above
+        if "input" not in reached[site.path]:
+            left.append(
+                LeftOut(
+                    site.path, site.kind, "a forward on the probe input never reaches its hook, "
+                    "so no adapter placed there would run", False, site.position,
+                )
+            )  # fmt: skip
+            continue
+        if site.output_path and "output" not in reached[site.path]:
+            site = dataclasses.replace(
+                site,
+                no_output=f"a forward on the probe input never reaches the hook at "
+                f"{site.output_path} after this input with a single tensor to add to, so no "
+                "adapter adding to the output would run",
+            )
+        sites.append(site)
+    return SitePlan(sites, left, plan.num_blocks)
 
 
 def select_sites(plan: SitePlan, config: AdapterConfig) -> list[Site]:
@@ -121,16 +187,27 @@ def _check_output_ends(planned: list[tuple[Site, Adapter]], config: AdapterConfi
         )
 
 
-def _check_partial(plan: SitePlan, config: AdapterConfig) -> None:
+def _unreached_outputs(planned: list[tuple[Site, Adapter]]) -> list[LeftOut]:
+    """The planned adapters adding to an output that a forward never reaches (see ``_reached``),
+    as sites left out for this config."""
+    return [
+        LeftOut(site.path, site.kind, site.no_output, False, site.position, "output")
+        for site, layer in planned
+        if layer.placement != "input" and site.no_output
+    ]
+
+
+def _check_partial(
+    plan: SitePlan, config: AdapterConfig, problems: list[LeftOut] = (), stacklevel: int = 3
+) -> None:
+    """Raise (or, with ``allow_partial``, warn) when anything ``config`` would adapt is left out:
+    ``plan``'s left-out modules at its positions, and ``problems`` found for it."""
     problems = [
         item for item in plan.left_out if not item.on_purpose and item.position in config.positions
-    ]
+    ] + list(problems)
     if not problems:
         return
-    listed = "; ".join(
-        f"{i.path} ({i.kind}{', its MLP' if i.position == 'mlp' else ''}): {i.reason}"
-        for i in problems[:6]
-    )
+    listed = "; ".join(f"{i.describe()}: {i.reason}" for i in problems[:6])
     more = f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""
     message = (
         f"{len(problems)} attention or MLP site(s) cannot be adapted: {listed}{more}. The model "
@@ -140,7 +217,7 @@ def _check_partial(plan: SitePlan, config: AdapterConfig) -> None:
     )
     if not config.allow_partial:
         raise UnsupportedModelError(message)
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=stacklevel)
 
 
 def build_adapters(
@@ -165,6 +242,17 @@ def build_adapters(
         )
     planned = list(zip(chosen, layers, strict=True))
     _check_output_ends(planned, config)
+    unreached = _unreached_outputs(planned)
+    if unreached:  # known only now: which layers add to the output is the method's to say
+        dead = {item.path for item in unreached}
+        kept = [site for site in chosen if site.path not in dead]
+        _check_partial(SitePlan([]), config, unreached, stacklevel=5)
+        if not kept:
+            raise UnsupportedModelError(
+                f"no site to adapt: {type(config).__name__} would never run at any site chosen "
+                f"({', '.join(sorted(dead)[:4])}...): {unreached[0].reason}"
+            )
+        return build_adapters(model, kept, config, device)
     for site, layer in planned:
         layer.config = config
         layer.train(model.get_submodule(site.path).training)  # follows the model's mode

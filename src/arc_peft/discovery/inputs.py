@@ -62,15 +62,20 @@ def _size_candidates(model: nn.Module) -> list[Any]:
     return found
 
 
-def _cfg_size(model: nn.Module) -> list[Any]:
-    """timm's ``pretrained_cfg`` (3, H, W): the weights' size, which a model built with another
-    ``img_size`` does not take, so only a fallback."""
+def _pretrained_cfgs(model: nn.Module) -> list[tuple]:
+    """timm's ``pretrained_cfg`` / ``default_cfg`` ``input_size``, ``(C, H, W)``."""
     found = []
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
-            found.append(tuple(cfg["input_size"])[-2:])
+            found.append(tuple(cfg["input_size"]))
     return found
+
+
+def _cfg_size(model: nn.Module) -> list[Any]:
+    """The ``(H, W)`` of timm's ``pretrained_cfg``: the weights' size, which a model built with
+    another ``img_size`` does not take, so only a fallback."""
+    return [size[-2:] for size in _pretrained_cfgs(model)]
 
 
 def _declared_size(model: nn.Module) -> tuple[int, int] | None:
@@ -86,13 +91,31 @@ def _declared_size(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _channel_candidates(module: nn.Module) -> list[Any]:
+    """Channels ``module`` itself declares: Hugging Face ``config.num_channels``, timm's
+    ``in_chans`` (what the model was built with: ``in_chans=1`` overrides the weights' 3)."""
+    found = [_config_value(config, "num_channels") for config in _hf_configs(module)]
+    found.append(getattr(module, "in_chans", None))
+    return found
+
+
+def _cfg_channels(module: nn.Module) -> list[Any]:
+    return [size[0] for size in _pretrained_cfgs(module) if len(size) == 3]
+
+
 def _channels(model: nn.Module) -> int:
-    for _, module in model.named_modules():  # Hugging Face ``config.num_channels``
-        for config in _hf_configs(module):
-            channels = _config_value(config, "num_channels")
-            if isinstance(channels, int) and not isinstance(channels, bool) and channels > 0:
-                return channels
-    for module in model.modules():  # timm, torchvision, open_clip: the stem's convolution
+    # What the model declares comes first: the first layer is only a guess (CSATv2's stem
+    # convolutions read 64 DCT channels computed from a 3-channel image).
+    for candidates in (_channel_candidates, _cfg_channels):
+        for _, module in model.named_modules():
+            for candidate in candidates(module):
+                if _count(candidate) is not None:
+                    return candidate
+    for module in model.modules():  # torchvision, open_clip: the stem's convolution
         if isinstance(module, (nn.Conv2d, nn.Conv1d)):
             return int(module.in_channels)
     return _DEFAULT[0]

@@ -14,6 +14,7 @@ op that reads one is a *parameterised* op.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["Call", "Op", "Recording", "record"]
+__all__ = ["Call", "Op", "Recording", "record", "run"]
 
 
 def _name(func: Any) -> str:
@@ -254,29 +255,37 @@ class _Mode(TorchFunctionMode):
 
 
 def record(model: nn.Module, example: Any, keep: Iterable[nn.Module] = ()) -> Recording:
-    """Run ``model`` once on ``example`` (a tensor, a tuple of arguments or a dict of keyword
-    arguments) in eval mode without gradients, and return the ``Recording``.
+    """Run ``model`` once on ``example`` (see ``run``) and return the ``Recording``.
 
-    Calls of the modules in ``keep`` also keep their arguments (for the merge check). The model's
-    train/eval modes are restored afterwards, and every hook is removed even on failure.
+    Calls of the modules in ``keep`` also keep their arguments (for the merge check). Every hook
+    is removed even on failure.
     """
     recording = Recording(model, keep)
     handles = []
-    modes = {m: m.training for m in model.modules()}
     try:
         for module in model.modules():
             handles.append(module.register_forward_pre_hook(recording.pre_hook, with_kwargs=True))
             handles.append(module.register_forward_hook(recording.post_hook, with_kwargs=True))
-        model.eval()
-        args, kwargs = _as_call(example)
-        with torch.no_grad(), _Mode(recording):
-            model(*args, **kwargs)
+        run(model, example, _Mode(recording))
     finally:
         for handle in handles:
             handle.remove()
+    return recording
+
+
+def run(model: nn.Module, example: Any, within: Any = None) -> Any:
+    """``model``'s output on ``example`` (a tensor, a tuple of arguments or a dict of keyword
+    arguments), run in eval mode without gradients (inside the context manager ``within``, when
+    given); the train/eval mode of every module is restored afterwards, even on failure."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        args, kwargs = _as_call(example)
+        with torch.no_grad(), within if within is not None else contextlib.nullcontext():
+            return model(*args, **kwargs)
+    finally:
         for module, mode in modes.items():
             module.training = mode
-    return recording
 
 
 def _as_call(example: Any) -> tuple[tuple, dict]:

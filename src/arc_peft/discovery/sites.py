@@ -57,6 +57,8 @@ class Site:
         batch_axis: The axis of the input that holds the samples: ``0``, or ``1`` for
             sequence-first inputs (``nn.MultiheadAttention(batch_first=False)``: ``L, N, E``).
             A mixed-task batch routes samples along it.
+        no_output: Why no adapter adding to the output can run here (a forward never reaches
+            the hook at ``output_path``, see ``arc_peft.site_plan``); empty when one can.
     """
 
     position: str
@@ -68,6 +70,7 @@ class Site:
     block: int
     kind: str
     batch_axis: int = 0
+    no_output: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,16 @@ class LeftOut:
     reason: str
     on_purpose: bool  # pooling / cross-attention / excluded by the user: not an error
     position: str = "attn"
+    end: str = ""  # "output": only the adapters adding to the site's output are left out
+
+    def describe(self) -> str:
+        """``path (kind, its MLP)``: what is left out, for messages."""
+        parts = [self.kind]
+        if self.position == "mlp":
+            parts.append("its MLP")
+        if self.end == "output":
+            parts.append("adapters adding to its output")
+        return f"{self.path} ({', '.join(parts)})"
 
 
 @dataclass
@@ -98,8 +111,16 @@ class SitePlan:
             label = "attention" if position == "attn" else "MLP"
             lines.append(f"{label} sites: {len(chosen)} ({', '.join(kinds) or 'none'})")
         for item in self.left_out:
-            what = f"{item.path} ({item.kind}{', its MLP' if item.position == 'mlp' else ''})"
-            lines.append(f"left out: {what}: {item.reason}")
+            lines.append(f"left out: {item.describe()}: {item.reason}")
+        for position in ("attn", "mlp"):
+            dead = [s for s in self.sites if s.position == position and s.no_output]
+            if dead:
+                label = "attention" if position == "attn" else "MLP"
+                paths = ", ".join(s.path for s in dead[:4]) + (" ..." if len(dead) > 4 else "")
+                lines.append(
+                    f"{label} sites where no adapter adding to the output runs: {len(dead)} "
+                    f"({paths}): {dead[0].no_output}"
+                )
         return "\n".join(lines)
 
 

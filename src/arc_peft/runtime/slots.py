@@ -65,6 +65,9 @@ class AdapterSlot(nn.ModuleDict):
     routing: tuple[int, list[tuple[str, Tensor]]] | None = None
     pending: Tensor | None = None
     places: tuple[tuple[int | None, str | None], ...] = ()
+    # Set while ``site_plan`` checks that a forward reaches this site's hooks: which ends
+    # (``"input"``, ``"output"``) would have run an adapter; nothing is adapted meanwhile.
+    reached: set[str] | None = None
 
     def __init__(self, site: Site, holder_path: str) -> None:
         super().__init__()
@@ -130,6 +133,9 @@ class AdapterSlot(nn.ModuleDict):
 
         Returns ``None`` when nothing applies, so the hook leaves the call untouched.
         """
+        if self.reached is not None:
+            self.reached.add("input" if want_input else "output")
+            return None
         if self.disabled:
             return None
         if self.routing is None:
