@@ -160,8 +160,34 @@ def markdown(results: dict) -> str:
             f"max |compiled - eager| = {c['max_abs_diff']:.1e}.",
             "",
         ]
+    if results.get("ops"):
+        lines += _ops(results["ops"])
     lines.append("![benchmark ratios](benchmarks.png)")
     return "\n".join(lines) + "\n"
+
+
+def _ops(rows: list[dict]) -> list[str]:
+    kernels = any("kernels_per_site" in r for r in rows)
+    lines = [
+        "## Kernel ops per adapted site (one forward + backward, over the floor)",
+        "",
+        "aten ops that compute (views and bare allocations left out), counted with a "
+        "TorchDispatchMode: deterministic. The biggest contributors per site follow.",
+        "",
+        "| model | dtype | method | sites | ops / site | "
+        + ("CUDA kernels / site | " if kernels else "")
+        + "largest contributors per site |",
+        "|---|---|---|---:|---:|" + ("---:|" if kernels else "") + "---|",
+    ]
+    for r in rows:
+        top = ", ".join(f"`{k}` {v:+.1f}" for k, v in list(r["by_op"].items())[:6])
+        cells = [r["model"], r["dtype"], _label(r["method"]), str(r["sites"])]
+        cells.append(_f(r["ops_per_site"], 1))
+        if kernels:
+            cells.append(_f(r.get("kernels_per_site"), 1))
+        cells.append(top)
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot(results: dict, path: Path) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 import arc_peft
 
-from . import methods
+from . import methods, opcount
 from .measure import (
     fresh_peak_mib,
     infer_fn,
@@ -345,6 +345,65 @@ def run_compile(settings: Settings, notes: list[str]) -> dict:
     }
 
 
+# The methods whose ops per site are counted (the others adapt no sites, or all of them).
+OPS_METHODS = ["arc", "arc_plain", "arc_att", "adaptmlp", "lora", "vera"]
+OPS_BATCH = 2  # the count does not depend on the batch: the smallest that is a batch
+
+
+def run_ops(settings: Settings, notes: list[str]) -> list[dict]:
+    """Kernel ops per adapted site of one training forward + backward (opcount), over the floor;
+    on CUDA also the CUDA kernels the profiler sees in one step, over the floor's."""
+    rows = []
+    wanted = [m for m in OPS_METHODS if m in settings.train_methods]
+    for name in settings.train_models:
+        x, y = make_batch(settings, OPS_BATCH)
+        models = {m: build(name, m, settings) for m in ["floor", *available(wanted, notes)]}
+        for dtype in settings.dtypes:
+            counts = {
+                m: opcount.count_step(
+                    model, x, y, dtype, METHODS[m].grads_to_input, METHODS[m].lean
+                )
+                for m, model in models.items()
+            }
+            kernels = {}
+            if settings.device.type == "cuda":
+                for m, model in models.items():
+                    try:
+                        kernels[m] = opcount.cuda_kernels(
+                            model, x, y, dtype, METHODS[m].grads_to_input, METHODS[m].lean
+                        )
+                    except Exception as exc:  # a profiler failure must not lose the op counts
+                        notes.append(f"kernel count of {m} {dtype}: {type(exc).__name__}: {exc}")
+            floor = counts["floor"]
+            for m, ops in counts.items():
+                if m == "floor":
+                    continue
+                sites = opcount.adapted_sites(models[m]) or 1
+                by_op = opcount.per_site(ops, floor, sites)
+                row = {
+                    "model": name,
+                    "dtype": dtype,
+                    "method": m,
+                    "sites": sites,
+                    "ops": sum(ops.values()),
+                    "floor_ops": sum(floor.values()),
+                    "ops_per_site": sum(by_op.values()),
+                    "by_op": by_op,
+                }
+                if m in kernels and "floor" in kernels:
+                    row["kernels"], row["floor_kernels"] = kernels[m], kernels["floor"]
+                    row["kernels_per_site"] = (kernels[m] - kernels["floor"]) / sites
+                rows.append(row)
+            log(
+                f"ops per site {name} {dtype}: "
+                + ", ".join(
+                    f"{r['method']} {r['ops_per_site']:.1f}" for r in rows[-len(counts) + 1 :]
+                )
+            )
+        del models
+    return rows
+
+
 def _fmt(rows: list[dict]) -> str:
     key = next(k for k in rows[0] if k.startswith("time_ratio_"))
     return ", ".join(f"{r['method']} {r[key]:.3f}" for r in rows)
@@ -357,4 +416,5 @@ RUNNERS = {
     "files": run_files,
     "multitask": run_multitask,
     "compile": run_compile,
+    "ops": run_ops,
 }

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-SECTIONS = ["inference", "training", "scaling", "files", "multitask", "compile"]
+SECTIONS = ["inference", "training", "scaling", "files", "multitask", "compile", "ops"]
 INFER_METHODS = [
     "plain", "arc", "arc_merged", "arc_att", "adaptmlp", "lora", "vera", "adapter_plus",
     "official_arc",
