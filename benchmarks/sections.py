@@ -23,6 +23,7 @@ from .measure import (
     saved_bytes,
     spread,
     step_peak_mib,
+    sync,
     train_step_fn,
 )
 from .methods import METHODS, NUM_CLASSES, missing, randomise_adapters, timm_model
@@ -31,6 +32,11 @@ from .settings import Settings
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def out_of_time(settings: Settings) -> bool:
+    """Whether ``--time-limit`` has run out: what is left is skipped, with a note."""
+    return settings.deadline is not None and time.monotonic() > settings.deadline
 
 
 def make_batch(settings: Settings, batch: int, img_size: int | None = None) -> tuple:
@@ -107,6 +113,9 @@ def run_training(settings: Settings, notes: list[str]) -> list[dict]:
         x, y = make_batch(settings, settings.train_batch)
         models = {m: build(name, m, settings) for m in methods}
         for dtype in settings.dtypes:
+            if out_of_time(settings):
+                notes.append(f"training {name} {dtype} skipped: --time-limit")
+                continue
             fns = {
                 m: train_step_fn(models[m], x, y, dtype, METHODS[m].grads_to_input, METHODS[m].lean)
                 for m in methods
@@ -404,6 +413,79 @@ def run_ops(settings: Settings, notes: list[str]) -> list[dict]:
     return rows
 
 
+def run_compiled_training(settings: Settings, notes: list[str]) -> list[dict]:
+    """The training step under ``torch.compile`` (inductor), timed against the compiled floor:
+    the floor and ARC in every dtype first (bf16 first), then the other ``--compile-methods``.
+    Compilation is most of this section's time, so under ``--time-limit`` a measurement starts
+    only while the time left exceeds the longest one so far (the run ends near the limit)."""
+    name = settings.train_models[0]
+    x, y = make_batch(settings, settings.train_batch)
+    wanted = available(["floor", *(m for m in settings.compile_methods if m != "floor")], notes)
+    dtypes = sorted(settings.dtypes, key=lambda d: d != "bf16")
+    first = [(d, m) for d in dtypes for m in wanted if m in ("floor", "arc")]
+    order = first + [(d, m) for d in dtypes for m in wanted if (d, m) not in first]
+    rows: list[dict] = []
+    longest = 0.0
+    for dtype, method in order:
+        left = math.inf if settings.deadline is None else settings.deadline - time.monotonic()
+        if left < longest:
+            notes.append(f"compiled training {method} {dtype} skipped: --time-limit")
+            continue
+        began = time.monotonic()
+        try:
+            rows.append(_compiled_row(settings, name, method, dtype, x, y))
+            log(f"compiled training {name} {dtype} {method}: {rows[-1]['ms']:.1f} ms")
+        except Exception as exc:  # e.g. a peer's graph inductor cannot compile
+            notes.append(f"compiled training {method} {dtype}: {type(exc).__name__}: {exc}")
+        finally:
+            torch._dynamo.reset()  # each model compiles afresh, and its graphs are freed
+        longest = max(longest, time.monotonic() - began)
+    for dtype in dtypes:
+        part = [r for r in rows if r["dtype"] == dtype]
+        floor = next((r for r in part if r["method"] == "floor"), None)
+        for row in part if floor is not None else []:
+            row["time_ratio_floor"] = row["ms"] / floor["ms"]
+            if "peak_mib" in row:
+                row["peak_mib_ratio_floor"] = row["peak_mib"] / floor["peak_mib"]
+    return rows
+
+
+def _compiled_row(
+    settings: Settings, name: str, method: str, dtype: str, x: torch.Tensor, y: torch.Tensor
+) -> dict:
+    spec = METHODS[method]
+    model = build(name, method, settings)
+    eager = train_step_fn(model, x, y, dtype, spec.grads_to_input, spec.lean)
+    compiled = train_step_fn(torch.compile(model), x, y, dtype, spec.grads_to_input, spec.lean)
+    start = time.perf_counter()
+    compiled()  # compiles the forward and, at its first backward, the backward graph
+    sync(settings.device)
+    compile_s = time.perf_counter() - start
+    times = interleaved(
+        {"eager": eager, "compiled": compiled},
+        settings.repeats,
+        settings.warmup,
+        settings.device,
+        settings.timer,
+    )
+    row = {
+        "model": name,
+        "dtype": dtype,
+        "batch": settings.train_batch,
+        "method": method,
+        "compile_s": compile_s,
+        "ms": 1e3 * median(times["compiled"]),
+        "spread": spread(times["compiled"]),
+        "eager_ms": 1e3 * median(times["eager"]),
+        "times": times["compiled"],
+    }
+    row["compiled_vs_eager"] = row["ms"] / row["eager_ms"]
+    if settings.device.type == "cuda":
+        row["peak_mib"] = step_peak_mib(compiled, settings.device)
+        row["eager_peak_mib"] = step_peak_mib(eager, settings.device)
+    return row
+
+
 def _fmt(rows: list[dict]) -> str:
     key = next(k for k in rows[0] if k.startswith("time_ratio_"))
     return ", ".join(f"{r['method']} {r[key]:.3f}" for r in rows)
@@ -417,4 +499,5 @@ RUNNERS = {
     "multitask": run_multitask,
     "compile": run_compile,
     "ops": run_ops,
+    "compiled_training": run_compiled_training,
 }

@@ -218,3 +218,30 @@ def test_kernel_ops_leave_out_views_and_allocations():
         assert not opcount.kernel_op(op), op
     for op in (aten.mm.default, aten.add_.Tensor, aten._to_copy.default, aten.sum.dim_IntList):
         assert opcount.kernel_op(op), op
+
+
+def test_gpu_preset_is_the_prepared_cuda_run():
+    settings = parse_args(["--gpu", "--out", "/tmp/x"])
+    assert settings.models == ["vit_base_patch16_224"] and settings.train_batch == 64
+    assert settings.dtypes == ["fp32", "bf16"] and settings.infer_batches == [256]
+    assert settings.sections == ["ops", "training", "inference", "compiled_training"]
+    assert settings.time_limit == 240 and settings.repeats == 15
+    quick = parse_args(["--gpu", "--quick"])  # the CPU smoke test of the same command
+    assert quick.models == ["vit_tiny_patch16_224"] and "compiled_training" in quick.sections
+
+
+def test_a_failed_section_leaves_the_others_written(monkeypatch, tmp_path):
+    def broken(settings, notes):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setitem(run.RUNNERS, "training", broken)
+    results = _main(
+        ["--gpu", "--quick", "--sections", "training,ops", "--methods", "floor,arc",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert "training" not in results and {r["method"] for r in results["ops"]} == {"arc"}
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert any(
+        "section training failed: RuntimeError: no such kernel" in n for n in stored["notes"]
+    )
+    assert "## Kernel ops per adapted site" in (tmp_path / "results.md").read_text()
