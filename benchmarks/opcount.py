@@ -138,7 +138,8 @@ def cuda_kernels(
 
     step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    # CPU activity too: the kernels are then listed with the ops that launched them.
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     model.zero_grad(set_to_none=True)
