@@ -26,8 +26,13 @@ a mixed-task batch, a cast) takes the saving path, and so does everything under 
 hooks (activation checkpointing, which recomputes the whole region anyway).
 
 The forward pass runs the same torch ops as the modules' own ``forward``, in the same order and
-under the same autocast state, so its outputs are identical to the plain path's; gradients agree
-to float rounding (``tests/test_lean.py``: gradcheck in float64, every architecture). Under
+under the same autocast state (casting weights itself where autocast would, so that the backward
+pass reuses the casts: ``autocast_dtype``), so its outputs are identical to the plain path's.
+The backward passes are written for few ops per site (each op is a kernel launch on a GPU, where
+an eager step of a small adapter is bound by launches; ``benchmarks/opcount.py`` counts them):
+dropout's gradient in one op (``dropout_backward``), the norm's mean and bias terms folded into
+the GEMM and an outer-product update, casts folded into ``out=`` and mixed-dtype ops. Gradients
+agree to float rounding (``tests/test_lean.py``: gradcheck in float64, every architecture). Under
 ``torch.compile`` and without autograd the plain path runs (the compiler chooses what to save).
 """
 
