@@ -35,7 +35,7 @@ from arc_peft.methods.lean import lean_disabled
 # -- time -----------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -56,10 +56,10 @@ def interleaved(
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            _sync(device)
+            sync(device)
             start = clock()
             fns[name]()
-            _sync(device)
+            sync(device)
             times[name].append(clock() - start)
     return times
 

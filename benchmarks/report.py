@@ -160,11 +160,60 @@ def markdown(results: dict) -> str:
             f"max |compiled - eager| = {c['max_abs_diff']:.1e}.",
             "",
         ]
+    if results.get("ops"):
+        lines += _ops(results["ops"])
+    if results.get("compiled_training"):
+        lines += _compiled_training(results["compiled_training"])
     lines.append("![benchmark ratios](benchmarks.png)")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
+def _compiled_training(rows: list[dict]) -> list[str]:
+    lines = [
+        "## Training step under torch.compile (inductor): ratios to the compiled floor",
+        "",
+        "Peak memory here: the growth over two steps after the warm-up (gradients and optimizer "
+        "state already allocated), eager and compiled measured the same way.",
+        "",
+        "| model | dtype | batch | method | compile s | compiled ms | ± | time / floor | "
+        "eager ms | compiled / eager | peak MiB | peak / floor | eager peak MiB |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = [r["model"], r["dtype"], str(r["batch"]), _label(r["method"])]
+        cells += [_f(r.get("compile_s"), 1), _f(r.get("ms"), 1), _f(r.get("spread"))]
+        cells += [_f(r.get("time_ratio_floor"), 3), _f(r.get("eager_ms"), 1)]
+        cells += [_f(r.get("compiled_vs_eager"), 3), _f(r.get("peak_mib"), 0)]
+        cells += [_f(r.get("peak_mib_ratio_floor"), 3), _f(r.get("eager_peak_mib"), 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _ops(rows: list[dict]) -> list[str]:
+    kernels = any("kernels_per_site" in r for r in rows)
+    lines = [
+        "## Kernel ops per adapted site (one forward + backward, over the floor)",
+        "",
+        "aten ops that compute (views and bare allocations left out), counted with a "
+        "TorchDispatchMode: deterministic. The biggest contributors per site follow.",
+        "",
+        "| model | dtype | method | sites | ops / site | "
+        + ("CUDA kernels / site | " if kernels else "")
+        + "largest contributors per site |",
+        "|---|---|---|---:|---:|" + ("---:|" if kernels else "") + "---|",
+    ]
+    for r in rows:
+        top = ", ".join(f"`{k}` {v:+.1f}" for k, v in list(r["by_op"].items())[:6])
+        cells = [r["model"], r["dtype"], _label(r["method"]), str(r["sites"])]
+        cells.append(_f(r["ops_per_site"], 1))
+        if kernels:
+            cells.append(_f(r.get("kernels_per_site"), 1))
+        cells.append(top)
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def draw(results: dict, path: Path) -> None:
     """One figure: training time and saved memory over the floor per method (first model),
     and ARC's step / floor along each scaling axis."""
     import matplotlib
@@ -222,11 +271,17 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(results: dict, out: Path) -> None:
+def write(results: dict, out: Path, plot: bool = True) -> None:
+    """``results.json`` and ``results.md`` (and, with ``plot``, ``benchmarks.png``: a figure that
+    cannot be drawn, e.g. without matplotlib, is reported and skipped, not fatal)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text(markdown(results))
-    plot(results, out / "benchmarks.png")
+    if plot:
+        try:
+            draw(results, out / "benchmarks.png")
+        except Exception as exc:  # the tables are what matters; say why the figure is missing
+            print(f"[bench] no figure: {type(exc).__name__}: {exc}", flush=True)
 
 
 def render(paths: list[Path], out: Path) -> dict:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 import torch
 
 from benchmarks import methods, report
-from benchmarks.sections import RUNNERS, log
+from benchmarks.sections import RUNNERS, log, out_of_time
 from benchmarks.settings import parse_args
 
 
@@ -44,13 +46,29 @@ def main(argv: list[str] | None = None) -> dict:
         "notes": notes,
     }
     settings.out.mkdir(parents=True, exist_ok=True)
+    if settings.time_limit is not None:
+        settings.deadline = time.monotonic() + settings.time_limit
     for section in settings.sections:
+        if out_of_time(settings):
+            notes.append(f"section {section} skipped: --time-limit {settings.time_limit:g} s")
+            continue
         log(f"section {section}")
-        results[section] = RUNNERS[section](settings, notes)
+        try:
+            results[section] = RUNNERS[section](settings, notes)
+        except Exception as exc:  # one failed section must not lose the others
+            if settings.quick and not settings.gpu:
+                raise  # the smoke test (CI) must see it
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            notes.append(
+                f"section {section} failed: {type(exc).__name__}: {exc} "
+                f"({where.filename}:{where.lineno})"
+            )
+            log(notes[-1])
         # Written after every section: an interrupted long run keeps what it measured.
-        (settings.out / "results.json").write_text(json.dumps(results, indent=1))
+        (settings.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        report.write(results, settings.out, plot=False)
     report.write(results, settings.out)
-    log(f"wrote {settings.out / 'results.md'} and {settings.out / 'benchmarks.png'}")
+    log(f"wrote {settings.out / 'results.md'} and {settings.out / 'results.json'}")
     return results
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import arc_peft
 
-from . import methods
+from . import methods, opcount
 from .measure import (
     fresh_peak_mib,
     infer_fn,
@@ -23,6 +23,7 @@ from .measure import (
     saved_bytes,
     spread,
     step_peak_mib,
+    sync,
     train_step_fn,
 )
 from .methods import METHODS, NUM_CLASSES, missing, randomise_adapters, timm_model
@@ -31,6 +32,11 @@ from .settings import Settings
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def out_of_time(settings: Settings) -> bool:
+    """Whether ``--time-limit`` has run out: what is left is skipped, with a note."""
+    return settings.deadline is not None and time.monotonic() > settings.deadline
 
 
 def make_batch(settings: Settings, batch: int, img_size: int | None = None) -> tuple:
@@ -107,6 +113,9 @@ def run_training(settings: Settings, notes: list[str]) -> list[dict]:
         x, y = make_batch(settings, settings.train_batch)
         models = {m: build(name, m, settings) for m in methods}
         for dtype in settings.dtypes:
+            if out_of_time(settings):
+                notes.append(f"training {name} {dtype} skipped: --time-limit")
+                continue
             fns = {
                 m: train_step_fn(models[m], x, y, dtype, METHODS[m].grads_to_input, METHODS[m].lean)
                 for m in methods
@@ -345,6 +354,138 @@ def run_compile(settings: Settings, notes: list[str]) -> dict:
     }
 
 
+# The methods whose ops per site are counted (the others adapt no sites, or all of them).
+OPS_METHODS = ["arc", "arc_plain", "arc_att", "adaptmlp", "lora", "vera"]
+OPS_BATCH = 2  # the count does not depend on the batch: the smallest that is a batch
+
+
+def run_ops(settings: Settings, notes: list[str]) -> list[dict]:
+    """Kernel ops per adapted site of one training forward + backward (opcount), over the floor;
+    on CUDA also the CUDA kernels the profiler sees in one step, over the floor's."""
+    rows = []
+    wanted = [m for m in OPS_METHODS if m in settings.train_methods]
+    for name in settings.train_models:
+        x, y = make_batch(settings, OPS_BATCH)
+        models = {m: build(name, m, settings) for m in ["floor", *available(wanted, notes)]}
+        for dtype in settings.dtypes:
+            counts = {
+                m: opcount.count_step(
+                    model, x, y, dtype, METHODS[m].grads_to_input, METHODS[m].lean
+                )
+                for m, model in models.items()
+            }
+            kernels = {}
+            if settings.device.type == "cuda":
+                for m, model in models.items():
+                    try:
+                        kernels[m] = opcount.cuda_kernels(
+                            model, x, y, dtype, METHODS[m].grads_to_input, METHODS[m].lean
+                        )
+                    except Exception as exc:  # a profiler failure must not lose the op counts
+                        notes.append(f"kernel count of {m} {dtype}: {type(exc).__name__}: {exc}")
+            floor = counts["floor"]
+            for m, ops in counts.items():
+                if m == "floor":
+                    continue
+                sites = opcount.adapted_sites(models[m]) or 1
+                by_op = opcount.per_site(ops, floor, sites)
+                row = {
+                    "model": name,
+                    "dtype": dtype,
+                    "method": m,
+                    "sites": sites,
+                    "ops": sum(ops.values()),
+                    "floor_ops": sum(floor.values()),
+                    "ops_per_site": sum(by_op.values()),
+                    "by_op": by_op,
+                }
+                if m in kernels and "floor" in kernels:
+                    row["kernels"], row["floor_kernels"] = kernels[m], kernels["floor"]
+                    row["kernels_per_site"] = (kernels[m] - kernels["floor"]) / sites
+                rows.append(row)
+            log(
+                f"ops per site {name} {dtype}: "
+                + ", ".join(
+                    f"{r['method']} {r['ops_per_site']:.1f}" for r in rows[-len(counts) + 1 :]
+                )
+            )
+        del models
+    return rows
+
+
+def run_compiled_training(settings: Settings, notes: list[str]) -> list[dict]:
+    """The training step under ``torch.compile`` (inductor), timed against the compiled floor:
+    the floor and ARC in every dtype first (bf16 first), then the other ``--compile-methods``.
+    Compilation is most of this section's time, so under ``--time-limit`` a measurement starts
+    only while the time left exceeds the longest one so far (the run ends near the limit)."""
+    name = settings.train_models[0]
+    x, y = make_batch(settings, settings.train_batch)
+    wanted = available(["floor", *(m for m in settings.compile_methods if m != "floor")], notes)
+    dtypes = sorted(settings.dtypes, key=lambda d: d != "bf16")
+    first = [(d, m) for d in dtypes for m in wanted if m in ("floor", "arc")]
+    order = first + [(d, m) for d in dtypes for m in wanted if (d, m) not in first]
+    rows: list[dict] = []
+    longest = 0.0
+    for dtype, method in order:
+        left = math.inf if settings.deadline is None else settings.deadline - time.monotonic()
+        if left < longest:
+            notes.append(f"compiled training {method} {dtype} skipped: --time-limit")
+            continue
+        began = time.monotonic()
+        try:
+            rows.append(_compiled_row(settings, name, method, dtype, x, y))
+            log(f"compiled training {name} {dtype} {method}: {rows[-1]['ms']:.1f} ms")
+        except Exception as exc:  # e.g. a peer's graph inductor cannot compile
+            notes.append(f"compiled training {method} {dtype}: {type(exc).__name__}: {exc}")
+        finally:
+            torch._dynamo.reset()  # each model compiles afresh, and its graphs are freed
+        longest = max(longest, time.monotonic() - began)
+    for dtype in dtypes:
+        part = [r for r in rows if r["dtype"] == dtype]
+        floor = next((r for r in part if r["method"] == "floor"), None)
+        for row in part if floor is not None else []:
+            row["time_ratio_floor"] = row["ms"] / floor["ms"]
+            if "peak_mib" in row:
+                row["peak_mib_ratio_floor"] = row["peak_mib"] / floor["peak_mib"]
+    return rows
+
+
+def _compiled_row(
+    settings: Settings, name: str, method: str, dtype: str, x: torch.Tensor, y: torch.Tensor
+) -> dict:
+    spec = METHODS[method]
+    model = build(name, method, settings)
+    eager = train_step_fn(model, x, y, dtype, spec.grads_to_input, spec.lean)
+    compiled = train_step_fn(torch.compile(model), x, y, dtype, spec.grads_to_input, spec.lean)
+    start = time.perf_counter()
+    compiled()  # compiles the forward and, at its first backward, the backward graph
+    sync(settings.device)
+    compile_s = time.perf_counter() - start
+    times = interleaved(
+        {"eager": eager, "compiled": compiled},
+        settings.repeats,
+        settings.warmup,
+        settings.device,
+        settings.timer,
+    )
+    row = {
+        "model": name,
+        "dtype": dtype,
+        "batch": settings.train_batch,
+        "method": method,
+        "compile_s": compile_s,
+        "ms": 1e3 * median(times["compiled"]),
+        "spread": spread(times["compiled"]),
+        "eager_ms": 1e3 * median(times["eager"]),
+        "times": times["compiled"],
+    }
+    row["compiled_vs_eager"] = row["ms"] / row["eager_ms"]
+    if settings.device.type == "cuda":
+        row["peak_mib"] = step_peak_mib(compiled, settings.device)
+        row["eager_peak_mib"] = step_peak_mib(eager, settings.device)
+    return row
+
+
 def _fmt(rows: list[dict]) -> str:
     key = next(k for k in rows[0] if k.startswith("time_ratio_"))
     return ", ".join(f"{r['method']} {r[key]:.3f}" for r in rows)
@@ -357,4 +498,6 @@ RUNNERS = {
     "files": run_files,
     "multitask": run_multitask,
     "compile": run_compile,
+    "ops": run_ops,
+    "compiled_training": run_compiled_training,
 }

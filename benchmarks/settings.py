@@ -9,7 +9,16 @@ from typing import Any
 
 import torch
 
-SECTIONS = ["inference", "training", "scaling", "files", "multitask", "compile"]
+SECTIONS = [
+    "inference", "training", "scaling", "files", "multitask", "compile", "ops", "compiled_training",
+]  # fmt: skip
+# --gpu: the one prepared command for a CUDA machine (docs/benchmarks.md, benchmarks/README.md),
+# its sections in the order run: the cheap, deterministic ones first, compilation (the slow
+# part, cut off by --time-limit) last.
+GPU_SECTIONS = ["ops", "training", "inference", "compiled_training"]
+GPU_TRAIN_METHODS = ["full", "floor", "arc", "arc_plain", "arc_att", "adaptmlp", "lora", "vera"]
+GPU_INFER_METHODS = ["plain", "arc", "arc_merged"]
+COMPILE_METHODS = ["floor", "arc", "lora", "arc_att", "adaptmlp"]
 INFER_METHODS = [
     "plain", "arc", "arc_merged", "arc_att", "adaptmlp", "lora", "vera", "adapter_plus",
     "official_arc",
@@ -48,6 +57,10 @@ class Settings:
     img_size: int = 224
     rank: int = 50
     render: list[Path] | None = None
+    compile_methods: list[str] = field(default_factory=lambda: list(COMPILE_METHODS))
+    time_limit: float | None = None  # seconds for the whole run; later work is skipped
+    deadline: float | None = None  # time.monotonic() when the time limit runs out
+    gpu: bool = False
 
 
 def _list(text: str) -> list[str]:
@@ -92,6 +105,25 @@ def parse_args(argv: list[str] | None) -> Settings:
         "time for the official-code rows",
     )
     p.add_argument("--quick", action="store_true", help="a tiny model, 1 repeat: seconds")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the prepared CUDA run: ViT-B/16, training batch 64, inference batch 256, fp32 and "
+        f"bf16, sections {GPU_SECTIONS}, under --time-limit (default 240 s); with --quick, the "
+        "same on the tiny model (a CPU smoke test)",
+    )
+    p.add_argument(
+        "--compile-methods",
+        default=None,
+        help=f"methods of the compiled_training section, in order (default {COMPILE_METHODS})",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop starting new measurements after S seconds (what was measured is written)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument(
         "--render",
@@ -109,11 +141,15 @@ def parse_args(argv: list[str] | None) -> Settings:
     dtypes = _list(a.dtypes)
     if not dtypes or set(dtypes) - {"fp32", "bf16"}:
         p.error(f"--dtypes {a.dtypes!r}: expected fp32 and/or bf16, comma separated")
-    train_methods = _list(a.methods) if a.methods else list(TRAIN_METHODS)
-    infer_methods = _list(a.infer_methods) if a.infer_methods else list(INFER_METHODS)
+    default_train = GPU_TRAIN_METHODS if a.gpu else TRAIN_METHODS
+    default_infer = GPU_INFER_METHODS if a.gpu else INFER_METHODS
+    train_methods = _list(a.methods) if a.methods else list(default_train)
+    infer_methods = _list(a.infer_methods) if a.infer_methods else list(default_infer)
+    compile_methods = _list(a.compile_methods) if a.compile_methods else list(COMPILE_METHODS)
     for given, known, flag in (
         (train_methods, TRAIN_METHODS, "--methods"),
         (infer_methods, INFER_METHODS, "--infer-methods"),
+        (compile_methods, TRAIN_METHODS, "--compile-methods"),
     ):
         if set(given) - set(known):
             p.error(f"{flag}: unknown {sorted(set(given) - set(known))}, expected from {known}")
@@ -137,15 +173,34 @@ def parse_args(argv: list[str] | None) -> Settings:
         scaling_batch=a.scaling_batch,
         official_arc=a.official_arc,
         render=a.render,
+        compile_methods=compile_methods,
+        time_limit=a.time_limit,
+        gpu=a.gpu,
     )
     if cuda:
         settings.device = torch.device("cuda")
+    default_sections = a.sections == p.get_default("sections")
+    if a.gpu:
+        if a.models == p.get_default("models"):
+            settings.models = settings.train_models = ["vit_base_patch16_224"]
+        settings.train_batch = a.train_batch or 64
+        if a.batch == p.get_default("batch"):
+            settings.infer_batches = [256]
+        if default_sections:
+            settings.sections = list(GPU_SECTIONS)
+        if a.repeats == p.get_default("repeats"):
+            settings.repeats = 15
+        settings.warmup = max(settings.warmup, 2)
+        if a.time_limit is None:
+            settings.time_limit = 240.0
     if a.quick:
         settings.models = settings.train_models = ["vit_tiny_patch16_224"]
         settings.model_kwargs = dict(TINY)
         settings.img_size = TINY["img_size"]
         settings.infer_batches, settings.train_batch, settings.scaling_batch = [1, 4], 4, 2
         settings.repeats, settings.warmup, settings.rank = min(a.repeats, 2), 1, 8
-        if a.sections == p.get_default("sections"):
-            settings.sections = [s for s in sections if s != "compile"]
+        if default_sections and not a.gpu:
+            settings.sections = [s for s in sections if s not in ("compile", "compiled_training")]
+        if a.gpu and a.compile_methods is None:
+            settings.compile_methods = ["floor", "arc"]
     return settings

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -478,6 +479,23 @@ def test_injecting_into_wrapped_or_compiled_models_is_loud(saved: Path) -> None:
         compiled(inputs("vit"))
     with pytest.warns(UserWarning, match="compiled model does not see adapters added after"):
         arc_peft.inject_arc(model, ARC)
+    torch._dynamo.reset()
+
+
+def test_only_the_compiled_model_is_flagged() -> None:
+    """Compiled code for VisionTransformer.forward exists once any ViT ran compiled; a different
+    ViT that was never compiled still takes adapters without a warning (issue 17)."""
+    torch._dynamo.reset()
+    compiled_one, other = build("vit"), build("vit")
+    compiled = torch.compile(compiled_one, backend="eager")
+    with torch.no_grad():
+        compiled(inputs("vit"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        arc_peft.inject_arc(other, ARC)
+    with pytest.warns(UserWarning, match="compiled model does not see adapters added after"):
+        arc_peft.inject_arc(compiled_one, ARC)
+    del compiled
     torch._dynamo.reset()
 
 

@@ -26,8 +26,13 @@ a mixed-task batch, a cast) takes the saving path, and so does everything under 
 hooks (activation checkpointing, which recomputes the whole region anyway).
 
 The forward pass runs the same torch ops as the modules' own ``forward``, in the same order and
-under the same autocast state, so its outputs are identical to the plain path's; gradients agree
-to float rounding (``tests/test_lean.py``: gradcheck in float64, every architecture). Under
+under the same autocast state (casting weights itself where autocast would, so that the backward
+pass reuses the casts: ``autocast_dtype``), so its outputs are identical to the plain path's.
+The backward passes are written for few ops per site (each op is a kernel launch on a GPU, where
+an eager step of a small adapter is bound by launches; ``benchmarks/opcount.py`` counts them):
+dropout's gradient in one op (``dropout_backward``), the norm's mean and bias terms folded into
+the GEMM and an outer-product update, casts folded into ``out=`` and mixed-dtype ops. Gradients
+agree to float rounding (``tests/test_lean.py``: gradcheck in float64, every architecture). Under
 ``torch.compile`` and without autograd the plain path runs (the compiler chooses what to save).
 """
 
@@ -44,12 +49,13 @@ from torch import Tensor
 __all__ = [
     "LEAN",
     "SECOND_ORDER_ERROR",
+    "autocast_dtype",
+    "dropout_backward",
     "dropout_with_mask",
     "first_order_only",
     "input_grad_product",
     "lean_applies",
     "lean_disabled",
-    "noise_from_mask",
     "norm_source",
     "recompute_source",
 ]
@@ -179,12 +185,37 @@ def dropout_with_mask(a: Tensor, p: float) -> tuple[Tensor, Tensor]:
     return a * noise, noise.bool()
 
 
-def noise_from_mask(mask: Tensor, p: float, dtype: torch.dtype) -> Tensor:
-    """The noise ``dropout_with_mask`` multiplied by, rebuilt from its mask (through uint8, whose
-    conversion is vectorised; the boolean one is not)."""
+def autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype autocast casts ``t`` to for a GEMM here, or ``None`` (autocast off for its
+    device, or ``t`` not eligible: autocast leaves float64 and non-float tensors alone)."""
+    device = t.device.type
+    if not torch.is_autocast_enabled(device) or not t.is_floating_point():
+        return None
+    if t.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def dropout_backward(grad: Tensor, mask: Tensor, p: float) -> Tensor:
+    """The gradient through ``dropout_with_mask``: ``grad`` where the mask kept a value, times
+    the factor the forward pass multiplied by, in one op (three to rebuild the noise and
+    multiply). The factor is the noise's value: ``1/(1-p)`` rounded to ``grad``'s dtype on a
+    CPU, as at::dropout's noise tensor holds it (so the product is the one plain autograd
+    computes); ``1/(1-p)`` elsewhere, as the fused kernel's own backward."""
+    cpu = mask.device.type == "cpu"
+    scale = _dropout_scale(p, grad.dtype if cpu else None)
+    return torch.ops.aten.native_dropout_backward(grad, mask, scale)
+
+
+@functools.lru_cache(maxsize=64)
+def _dropout_scale(p: float, dtype: torch.dtype | None) -> float:
+    """``1/(1-p)``, rounded to ``dtype`` as at::dropout's ``div_`` rounds it (computed once:
+    not an op per call)."""
     if p == 1:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return mask.view(torch.uint8).to(dtype).div_(1 - p)
+        return 0.0
+    if dtype is None:
+        return 1.0 / (1.0 - p)
+    return torch.ones((), dtype=dtype).div_(1 - p).item()
 
 
 def input_grad_product(
@@ -202,23 +233,24 @@ def input_grad_product(
             #                            + b[d]·Σ_n da[n,k]:
             # one GEMM on the norm's own input, w and b applied to the D×r result.
             if da.dtype == x.dtype and x.dtype.itemsize >= 4:
-                # The mean's term as a second, 1×r product: nothing token-sized recomputed.
+                # The mean's term as a second, 1×r product, subtracted inside the GEMM:
+                # nothing token-sized recomputed.
                 scaled = da * rstd
-                out = (scaled.t() @ x).t()
-                out.sub_(mean.t() @ scaled)
+                out = torch.addmm(scaled.t() @ mean, scaled.t(), x, beta=-1).t()
             else:
                 # Autocast: the GEMM in da's precision, as plain autograd's on its low-precision
                 # copy of the input (three times faster than in float32). The input is centred
                 # in its own precision before it is rounded (a transient token-sized tensor,
                 # never saved): rounding x itself would lose the difference to the mean where
-                # the mean is large against the deviation.
-                centred = (x - mean).to(da.dtype)
-                scaled = torch.mul(da, rstd).to(da.dtype)  # rstd's precision, rounded once
+                # the mean is large against the deviation. Each is computed in the wider
+                # precision and rounded as it is written (``out=``): one op, not two.
+                centred = torch.sub(x, mean, out=x.new_empty(x.shape, dtype=da.dtype))
+                scaled = torch.mul(da, rstd, out=da.new_empty(da.shape))
                 out = (scaled.t() @ centred).t().to(torch.promote_types(rstd.dtype, da.dtype))
             if w is not None:
                 out.mul_(w[:, None])
             if b is not None:
-                out.add_(b[:, None] * da.sum(0, dtype=out.dtype))
+                out.addr_(b, da.sum(0, dtype=out.dtype))
             return out
         # Another precision: rebuild the input as the norm output it (then cast like autocast).
         flat = (x - mean).mul_(rstd)

@@ -12,6 +12,7 @@ module has already been imported, so ``sys.modules`` is checked first.
 
 from __future__ import annotations
 
+import gc
 import sys
 import warnings
 
@@ -89,8 +90,11 @@ def full_tensor(tensor: Tensor) -> Tensor:
 
 
 def _compiled_code(model: nn.Module) -> bool:
-    """Whether Dynamo holds compiled code for ``model``'s forward: it was compiled in place
-    (``model.compile()``), or a ``torch.compile(model)`` (or another model of its class) ran."""
+    """Whether a compiled version of ``model`` has run: it was compiled in place
+    (``model.compile()``), or a live ``torch.compile(model)`` wrapper holds it and Dynamo holds
+    compiled code for its class's forward. (The compiled code alone does not say which model
+    ran it: its guards match any instance of the class, so another model of the class that was
+    never compiled must not be flagged.)"""
     if getattr(model, "_compiled_call_impl", None) is not None:
         return True
     if "torch._dynamo" not in sys.modules:
@@ -100,7 +104,27 @@ def _compiled_code(model: nn.Module) -> bool:
     except ImportError:  # a private helper: if it moves, say nothing rather than fail
         return False
     forward = getattr(type(model).forward, "__code__", None)
-    return forward is not None and bool(_debug_get_cache_entry_list(forward))
+    if forward is None or not _debug_get_cache_entry_list(forward):
+        return False
+    return _held_by_compiled_wrapper(model)
+
+
+def _held_by_compiled_wrapper(model: nn.Module) -> bool:
+    """Whether a live ``torch.compile`` wrapper (``OptimizedModule``) holds ``model``. Found
+    through the objects that refer to ``model``: the wrapper keeps it in its ``_modules`` dict,
+    which the wrapper's attribute dict refers to. Two scans of the heap (a fraction of a second),
+    only made once compiled code for the model's class exists: an ordinary injection never
+    scans."""
+    held_in = [r for r in gc.get_referrers(model) if isinstance(r, dict)]
+    ids = {id(d) for d in held_in}
+    for owner in gc.get_referrers(*held_in) if held_in else ():
+        # The wrapper itself or its ``__dict__``, depending on how Python lays the instance out.
+        attrs = vars(owner) if isinstance(owner, nn.Module) else owner
+        if not isinstance(attrs, dict) or id(attrs.get("_modules")) not in ids:
+            continue
+        if "dynamo_ctx" in attrs and attrs["_modules"].get("_orig_mod") is model:
+            return True
+    return False
 
 
 def check_injectable(model: nn.Module, verb: str, stacklevel: int = 3) -> None:

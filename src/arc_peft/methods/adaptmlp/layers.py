@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..layers import Adapter
 from ..lean import (
+    autocast_dtype,
     dropout_with_mask,
     first_order_only,
     input_grad_product,
@@ -132,40 +133,49 @@ class _LeanAdaptMLP(torch.autograd.Function):
         p: float,
         source: tuple[Any, ...] | None,
     ) -> Tensor:
-        # The same ops as AdaptMLP.forward, so the outputs are identical.
-        h = torch.relu(F.linear(x, w_down, b_down))
+        # The same ops as AdaptMLP.forward, so the outputs are identical; the weights are cast
+        # as autocast would cast them for the GEMMs, here, so that the backward pass reuses
+        # the casts.
+        low = autocast_dtype(w_down)
+        wd, wu = (w_down.to(low), w_up.to(low)) if low is not None else (w_down, w_up)
+        h = torch.relu(F.linear(x, wd, b_down))
         if p > 0:
             h = dropout_with_mask(h, p)[0]
-        out = F.linear(h, w_up, b_up) * scale
+        out = F.linear(h, wu, b_up) * scale
         ctx.source, ctx.scale, ctx.drop_scale = source, scale, 1.0 / (1.0 - p) if p < 1 else 0.0
         ctx.x_dtype, ctx.shape = x.dtype, x.shape
-        ctx.save_for_backward(w_down, b_down, w_up, b_up, h, x if source is None else None)
+        ctx.dtypes = (w_down.dtype, b_down.dtype, w_up.dtype, b_up.dtype)
+        ctx.save_for_backward(wd, wu, h, x if source is None else None)
         return out
 
     @staticmethod
     @first_order_only
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        w_down, b_down, w_up, b_up, h, flat = ctx.saved_tensors
+        w_down, w_up, h, flat = ctx.saved_tensors  # the weights as the forward's GEMMs read them
         dim, cd = w_down.shape[1], h.dtype
         h = h.reshape(-1, h.shape[-1])
-        d_out = (grad * ctx.scale).reshape(-1, grad.shape[-1]).to(cd)
+        g = grad.reshape(-1, grad.shape[-1])
+        # s·grad, rounded to cd as it is written: one op, the same values as casting after.
+        d_out = torch.mul(g, ctx.scale, out=g.new_empty(g.shape, dtype=cd))
         # Where h > 0 both ReLU and dropout passed the value: the only places a gradient flows.
         # (ReLU's own backward op: a boolean mask of h > 0 would be converted without vector
         # instructions, six times slower.)
         dz = torch.ops.aten.threshold_backward(d_out @ w_up.to(cd), h, 0).mul_(ctx.drop_scale)
         grads: list[Tensor | None] = [None] * 8
+        dtypes = ctx.dtypes
         if ctx.needs_input_grad[0]:
             grads[0] = (dz @ w_down.to(cd)).to(ctx.x_dtype).view(ctx.shape)
         if ctx.needs_input_grad[1]:
             x = flat.reshape(-1, dim) if flat is not None else None
             grads[1] = input_grad_product(ctx.source, ctx.x_dtype, x, dz, dim)
-            grads[1] = grads[1].t().to(w_down.dtype)
+            grads[1] = grads[1].t().to(dtypes[0])
+        # The sums accumulate in the parameters' dtype directly: one op each, not two.
         if ctx.needs_input_grad[2]:
-            grads[2] = dz.sum(0).to(b_down.dtype)
+            grads[2] = dz.sum(0, dtype=dtypes[1])
         if ctx.needs_input_grad[3]:
-            grads[3] = (d_out.t() @ h).to(w_up.dtype)
+            grads[3] = (d_out.t() @ h).to(dtypes[2])
         if ctx.needs_input_grad[4]:
-            grads[4] = d_out.sum(0).to(b_up.dtype)
+            grads[4] = d_out.sum(0, dtype=dtypes[3])
         return tuple(grads)
 
 

@@ -14,15 +14,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import Adapter, SharedState
 from ..lean import (
+    autocast_dtype,
+    dropout_backward,
     dropout_with_mask,
     first_order_only,
     input_grad_product,
     lean_applies,
-    noise_from_mask,
     norm_source,
 )
 from ..registry import SiteLike
@@ -187,7 +189,10 @@ def arc_output(flat: Tensor, h: Tensor, u: Tensor, bias: Tensor) -> Tensor:
     (docs/benchmarks.md)."""
     if h.dtype == flat.dtype:
         return torch.addmm(flat, h, u.t()).add_(bias)
-    return torch.add(flat, bias).add_(h @ u.t())
+    # F.linear(h, U) is h·Uᵀ, the same GEMM; given U itself (a leaf parameter), autocast casts it
+    # once per autocast region and reuses the cast at every site sharing U: one op per site less
+    # than casting the view Uᵀ, which it cannot cache.
+    return torch.add(flat, bias).add_(F.linear(h, u))
 
 
 class _LeanARC(torch.autograd.Function):
@@ -205,8 +210,12 @@ class _LeanARC(torch.autograd.Function):
         source: tuple[Any, ...] | None,
     ) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        # The same ops as ARC.forward, so the outputs are identical.
-        a = flat @ (u * s)
+        # The same ops as ARC.forward, so the outputs are identical; U·diag(s) is cast as
+        # autocast would cast it for the GEMM, here, so that the backward pass reuses it.
+        us = u * s
+        low = autocast_dtype(us)
+        us = us.to(low) if low is not None else us
+        a = flat @ us
         mask = None
         if p > 0:
             h, mask = dropout_with_mask(a, p)
@@ -215,35 +224,38 @@ class _LeanARC(torch.autograd.Function):
         out = arc_output(flat, h, u, bias)
         ctx.source, ctx.p, ctx.shape = source, p, x.shape
         ctx.x_dtype, ctx.bias_dtype = x.dtype, bias.dtype
-        ctx.save_for_backward(u, s, mask, h, flat if source is None else None)
+        ctx.save_for_backward(u, s, us, mask, h, flat if source is None else None)
         return out.view(x.shape)
 
     @staticmethod
     @first_order_only
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        u, s, mask, h, flat = ctx.saved_tensors
+        u, s, us, mask, h, flat = ctx.saved_tensors
         cd = h.dtype  # the bottleneck's dtype: the GEMMs' under autocast
         g = grad.reshape(-1, u.shape[0])
         gc = g.to(cd)
         dh = gc @ u.to(cd)  # N×r
-        da = dh if mask is None else dh * noise_from_mask(mask, ctx.p, cd)
+        da = dh if mask is None else dropout_backward(dh, mask, ctx.p)
         grad_x = grad_u = grad_s = grad_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # First: it reads the norm's input, which the norm's backward, next, reads again.
             d_us = input_grad_product(ctx.source, ctx.x_dtype, flat, da, u.shape[0])
             d_us = d_us.to(u.dtype)  # gradient of U·diag(s)
             if ctx.needs_input_grad[1]:
-                grad_u = d_us * s + (gc.t() @ h).to(u.dtype)
+                # gᵀ·h + d_us·diag(s), the second term added in the same pass.
+                grad_u = (gc.t() @ h).to(u.dtype).addcmul_(d_us, s)
             if ctx.needs_input_grad[2]:
                 grad_s = (d_us * u).sum(0)
         if ctx.needs_input_grad[3]:
             grad_b = g.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[0]:
-            usc = (u * s).to(cd)
+            usc = us.to(cd)  # the forward's U·diag(s), already in cd (no op) but in rare dtypes
             if g.dtype == cd:  # the residual's gradient accumulated inside the GEMM
                 grad_x = torch.addmm(g, da, usc.t()).view(ctx.shape)
             else:
-                grad_x = (g + (da @ usc.t()).to(g.dtype)).view(ctx.shape)
+                # One mixed-precision add (the product widened as it is read): the same sum
+                # as casting it first, one op less.
+                grad_x = torch.add(g, da @ usc.t()).view(ctx.shape)
         return grad_x, grad_u, grad_s, grad_b, None, None
 
 
