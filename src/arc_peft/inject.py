@@ -13,7 +13,7 @@ from .discovery.targets import registry_generation
 from .errors import UnsupportedModelError
 from .methods import AdapterConfig, get_method
 from .methods.layers import Adapter, SharedState
-from .runtime import heads, shared
+from .runtime import heads, inputgrad, shared
 from .runtime.slots import AdapterSlot, adapter_configs, check_name, holder_of, iter_slots
 from .runtime.wrappers import check_injectable
 from .state import DEFAULT_ADAPTER, EXAMPLE_ATTR, PLAN_ATTR
@@ -268,6 +268,8 @@ def inject_arc(
     if make_active:
         for _, _, slot in iter_slots(model):
             slot.active = name
+    # Reentrant activation checkpointing would otherwise cut every adapter off from the loss.
+    inputgrad.install(model)
     return model
 
 
@@ -290,6 +292,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             slot.active = None
         if len(slot) == 0:
             slot.detach(block)
+    if not iter_slots(model):
+        inputgrad.uninstall(model)
     return model
 
 
@@ -303,4 +307,5 @@ def remove_arc(model: nn.Module) -> nn.Module:
     shared.detach(model)
     for _, block, slot in iter_slots(model):
         slot.detach(block)
+    inputgrad.uninstall(model)
     return model

@@ -1,0 +1,132 @@
+"""Inside the tools users train with: activation checkpointing, Hugging Face ``save_pretrained`` /
+``Trainer`` checkpoints, peft side by side, and wrapper modules (a LightningModule, any module
+holding the adapted model). Nothing is silently lost: it works, or it fails naming the fix.
+
+Every model is a tiny random-init configuration; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import arc_peft
+
+from models import build, inputs, randomise_adapters
+
+
+def tiny_hf_vit(seed: int = 0) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=3,
+    )
+    return transformers.ViTForImageClassification(config)
+
+
+def adapter_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    return {
+        n: None if p.grad is None else p.grad.clone()
+        for n, p in arc_peft.adapter_parameters(model).items()
+    }
+
+
+# -- 1. reentrant activation checkpointing ----------------------------------------------------
+
+
+def test_hf_reentrant_checkpointing_trains_adapters():
+    """``use_reentrant=True`` gives every adapter the gradient it gets without checkpointing
+    (it used to give none: the checkpointed layers' inputs did not require grad)."""
+    model = tiny_hf_vit()
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4, dropout=0.0))
+    randomise_adapters(model)
+    arc_peft.freeze_backbone(model)
+    model.train()
+    pixels = torch.randn(2, 3, 32, 32)
+    labels = torch.tensor([0, 2])
+    model(pixel_values=pixels, labels=labels).loss.backward()
+    plain = adapter_grads(model)
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model(pixel_values=pixels, labels=labels).loss.backward()
+    checkpointed = adapter_grads(model)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 10
+    for name, grad in checkpointed.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-7)
+    assert not pixels.requires_grad  # the caller's tensor is left as it was
+
+
+def test_timm_reentrant_grad_checkpointing():
+    """timm's ``set_grad_checkpointing`` with reentrant ``torch.utils.checkpoint``."""
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    model = build("vit")
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4, dropout=0.0))
+    randomise_adapters(model)
+    arc_peft.freeze_backbone(model)
+    x = inputs("vit")
+    model(x).square().sum().backward()
+    plain = adapter_grads(model)
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    was = use_reentrant_ckpt()
+    set_reentrant_ckpt(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="None of the inputs")
+            model(x).square().sum().backward()
+    finally:
+        set_reentrant_ckpt(was)
+    for name, grad in adapter_grads(model).items():
+        assert grad is not None, name
+        torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_plain_reentrant_checkpoint_reaches_adapters():
+    """``torch.utils.checkpoint`` called in a model's own forward, frozen layers before it."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Linear(8, 16)
+            self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = checkpoint(self.layer, self.stem(x), use_reentrant=True)
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    model = Model()
+    arc_peft.inject_arc(
+        model, arc_peft.ARCConfig(rank=4, dropout=0.0), example_input=torch.randn(1, 5, 8)
+    )
+    randomise_adapters(model)
+    arc_peft.freeze_backbone(model, train_head=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="None of the inputs")
+        model(torch.randn(2, 5, 8)).sum().backward()
+    grads = adapter_grads(model)
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values()), grads
+
+
+def test_input_grad_hook_goes_with_the_adapters():
+    model = build("vit")
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
+    assert len(model._forward_pre_hooks) == 1
+    arc_peft.merge_adapter(model)
+    assert len(model._forward_pre_hooks) == 0
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
+    arc_peft.remove_arc(model)
+    assert len(model._forward_pre_hooks) == 0
