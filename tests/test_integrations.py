@@ -130,3 +130,100 @@ def test_input_grad_hook_goes_with_the_adapters():
     arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
     arc_peft.remove_arc(model)
     assert len(model._forward_pre_hooks) == 0
+
+
+# -- 2. save_pretrained / from_pretrained, Trainer checkpoints --------------------------------
+
+
+def test_save_pretrained_warns_and_the_named_route_keeps_the_adapters(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_hf_vit().eval()
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
+    randomise_adapters(model)
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = model(pixel_values=pixels).logits
+    with pytest.warns(arc_peft.AdaptersNotSavedWarning, match=r"load_adapter\(model, folder\)"):
+        model.save_pretrained(tmp_path)
+    arc_peft.save_adapter(model, tmp_path / "adapter.safetensors")  # the route it names
+    loaded = transformers.ViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert arc_peft.adapter_configs(loaded) == {}  # what from_pretrained alone gives
+    arc_peft.load_adapter(loaded, tmp_path)
+    assert torch.equal(loaded(pixel_values=pixels).logits, expected)
+
+
+def test_merged_model_saves_without_warning(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_hf_vit().eval()
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
+    randomise_adapters(model)
+    pixels = torch.randn(2, 3, 32, 32)
+    arc_peft.merge_adapter(model)
+    assert "save_pretrained" not in model.__dict__  # the wrapper went with the adapters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", arc_peft.AdaptersNotSavedWarning)
+        model.save_pretrained(tmp_path)
+    loaded = transformers.ViTForImageClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(
+        loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits, rtol=0, atol=0
+    )
+
+
+class _Images(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return {"pixel_values": torch.randn(3, 32, 32, generator=g), "labels": i % 3}
+
+
+def _trained(tmp_path, steps: int, resume: str | None = None, callback: bool = True) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    from arc_peft.integrations.transformers import ArcPeftCallback
+
+    model = tiny_hf_vit()
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))  # dropout on: the RNG is restored
+    arc_peft.freeze_backbone(model)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        save_steps=2,
+        learning_rate=0.05,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=_Images(),
+        callbacks=[ArcPeftCallback()] if callback else [],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", arc_peft.AdaptersNotSavedWarning)
+        trainer.train(resume_from_checkpoint=str(tmp_path / resume) if resume else None)
+    return model
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**arc_peft.adapter_parameters(model), **dict(model.classifier.named_parameters())}
+
+
+@pytest.mark.slow  # two Trainer runs: ~10 s of CPU
+def test_trainer_resume_restores_every_adapter_tensor(tmp_path):
+    """A run of 4 steps (checkpoints at 2 and 4), and a fresh model resumed from its step-2
+    checkpoint to step 4, end with the same adapter and head, bit for bit."""
+    whole = _state(_trained(tmp_path, steps=4))
+    assert (tmp_path / "checkpoint-2" / "adapter.safetensors").is_file()
+    resumed = _state(_trained(tmp_path, steps=4, resume="checkpoint-2"))
+    assert whole.keys() == resumed.keys() and len(whole) == 12
+    for name, value in whole.items():
+        assert torch.equal(value, resumed[name]), name
+
+
+def test_trainer_resume_without_adapter_file_refuses(tmp_path):
+    _trained(tmp_path, steps=2, callback=False)
+    with pytest.raises(FileNotFoundError, match="checkpoint-2 holds no adapter.safetensors"):
+        _trained(tmp_path, steps=4, resume="checkpoint-2")

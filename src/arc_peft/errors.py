@@ -1,8 +1,9 @@
-"""The library's exception types. Each is a ``ValueError`` so generic input handling still works."""
+"""The library's exception types (each a ``ValueError``, so generic input handling still works)
+and its warning category."""
 
 from __future__ import annotations
 
-__all__ = ["AdapterFileError", "MergeError", "UnsupportedModelError"]
+__all__ = ["AdapterFileError", "AdaptersNotSavedWarning", "MergeError", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -15,3 +16,9 @@ class AdapterFileError(ValueError):
 
 class MergeError(ValueError):
     """An adapter cannot be folded exactly into the backbone at some site."""
+
+
+class AdaptersNotSavedWarning(UserWarning):
+    """A save that the matching load would bring back without the model's adapters (Hugging
+    Face ``save_pretrained`` -> ``from_pretrained``); the message names the route that keeps
+    them."""

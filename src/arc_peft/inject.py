@@ -13,7 +13,7 @@ from .discovery.targets import registry_generation
 from .errors import UnsupportedModelError
 from .methods import AdapterConfig, get_method
 from .methods.layers import Adapter, SharedState
-from .runtime import heads, inputgrad, shared
+from .runtime import heads, inputgrad, pretrained, shared
 from .runtime.slots import AdapterSlot, adapter_configs, check_name, holder_of, iter_slots
 from .runtime.wrappers import check_injectable
 from .state import DEFAULT_ADAPTER, EXAMPLE_ATTR, PLAN_ATTR
@@ -270,6 +270,7 @@ def inject_arc(
             slot.active = name
     # Reentrant activation checkpointing would otherwise cut every adapter off from the loss.
     inputgrad.install(model)
+    pretrained.install(model)  # warn where save_pretrained would lose the adapters
     return model
 
 
@@ -294,6 +295,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             slot.detach(block)
     if not iter_slots(model):
         inputgrad.uninstall(model)
+        pretrained.uninstall(model)
     return model
 
 
@@ -308,4 +310,5 @@ def remove_arc(model: nn.Module) -> nn.Module:
     for _, block, slot in iter_slots(model):
         slot.detach(block)
     inputgrad.uninstall(model)
+    pretrained.uninstall(model)
     return model

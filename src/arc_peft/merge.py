@@ -27,7 +27,7 @@ from .discovery.targets import get_target
 from .errors import MergeError
 from .inject import delete_adapter
 from .methods.layers import Adapter
-from .runtime import heads, inputgrad, shared
+from .runtime import heads, inputgrad, pretrained, shared
 from .runtime.multitask import active_adapter
 from .runtime.slots import AdapterSlot, adapter_configs, iter_slots
 from .state import EXAMPLE_ATTR, MERGES_ATTR
@@ -315,6 +315,7 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
         slot.attach(block)
     shared.attach(model, record.projections)
     inputgrad.install(model)
+    pretrained.install(model)
     heads.unadopt(model, record.name, record.replaced)
     records.pop()
     if not records:
