@@ -227,3 +227,110 @@ def test_trainer_resume_without_adapter_file_refuses(tmp_path):
     _trained(tmp_path, steps=2, callback=False)
     with pytest.raises(FileNotFoundError, match="checkpoint-2 holds no adapter.safetensors"):
         _trained(tmp_path, steps=4, resume="checkpoint-2")
+
+
+# -- 3. peft side by side ---------------------------------------------------------------------
+
+
+def _vit_with_lora(modules_to_save=None) -> nn.Module:
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["qkv"], modules_to_save=modules_to_save)
+    return peft.get_peft_model(build("vit"), config)
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["head"]])
+def test_inject_into_a_peft_model_refuses_naming_peft(modules_to_save):
+    model = _vit_with_lora(modules_to_save)
+    before = dict(model.state_dict())
+    with pytest.raises(arc_peft.UnsupportedModelError, match=r"holds peft layers .*qkv.*inject"):
+        arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
+    assert arc_peft.adapter_configs(model) == {} and model.state_dict().keys() == before.keys()
+
+
+def test_arc_then_peft_trains_saves_and_refuses_to_merge(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = build("vit")
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4, dropout=0.0))
+    randomise_adapters(model)
+    arc_peft.freeze_backbone(model)
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, target_modules=["qkv"], modules_to_save=["head"])
+    )
+    ours = arc_peft.adapter_parameters(lora)
+    assert not any(p.requires_grad for p in ours.values())  # get_peft_model froze them
+    for param in ours.values():  # the documented step
+        param.requires_grad_(True)
+    x = inputs("vit")
+    lora(x).square().sum().backward()
+    assert all(p.grad is not None for p in ours.values())
+    with pytest.raises(ValueError, match="include_head=False"):
+        arc_peft.save_adapter(lora, tmp_path / "arc.safetensors")
+    # LoRA's trainable tensors are peft's to save: ours alone go into the file.
+    arc_peft.save_adapter(lora, tmp_path / "arc.safetensors", include_head=False)
+    lora.save_pretrained(tmp_path / "lora")
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    # the file is the plain backbone's: it loads into a fresh model, refused were it PeftModel's
+    fresh = build("vit")
+    arc_peft.load_adapter(fresh, tmp_path / "arc.safetensors")
+    for name, param in arc_peft.adapter_parameters(fresh).items():
+        assert torch.equal(param, ours[f"base_model.model.{name}"]), name
+    with pytest.raises(arc_peft.MergeError, match=r"wrapped by peft .*blocks\.0\.attn\.qkv"):
+        arc_peft.merge_adapter(lora)
+    # peft's merge first, then ours: the plain backbone computing what the pair computed.
+    lora.eval()
+    expected = lora(x)
+    merged = lora.merge_and_unload()
+    arc_peft.merge_adapter(merged)
+    assert arc_peft.adapter_configs(merged) == {}
+    torch.testing.assert_close(merged(x), expected, rtol=1e-4, atol=1e-5)
+
+
+# -- 4. wrappers ------------------------------------------------------------------------------
+
+
+class Wrapper(nn.Module):
+    """What a LightningModule is to the file verbs: a module holding the adapted model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = nn.CrossEntropyLoss()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def test_file_verbs_through_a_wrapper_act_on_the_adapted_model(tmp_path):
+    model = build("vit")
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
+    randomise_adapters(model)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    arc_peft.save_adapter(model, tmp_path / "plain.safetensors")
+    wrapped = Wrapper(model)
+    assert arc_peft.freeze_backbone(wrapped) is wrapped
+    assert model.head.weight.requires_grad  # the head was found inside
+    arc_peft.save_adapter(wrapped, tmp_path / "wrapped.safetensors")
+    # the same bytes: head included, the real backbone's class and keys
+    assert (tmp_path / "wrapped.safetensors").read_bytes() == (
+        tmp_path / "plain.safetensors"
+    ).read_bytes()
+    other = Wrapper(build("vit"))
+    arc_peft.inject_arc(other.model, arc_peft.ARCConfig(rank=4))
+    arc_peft.load_adapter(other, tmp_path / "wrapped.safetensors")
+    x = inputs("vit")
+    model.eval(), other.eval()
+    assert torch.equal(other(x), wrapped(x))
+    expected = wrapped(x)
+    assert arc_peft.merge_adapter(wrapped) is wrapped
+    assert arc_peft.adapter_configs(model) == {}
+    torch.testing.assert_close(wrapped(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_wrapper_of_two_adapted_models_refuses_naming_them(tmp_path):
+    pair = nn.ModuleDict({"student": build("vit"), "teacher": build("vit")})
+    for model in pair.values():
+        arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
+    with pytest.raises(ValueError, match=r"\['student', 'teacher'\].*save_adapter\(model\.student"):
+        arc_peft.save_adapter(pair, tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()

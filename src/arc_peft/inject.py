@@ -13,7 +13,7 @@ from .discovery.targets import registry_generation
 from .errors import UnsupportedModelError
 from .methods import AdapterConfig, get_method
 from .methods.layers import Adapter, SharedState
-from .runtime import heads, inputgrad, pretrained, shared
+from .runtime import foreign, heads, inputgrad, pretrained, shared
 from .runtime.slots import AdapterSlot, adapter_configs, check_name, holder_of, iter_slots
 from .runtime.wrappers import check_injectable
 from .state import DEFAULT_ADAPTER, EXAMPLE_ATTR, PLAN_ATTR
@@ -233,6 +233,16 @@ def inject_arc(
         raise TypeError(f"inject_arc expects an nn.Module, got {type(model).__name__}")
     check_name(name)
     check_injectable(model, "inject_arc")
+    peft_layers = foreign.foreign_layers(model)
+    if peft_layers:
+        # The probe would take LoRA's own bottleneck (lora_B's input) for the attention input.
+        raise UnsupportedModelError(
+            f"inject_arc: {type(model).__name__} holds peft layers "
+            f"({foreign.describe(peft_layers)}), which wrap the layers arc_peft adapts; adapters "
+            "injected now would not sit at the attention input. Inject first, then apply peft: "
+            "arc_peft.inject_arc(model, config); model = peft.get_peft_model(model, lora_config) "
+            "(see docs/integrations.md)"
+        )
     existing = adapter_configs(model)
     if name in existing:
         raise ValueError(

@@ -22,7 +22,7 @@ from ..inject import delete_adapter, inject_arc
 from ..runtime import heads
 from ..runtime.multitask import active_adapter, set_active_adapter
 from ..runtime.slots import adapter_configs, check_name
-from ..runtime.wrappers import check_injectable, is_sharded, reshard, unwrap
+from ..runtime.wrappers import adapted_model, check_injectable, is_sharded, reshard
 from ..state import DEFAULT_ADAPTER
 from . import identity, layout, taskfiles
 from .format import (
@@ -125,7 +125,7 @@ def load_adapter(
         OSError: the file cannot be opened.
     """
     path = resolve(path)
-    wrapper, model = model, unwrap(model)
+    wrapper, model = model, adapted_model(model, "load_adapter")
     check_name(name)
     reshard(model)  # FSDP2: write into the kept shards, not unsharded copies about to be freed
     with about(path):
