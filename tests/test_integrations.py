@@ -334,3 +334,12 @@ def test_wrapper_of_two_adapted_models_refuses_naming_them(tmp_path):
     with pytest.raises(ValueError, match=r"\['student', 'teacher'\].*save_adapter\(model\.student"):
         arc_peft.save_adapter(pair, tmp_path / "a.safetensors")
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_a_model_with_its_own_head_is_not_a_wrapper(tmp_path):
+    """ViTForImageClassification adapted at ``.vit``: the file holds the classifier too."""
+    model = tiny_hf_vit()
+    arc_peft.inject_arc(model.vit, arc_peft.ARCConfig(rank=4))
+    arc_peft.save_adapter(model, tmp_path / "a.safetensors")
+    info = arc_peft.read_adapter_info(tmp_path / "a.safetensors")
+    assert info.head_parameters == 32 * 3 + 3, info.head

@@ -20,6 +20,7 @@ import warnings
 from torch import Tensor, nn
 
 from ..state import PLAN_ATTR
+from .heads import get_head
 from .slots import iter_slots
 
 __all__ = [
@@ -60,13 +61,15 @@ def adapted_model(model: nn.Module, verb: str) -> nn.Module:
 
     The adapted model is the module adapters were injected into: ``inject_arc`` keeps its site
     plan there (``state.PLAN_ATTR``). A model with no adapters is returned as it is (a load
-    injects into it).
+    injects into it), and so is one with a classifier head of its own around an adapted
+    backbone (``ViTForImageClassification`` adapted at ``.vit``): that is a model, whose head
+    the file should hold, not a wrapper.
 
     Raises:
         ValueError: ``model`` holds several separately adapted models; the message names them.
     """
     model = unwrap(model)
-    if PLAN_ATTR in model.__dict__ or not iter_slots(model):
+    if PLAN_ATTR in model.__dict__ or not iter_slots(model) or get_head(model) is not None:
         return model
     found: list[tuple[str, nn.Module]] = []
     for path, module in model.named_modules():
