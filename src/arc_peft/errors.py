@@ -1,15 +1,8 @@
-"""The library's exception types (each a ``ValueError``, so generic input handling still works)
-and its warning category."""
+"""The library's exception types. Each is a ``ValueError`` so generic input handling still works."""
 
 from __future__ import annotations
 
-__all__ = [
-    "AdapterFileError",
-    "AdaptersNotSavedWarning",
-    "MergeError",
-    "UnsupportedModelError",
-    "printable",
-]
+__all__ = ["AdapterFileError", "MergeError", "UnsupportedModelError", "printable"]
 
 
 class UnsupportedModelError(ValueError):
@@ -33,9 +26,3 @@ def printable(text: str) -> str:
         ch if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF else ascii(ch)[1:-1]
         for ch in text
     )
-
-
-class AdaptersNotSavedWarning(UserWarning):
-    """A save that the matching load would bring back without the model's adapters (Hugging
-    Face ``save_pretrained`` -> ``from_pretrained``); the message names the route that keeps
-    them."""

@@ -15,7 +15,7 @@ from .discovery.targets import registry_generation
 from .errors import UnsupportedModelError
 from .methods import AdapterConfig, get_method
 from .methods.layers import Adapter, SharedState
-from .runtime import foreign, heads, inputgrad, pretrained, shared
+from .runtime import heads, shared
 from .runtime.slots import AdapterSlot, adapter_configs, check_name, holder_of, iter_slots
 from .runtime.wrappers import check_injectable
 from .state import DEFAULT_ADAPTER, EXAMPLE_ATTR, PLAN_ATTR
@@ -321,16 +321,6 @@ def inject_arc(
         raise TypeError(f"inject_arc expects an nn.Module, got {type(model).__name__}")
     check_name(name)
     check_injectable(model, "inject_arc")
-    peft_layers = foreign.foreign_layers(model)
-    if peft_layers:
-        # The probe would take LoRA's own bottleneck (lora_B's input) for the attention input.
-        raise UnsupportedModelError(
-            f"inject_arc: {type(model).__name__} holds peft layers "
-            f"({foreign.describe(peft_layers)}), which wrap the layers arc_peft adapts; adapters "
-            "injected now would not sit at the attention input. Inject first, then apply peft: "
-            "arc_peft.inject_arc(model, config); model = peft.get_peft_model(model, lora_config) "
-            "(see docs/integrations.md)"
-        )
     existing = adapter_configs(model)
     if name in existing:
         raise ValueError(
@@ -366,9 +356,6 @@ def inject_arc(
     if make_active:
         for _, _, slot in iter_slots(model):
             slot.active = name
-    # Reentrant activation checkpointing would otherwise cut every adapter off from the loss.
-    inputgrad.install(model)
-    pretrained.install(model)  # warn where save_pretrained would lose the adapters
     return model
 
 
@@ -391,9 +378,6 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             slot.active = None
         if len(slot) == 0:
             slot.detach(block)
-    if not iter_slots(model):
-        inputgrad.uninstall(model)
-        pretrained.uninstall(model)
     return model
 
 
@@ -407,6 +391,4 @@ def remove_arc(model: nn.Module) -> nn.Module:
     shared.detach(model)
     for _, block, slot in iter_slots(model):
         slot.detach(block)
-    inputgrad.uninstall(model)
-    pretrained.uninstall(model)
     return model

@@ -27,10 +27,9 @@ from .discovery.targets import get_target
 from .errors import MergeError
 from .inject import delete_adapter
 from .methods.layers import Adapter
-from .runtime import foreign, heads, inputgrad, pretrained, shared
+from .runtime import heads, shared
 from .runtime.multitask import active_adapter
 from .runtime.slots import AdapterSlot, adapter_configs, iter_slots
-from .runtime.wrappers import adapted_model
 from .state import EXAMPLE_ATTR, MERGES_ATTR
 
 __all__ = ["merge_adapter", "unmerge_adapter"]
@@ -145,7 +144,6 @@ def merge_adapter(
             offset is non-zero, a layer without the bias the fold needs...). The message names
             the site; the model is unchanged.
     """
-    wrapper, model = model, adapted_model(model, "merge_adapter")
     slots = iter_slots(model)
     if not slots:
         raise MergeError("merge_adapter: the model has no adapters; inject or load one first")
@@ -170,19 +168,6 @@ def merge_adapter(
         raise MergeError(
             "merge_adapter cannot run inside `with disable_adapter(...)` or "
             "`with mixed_batch(...)`: leave the block first"
-        )
-
-    sites = tuple(slot.site.path for _, _, slot in slots)
-    wrapped = [
-        (path, layer)
-        for path, layer in foreign.foreign_layers(model)
-        if any(path == s or path.startswith(s + ".") for s in sites)
-    ]
-    if wrapped:
-        raise MergeError(
-            f"merge_adapter({name!r}): the layers it would fold into are wrapped by peft "
-            f"({foreign.describe(wrapped)}): their effective weight is not the nn.Linear's. "
-            "Merge peft's adapter first (model = model.merge_and_unload()), then merge_adapter"
         )
 
     module_paths = {id(module): path for path, module in model.named_modules()}
@@ -270,7 +255,7 @@ def merge_adapter(
     if record is not None:
         record.replaced = replaced
         model.__dict__.setdefault(MERGES_ATTR, []).append(record)
-    return wrapper
+    return model
 
 
 def unmerge_adapter(model: nn.Module) -> nn.Module:
@@ -329,8 +314,6 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
         slot.active = record.name if record.was_active else None
         slot.attach(block)
     shared.attach(model, record.projections)
-    inputgrad.install(model)
-    pretrained.install(model)
     heads.unadopt(model, record.name, record.replaced)
     records.pop()
     if not records:

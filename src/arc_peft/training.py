@@ -14,7 +14,7 @@ from .methods.layers import Adapter
 from .runtime import shared
 from .runtime.heads import get_head
 from .runtime.slots import iter_slots
-from .runtime.wrappers import adapted_model
+from .runtime.wrappers import unwrap
 from .state import TRAINED_ATTR
 
 __all__ = [
@@ -78,8 +78,7 @@ def freeze_backbone(
     Returns:
         ``model`` itself.
     """
-    # names in ``also`` are the adapted model's (inside any wrapper)
-    wrapper, model = model, adapted_model(model, "freeze_backbone")
+    wrapper, model = model, unwrap(model)  # names in ``also`` are the plain model's
     paths = {id(module): path for path, module in model.named_modules()}
     extra: list[tuple[str, nn.Module]] = []
     for item in also:

@@ -23,7 +23,7 @@ from ..inject import delete_adapter, inject_arc
 from ..runtime import heads
 from ..runtime.multitask import active_adapter, set_active_adapter
 from ..runtime.slots import adapter_configs, check_name
-from ..runtime.wrappers import adapted_model, check_injectable, is_sharded, reshard
+from ..runtime.wrappers import check_injectable, is_sharded, reshard, unwrap
 from ..state import DEFAULT_ADAPTER
 from . import identity, layout, taskfiles
 from .format import (
@@ -126,7 +126,7 @@ def load_adapter(
         OSError: the file cannot be opened.
     """
     path = resolve(path)
-    wrapper, model = model, adapted_model(model, "load_adapter")
+    wrapper, model = model, unwrap(model)
     check_name(name)
     # A refused load leaves the model as it was, down to its attributes (the site plan a check
     # computed and keeps on the model) and the global RNG (building a head of another shape

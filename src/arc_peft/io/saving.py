@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import printable
-from ..runtime import foreign, heads
+from ..runtime import heads
 from ..runtime.heads import get_head
 from ..runtime.multitask import active_adapter
 from ..runtime.slots import adapter_configs
-from ..runtime.wrappers import adapted_model, full_tensor, is_sharded, reshard
+from ..runtime.wrappers import full_tensor, is_sharded, reshard, unwrap
 from ..state import TRAINED_ATTR, __version__
 from . import identity, layout, taskfiles
 from .atomic import write_atomic
@@ -120,19 +120,11 @@ def save_adapter(
             ``arc_peft.freeze_backbone``, a parameter the file would not hold is trainable.
         OSError: the file cannot be written.
     """
-    model = adapted_model(model, "save_adapter")
+    model = unwrap(model)
     reshard(model)  # FSDP2: read the kept shards, not unsharded copies about to be freed
     name = _resolve_name(model, name)
     config = adapter_configs(model)[name]
     state = dict(layout.adapter_state(model, name))
-    head = get_head(model) if include_head else None
-    if head is not None and foreign.is_foreign(head):
-        raise ValueError(
-            f"save_adapter: the classifier head of {type(model).__name__} is wrapped by peft "
-            f"({type(head).__module__}.{type(head).__qualname__}, modules_to_save), which "
-            "trains and saves it (save_pretrained); pass include_head=False to save only the "
-            "arc_peft adapter"
-        )
     head_path, head_state = taskfiles.head_state(model, name) if include_head else ("", {})
     trained_paths, trained_state = layout.trained_state(model, exclude=set(head_state))
     trained_paths, trained_state = taskfiles.with_owned(
@@ -217,8 +209,6 @@ def _check_nothing_lost(
     kept = layout.adapter_tensor_ids(model) | {id(t) for t in stored}
     kept |= {id(p) for p in head.parameters()} if head is not None else set()
     kept |= {id(p) for p in heads.task_parameters(model)}  # other tasks' heads are theirs
-    # peft's own parameters (LoRA, modules_to_save) are peft's to save (save_pretrained).
-    kept |= foreign.foreign_parameter_ids(model)
     lost = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in kept]
     if lost:
         more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""

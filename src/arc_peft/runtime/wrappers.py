@@ -1,6 +1,4 @@
-"""Models inside wrappers: ``torch.compile``, DDP, DataParallel and FSDP2 (``fully_shard``), and
-modules that hold an adapted model as a submodule (a LightningModule's ``self.model``, peft's
-``PeftModel``, any user wrapper).
+"""Models inside wrappers: ``torch.compile``, DDP, DataParallel and FSDP2 (``fully_shard``).
 
 The file verbs look through a wrapper to the model it holds (so a file saved from a wrapped model
 has the plain model's keys and class), while injecting into a wrapped or already compiled model
@@ -20,12 +18,7 @@ import warnings
 
 from torch import Tensor, nn
 
-from ..state import PLAN_ATTR
-from .heads import get_head
-from .slots import iter_slots
-
 __all__ = [
-    "adapted_model",
     "check_injectable",
     "full_tensor",
     "is_sharded",
@@ -52,37 +45,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     while inner is not None:
         model, inner = inner, _wrapped(inner)
     return model
-
-
-def adapted_model(model: nn.Module, verb: str) -> nn.Module:
-    """The model the file and merge verbs act on: ``model`` itself (looked through
-    ``torch.compile`` / DDP / DataParallel), or, when ``model`` merely holds the adapted model
-    (a LightningModule, a ``PeftModel``, any wrapper), that one submodule, so the verb behaves
-    exactly as on it: its head, its class as the recorded backbone, its parameter names.
-
-    The adapted model is the module adapters were injected into: ``inject_arc`` keeps its site
-    plan there (``state.PLAN_ATTR``). A model with no adapters is returned as it is (a load
-    injects into it), and so is one with a classifier head of its own around an adapted
-    backbone (``ViTForImageClassification`` adapted at ``.vit``): that is a model, whose head
-    the file should hold, not a wrapper.
-
-    Raises:
-        ValueError: ``model`` holds several separately adapted models; the message names them.
-    """
-    model = unwrap(model)
-    if PLAN_ATTR in model.__dict__ or not iter_slots(model) or get_head(model) is not None:
-        return model
-    found: list[tuple[str, nn.Module]] = []
-    for path, module in model.named_modules():
-        outer = any(path.startswith(p + ".") for p, _ in found)
-        if path and not outer and PLAN_ATTR in module.__dict__ and iter_slots(module):
-            found.append((path, module))
-    if len(found) > 1:
-        raise ValueError(
-            f"{verb}: {type(model).__name__} holds several adapted models "
-            f"{[p for p, _ in found]}; pass the one you mean ({verb}(model.{found[0][0]}, ...))"
-        )
-    return unwrap(found[0][1]) if found else model
 
 
 def _fsdp_module_class() -> type | None:
