@@ -219,11 +219,17 @@ def _dropout_scale(p: float, dtype: torch.dtype | None) -> float:
 
 
 def input_grad_product(
-    source: tuple[Any, ...] | None, x_dtype: torch.dtype, flat: Tensor | None, da: Tensor, dim: int
+    source: tuple[Any, ...] | None,
+    x_dtype: torch.dtype,
+    flat: Tensor | None,
+    da: Tensor,
+    dim: int,
+    da_sum: Tensor | None = None,
 ) -> Tensor:
     """``inputᵀ·da`` (``D×r``, possibly a transposed view), with the input saved or recomputed
     from its norm. The products on the norm's own input run as ``r×D`` (``daᵀ·input``, read
-    transposed): the faster layout for these shapes."""
+    transposed): the faster layout for these shapes. ``da_sum``: ``da.sum(0)`` where the caller
+    computes it anyway (a bias gradient), reused for the norm's bias term: one op less."""
     if flat is None:
         x, mean, rstd, w, b = _recompute(source)
         if x.dtype == mean.dtype:  # the norm ran in its input's precision (float32)
@@ -246,11 +252,16 @@ def input_grad_product(
                 # precision and rounded as it is written (``out=``): one op, not two.
                 centred = torch.sub(x, mean, out=x.new_empty(x.shape, dtype=da.dtype))
                 scaled = torch.mul(da, rstd, out=da.new_empty(da.shape))
-                out = (scaled.t() @ centred).t().to(torch.promote_types(rstd.dtype, da.dtype))
+                out = (scaled.t() @ centred).t()
+                wide = torch.promote_types(rstd.dtype, da.dtype)
+                # Widened as w multiplies it (mixed-dtype op): one op where a cast and an
+                # in-place product are two, the same values.
+                out = out.to(wide) if w is None else torch.mul(out, w[:, None].to(wide))
+                w = None
             if w is not None:
                 out.mul_(w[:, None])
             if b is not None:
-                out.addr_(b, da.sum(0, dtype=out.dtype))
+                out.addr_(b, da.sum(0, dtype=out.dtype) if da_sum is None else da_sum)
             return out
         # Another precision: rebuild the input as the norm output it (then cast like autocast).
         flat = (x - mean).mul_(rstd)

@@ -165,13 +165,15 @@ class _LeanAdaptMLP(torch.autograd.Function):
         dtypes = ctx.dtypes
         if ctx.needs_input_grad[0]:
             grads[0] = (dz @ w_down.to(cd)).to(ctx.x_dtype).view(ctx.shape)
-        if ctx.needs_input_grad[1]:
-            x = flat.reshape(-1, dim) if flat is not None else None
-            grads[1] = input_grad_product(ctx.source, ctx.x_dtype, x, dz, dim)
-            grads[1] = grads[1].t().to(dtypes[0])
         # The sums accumulate in the parameters' dtype directly: one op each, not two.
         if ctx.needs_input_grad[2]:
             grads[2] = dz.sum(0, dtype=dtypes[1])
+        if ctx.needs_input_grad[1]:
+            x = flat.reshape(-1, dim) if flat is not None else None
+            # The down bias's gradient is the norm's bias term's column sum: computed once.
+            reuse = grads[2] if grads[2] is not None and grads[2].dtype == dtypes[0] else None
+            grads[1] = input_grad_product(ctx.source, ctx.x_dtype, x, dz, dim, reuse)
+            grads[1] = grads[1].t().to(dtypes[0])
         if ctx.needs_input_grad[3]:
             grads[3] = (d_out.t() @ h).to(dtypes[2])
         if ctx.needs_input_grad[4]:

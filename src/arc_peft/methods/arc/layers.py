@@ -212,9 +212,10 @@ class _LeanARC(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1])
         # The same ops as ARC.forward, so the outputs are identical; U·diag(s) is cast as
         # autocast would cast it for the GEMM, here, so that the backward pass reuses it.
-        us = u * s
-        low = autocast_dtype(us)
-        us = us.to(low) if low is not None else us
+        low = autocast_dtype(u)
+        # Under autocast the product is rounded as it is written (out=): the values of casting
+        # it after, one op less.
+        us = u * s if low is None else torch.mul(u, s, out=u.new_empty(u.shape, dtype=low))
         a = flat @ us
         mask = None
         if p > 0:
@@ -242,10 +243,13 @@ class _LeanARC(torch.autograd.Function):
             d_us = input_grad_product(ctx.source, ctx.x_dtype, flat, da, u.shape[0])
             d_us = d_us.to(u.dtype)  # gradient of U·diag(s)
             if ctx.needs_input_grad[1]:
-                # gᵀ·h + d_us·diag(s), the second term added in the same pass.
-                grad_u = (gc.t() @ h).to(u.dtype).addcmul_(d_us, s)
+                # gᵀ·h + d_us·diag(s), the second term added in the same pass (a low-precision
+                # product widened as it is read: the values of casting it first, one op less).
+                grad_u = torch.addcmul(gc.t() @ h, d_us, s).to(u.dtype)
             if ctx.needs_input_grad[2]:
-                grad_s = (d_us * u).sum(0)
+                # Σ_d U[d,k]·d_us[d,k]: r dot products as one batched GEMM, one op where a
+                # product and a sum are two (the result is already contiguous: no copy).
+                grad_s = torch.bmm(u.t().unsqueeze(1), d_us.t().unsqueeze(2)).view(-1)
         if ctx.needs_input_grad[3]:
             grad_b = g.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[0]:
