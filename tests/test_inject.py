@@ -657,3 +657,31 @@ def test_attention_pooling_is_left_out_on_purpose():
     arc_peft.inject_arc(model, ARCConfig(rank=2))  # no error: left out on purpose
     paths = [s.site.path for _, _, s in iter_slots(model)]
     assert paths == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
+
+
+def test_a_pattern_matching_nothing_says_how_many_sites_exist():
+    model = build("vit")
+    n = len(arc_peft.site_plan(model).sites)
+    with pytest.raises(ValueError, match="match no site") as info:
+        arc_peft.inject_arc(model, ARCConfig(target_modules=("head*",)))
+    assert f"the {n} sites are" in str(info.value)
+    if n > 8:
+        assert f"and {n - 8} more" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "config, field",
+    [(ARCConfig(rank=10_000), "rank"), (AdaptMLPConfig(bottleneck=10_000), "bottleneck")],
+)
+def test_a_size_not_below_the_width_is_refused_naming_it(config, field):
+    model = build("vit")
+    width = max(s.width for s in arc_peft.site_plan(model).sites)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{field}=10000 is not below the site's width") as info:
+        arc_peft.inject_arc(model, config)
+    assert f"Use {field} < " in str(info.value)
+    assert not arc_peft.adapter_configs(model)
+    assert model.state_dict().keys() == before.keys()
+    # At the width itself too: a "bottleneck" as wide as the tokens is none.
+    with pytest.raises(ValueError, match="not below the site's width"):
+        arc_peft.inject_arc(model, type(config)(**{field: width}))

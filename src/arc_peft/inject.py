@@ -161,16 +161,23 @@ def select_sites(plan: SitePlan, config: AdapterConfig) -> list[Site]:
     ]
     patterns = (config.target_modules or ()) + config.exclude_modules
     if patterns and not any(wanted(s) for s in plan.sites):
+        paths = [s.path for s in plan.sites]
+        more = f" and {len(paths) - 8} more" if len(paths) > 8 else ""
         raise ValueError(
             f"{cls}: target_modules={config.target_modules!r} / exclude_modules="
-            f"{config.exclude_modules!r} match no site; the sites are "
-            f"{[s.path for s in plan.sites][:8]}"
+            f"{config.exclude_modules!r} match no site; the {len(paths)} sites are "
+            f"{paths[:8]}{more} (arc_peft.site_plan(model).summary() lists them all)"
         )
     if not chosen:
         raise UnsupportedModelError(
             f"no site to adapt for positions {config.positions}: the model has "
             + plan.summary().replace("\n", "; ")
         )
+    for width in sorted({s.width for s in chosen}):
+        problem = config.width_problem(width)
+        if problem is not None:
+            at = [s.path for s in chosen if s.width == width]
+            raise ValueError(f"{problem} (sites {at[:3]}{' ...' if len(at) > 3 else ''})")
     return chosen
 
 

@@ -108,6 +108,12 @@ class AdapterConfig:
         """Validate and normalise the site-selection fields (for ``__post_init__``)."""
         _check_selection(self)
 
+    def width_problem(self, width: int) -> str | None:
+        """Why this config cannot adapt a site ``width`` channels wide (``None``: it can). A
+        method whose size field must stay below the width says so here; ``inject_arc`` asks
+        for every chosen site before it changes anything."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         data = {"method": self.method}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
