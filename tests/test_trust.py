@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1044,3 +1045,37 @@ def test_create_model_checks_the_head_width_without_the_meta_device(saved: Path,
     classes = arc_peft.read_adapter_info(saved).head["shapes"]["head.weight"][0]
     with torch.no_grad():
         assert model(inputs("vit")).shape == (2, classes)
+
+
+def test_damaged_tensor_data_is_refused_by_its_checksum(saved: Path, tmp_path: Path) -> None:
+    raw = bytearray(saved.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    assert re.search(rb'"data_sha256":"[0-9a-f]{64}"', bytes(raw[:start]))
+    damaged = tmp_path / "damaged.safetensors"
+    middle = start + (len(raw) - start) // 2
+    raw[middle : middle + 100] = bytes(100)  # zeroed pages: still a well-formed safetensors file
+    damaged.write_bytes(bytes(raw))
+    error = rejected(build("vit"), damaged, "does not match the checksum")
+    assert "save it again or fetch a fresh copy" in str(error)
+    # The header alone is intact: describing the file still works.
+    assert arc_peft.read_adapter_info(damaged).method == "arc"
+
+
+def test_a_malformed_checksum_is_corrupt_metadata(saved: Path, tmp_path: Path) -> None:
+    def edit(header):
+        header["__metadata__"]["data_sha256"] = "not-a-digest"
+
+    bad = edit_header(saved, tmp_path / "bad.safetensors", edit)
+    rejected(build("vit"), bad, "data_sha256='not-a-digest' is not a SHA-256")
+
+
+def test_files_without_a_checksum_still_load(saved: Path, tmp_path: Path) -> None:
+    def edit(header):
+        del header["__metadata__"]["data_sha256"]
+
+    old = edit_header(saved, tmp_path / "old.safetensors", edit)
+    model = build("vit")
+    arc_peft.load_adapter(model, old)
+    x = inputs("vit")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), adapted().eval()(x))

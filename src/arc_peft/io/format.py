@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -46,6 +47,9 @@ _ITEMSIZE = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }  # fmt: skip
 _REQUIRED_METADATA = ("format_version", "arc_peft_version", "method", "config", "backbone")
+# SHA-256 of the tensor data (everything after the header), hex; files before 0.2 have none.
+DIGEST_FIELD = "data_sha256"
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"[0-9]{1,6}")  # ASCII digits only: "²".isdigit() is True, int("²") fails
 
 
@@ -313,6 +317,11 @@ def check_metadata(header: Header) -> None:
     missing = [k for k in _REQUIRED_METADATA if k not in meta]
     if missing:
         raise FileProblem(f"corrupt metadata: missing field(s) {missing}")
+    digest = meta.get(DIGEST_FIELD)
+    if digest is not None and not _DIGEST.fullmatch(digest):
+        raise FileProblem(
+            f"corrupt metadata: {DIGEST_FIELD}={digest[:80]!r} is not a SHA-256 hex digest"
+        )
 
 
 def _is_count(value: Any) -> bool:
@@ -431,6 +440,16 @@ def read_tensors(handle: BinaryIO, header: Header) -> dict[str, Tensor]:
     raw = _read_from_start(handle, header.file_size + 1)
     if len(raw) != header.file_size or (header.raw and raw[: header.data_start] != header.raw):
         raise FileProblem("the file changed while it was being read; load it again")
+    digest = header.metadata.get(DIGEST_FIELD)
+    if digest is not None:
+        actual = hashlib.sha256(memoryview(raw)[header.data_start :]).hexdigest()
+        if actual != digest:
+            raise FileProblem(
+                f"corrupt: the tensor data does not match the checksum the file was written with "
+                f"({DIGEST_FIELD} {digest[:12]}..., the data hashes to {actual[:12]}...). The "
+                "file was damaged after it was saved (an interrupted copy or download, a disk "
+                "error); save it again or fetch a fresh copy"
+            )
     try:
         import safetensors.torch
 

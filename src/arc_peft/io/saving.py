@@ -9,6 +9,7 @@ destination (``arc_peft.io.atomic``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from ..state import TRAINED_ATTR, __version__
 from . import identity, layout, taskfiles
 from .atomic import write_atomic
 from .format import (
+    DIGEST_FIELD,
     FORMAT_NAME,
     FORMAT_VERSION,
     FileProblem,
@@ -74,6 +76,9 @@ def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
     size = int.from_bytes(raw[:8], "little")
     entries = json.loads(raw[8 : 8 + size])
     data = raw[8 + size :]
+    # A digest of the tensor bytes: a file damaged after it was written (a truncated copy, a
+    # flipped disk block, zeroed pages) is refused on load, not silently loaded.
+    metadata = {**metadata, DIGEST_FIELD: hashlib.sha256(data).hexdigest()}
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
     for key in sorted(entries, key=lambda k: (entries[k]["data_offsets"][0], k)):
         header[key] = entries[key]
