@@ -47,7 +47,7 @@ _ITEMSIZE = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }  # fmt: skip
 _REQUIRED_METADATA = ("format_version", "arc_peft_version", "method", "config", "backbone")
-# SHA-256 of the tensor data (everything after the header), hex; files before 0.2 have none.
+# SHA-256 of the tensor data (everything after the header), hex; earlier files have none.
 DIGEST_FIELD = "data_sha256"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"[0-9]{1,6}")  # ASCII digits only: "²".isdigit() is True, int("²") fails
