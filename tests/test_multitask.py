@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import arc_peft
+from arc_peft import AdaptMLPConfig, ARCConfig
 from arc_peft.runtime.slots import iter_slots
 
 from models import MATRIX, build, check_mixed_batch, inputs, randomise_adapters
@@ -198,3 +199,41 @@ def test_multitask_merge_example_runs(tmp_path, capsys):
     assert "merged model == adapted model" in capsys.readouterr().out
     assert results["mixed_batch_diff"] < 1e-5 and results["merge_diff"] < 1e-4
     assert (tmp_path / "merged_updown.pt").is_file()
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_a_mixed_batch_trains_every_task_and_its_head(name):
+    model = build(name)
+    arc_peft.inject_arc(model, ARCConfig(rank=4), name="a")
+    arc_peft.add_head(model, "a", 5)
+    arc_peft.inject_arc(model, AdaptMLPConfig(bottleneck=4), name="b")
+    arc_peft.add_head(model, "b", 7)
+    randomise_adapters(model)
+    arc_peft.freeze_backbone(model)
+    tasks = ["a", "b", "b", "a"]
+    x = inputs(name, 4)
+    with arc_peft.mixed_batch(model, tasks):
+        logits = model(x)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 6, 1, 4])).backward()
+    heads = {n: arc_peft.get_head(model, n) for n in ("a", "b")}
+    for task in ("a", "b"):
+        params = [*arc_peft.adapter_parameters(model, task).values(), *heads[task].parameters()]
+        assert all(p.requires_grad for p in params), task
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params), task
+    # The counts agree with what trains: every adapter, every task head, nothing else.
+    counts = arc_peft.count_parameters(model)
+    assert counts.trainable == counts.adapter + counts.head
+    assert counts.head == sum(p.numel() for h in heads.values() for p in h.parameters())
+
+
+def test_one_active_task_trains_alone():
+    model = build("vit")
+    arc_peft.inject_arc(model, ARCConfig(rank=4), name="a")
+    arc_peft.inject_arc(model, ARCConfig(rank=4), name="b")
+    arc_peft.add_head(model, "b", 3)
+    randomise_adapters(model)
+    arc_peft.freeze_backbone(model)
+    model(inputs("vit")).sum().backward()  # "a" is active: "b" does not run
+    assert all(p.grad is not None for p in arc_peft.adapter_parameters(model, "a").values())
+    assert all(p.grad is None for p in arc_peft.adapter_parameters(model, "b").values())
+    assert all(p.grad is None for p in arc_peft.get_head(model, "b").parameters())

@@ -36,15 +36,19 @@ def test_freeze_plain_model_is_a_linear_probe():
     assert trainable(model) == {"head.weight", "head.bias"}
 
 
-def test_only_the_active_adapter_trains():
+def test_every_adapter_trains_and_active_only_on_request():
     model = build("vit")
     arc_peft.inject_arc(model, ARCConfig(rank=4), name="a")
     arc_peft.inject_arc(model, ARCConfig(rank=4), name="b")
     arc_peft.freeze_backbone(model, train_head=False)
+    assert trainable(model) == set(arc_peft.adapter_parameters(model))
+    arc_peft.freeze_backbone(model, train_head=False, adapters="active")
     assert trainable(model) == set(arc_peft.adapter_parameters(model, "a"))
     arc_peft.set_active_adapter(model, "b")
-    arc_peft.freeze_backbone(model, train_head=False)
+    arc_peft.freeze_backbone(model, train_head=False, adapters="active")
     assert trainable(model) == set(arc_peft.adapter_parameters(model, "b"))
+    with pytest.raises(ValueError, match=r"adapters='some'.*expected 'all'"):
+        arc_peft.freeze_backbone(model, adapters="some")
 
 
 def test_freeze_errors_name_the_problem():

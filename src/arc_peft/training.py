@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .methods.layers import Adapter
-from .runtime import shared
+from .runtime import heads, shared
 from .runtime.heads import get_head
-from .runtime.slots import iter_slots
+from .runtime.slots import adapter_configs, iter_slots
 from .runtime.wrappers import unwrap
 from .state import TRAINED_ATTR
 
@@ -54,11 +54,17 @@ def freeze_backbone(
     model: nn.Module,
     train_head: bool = True,
     also: Iterable[str | nn.Module] = (),
+    adapters: str = "all",
 ) -> nn.Module:
-    """Freeze everything except the active adapter and, by default, the classifier head.
+    """Freeze everything except the adapters and, by default, the classifier head.
 
-    Only the *active* adapter is left trainable: an inactive adapter never runs, and a trainable
-    parameter that never receives a gradient breaks DDP.
+    Every injected adapter stays trainable, with the heads and modules it owns
+    (``arc_peft.add_head``): a ``mixed_batch`` forward runs each task's adapter and head on its
+    own samples, so one backward pass trains every task. With one task active, the others do not
+    run and get no gradient (optimizers skip them: the step costs what it did with one adapter).
+    DDP, though, requires every trainable parameter to get a gradient unless it is built with
+    ``find_unused_parameters=True``: to train one task at a time under DDP, pass
+    ``adapters="active"``, which leaves only the active adapter (and its head) trainable.
 
     Frozen normalisation layers with running statistics (BatchNorm, and InstanceNorm with
     ``track_running_stats``) are put in eval mode and stay there when ``model.train()`` is
@@ -74,10 +80,17 @@ def freeze_backbone(
         model: The adapted model (a plain model gives a linear probe).
         train_head: Keep the classifier head trainable (see ``get_head``).
         also: Extra submodules to keep trainable, by name (``"norm"``, ``"blocks.11"``) or object.
+        adapters: ``"all"`` (every adapter, and the task modules each owns) or ``"active"``
+            (only the active adapter and its task modules).
 
     Returns:
         ``model`` itself.
     """
+    if adapters not in ("all", "active"):
+        raise ValueError(
+            f"freeze_backbone(adapters={adapters!r}) is invalid: expected 'all' (every adapter "
+            "trains, as a mixed batch needs) or 'active' (only the active one, e.g. under DDP)"
+        )
     wrapper, model = model, unwrap(model)  # names in ``also`` are the plain model's
     paths = {id(module): path for path, module in model.named_modules()}
     extra: list[tuple[str, nn.Module]] = []
@@ -107,11 +120,23 @@ def freeze_backbone(
         )
     for param in model.parameters():
         param.requires_grad_(False)
-    active = {slot.active for _, _, slot in iter_slots(model)} - {None}
-    for name in active:
+    if adapters == "all":
+        names = set(adapter_configs(model))
+    else:
+        names = {slot.active for _, _, slot in iter_slots(model)} - {None}
+    own_head = heads.find_head(model)
+    head_path = next((p for p, m in model.named_modules() if m is own_head), None)
+    trained = [head] if head is not None else []
+    for name in names:
         for param in adapter_parameters(model, name).values():
             param.requires_grad_(True)
-    trained = ([head] if head is not None else []) + [module for _, module in extra]
+        # The adapter's own modules (freeze_backbone(also=...) copies loaded onto a shared
+        # backbone) and, with the head, the head that runs for it: its own or the model's.
+        trained += [m for p, m in heads.owned(model, name).items() if p != head_path]
+        if train_head:
+            trained.append(get_head(model, name))
+    trained += [module for _, module in extra]
+    trained = list({id(m): m for m in trained if m is not None}.values())
     for module in trained:
         for param in module.parameters():
             param.requires_grad_(True)
@@ -157,7 +182,8 @@ class ParameterCounts:
         total: Every parameter (shared ones once), adapters included.
         trainable: Parameters with ``requires_grad``.
         adapter: Parameters of adapter modules (all named adapters).
-        head: Parameters of the classifier head.
+        head: Parameters of the classifier heads that run: the model's, and each adapter's
+            own (``arc_peft.add_head``), each once.
         breakdown: Adapter parameters per adapter module path (a shared ARC projection is
             counted once, where it is held).
         sites: Adapted sites per position (``{"attn": 12, "mlp": 12}``), any adapter.
@@ -197,8 +223,10 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
         path: sum(p.numel() for p in adapter.parameters())
         for path, adapter in _adapter_modules(model)
     }
-    head = get_head(model)
-    head_count = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    # Every head some task runs, each once: the active one, and each adapter's own or the model's.
+    running = [get_head(model)] + [get_head(model, name) for name in adapter_configs(model)]
+    distinct = {id(h): h for h in running if h is not None}.values()
+    head_count = sum(p.numel() for h in distinct for p in h.parameters())
     sites: dict[str, int] = {}
     for _, _, slot in iter_slots(model):
         sites[slot.position] = sites.get(slot.position, 0) + 1
