@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
 from torch import nn
 
 import arc_peft
+from arc_peft import ARCConfig
 from arc_peft.discovery import targets
 from arc_peft.merge import _affine
 from arc_peft.runtime.slots import iter_slots
 
-from models import MATRIX, build, inputs
+from models import MATRIX, build, inputs, randomise_adapters
 
 # Outputs are O(1); the merged model differs from the adapted one by float32 rounding only
 # (measured: at most ~5e-6), while the adapter itself moves the outputs by >= 0.04.
@@ -492,3 +495,36 @@ def test_unmerge_refuses_while_newer_adapters_exist():
     arc_peft.delete_adapter(model, "later")
     arc_peft.unmerge_adapter(model)
     assert list(arc_peft.adapter_configs(model)) == ["default"]
+
+
+def test_the_advice_for_a_model_with_other_adapters_works_when_followed():
+    model = build("vit")
+    arc_peft.inject_arc(model, ARCConfig(rank=4), name="cifar")
+    arc_peft.inject_arc(model, ARCConfig(rank=4), name="svhn")
+    randomise_adapters(model)
+    model.eval()
+    with pytest.raises(arc_peft.MergeError, match="delete_adapter") as info:
+        arc_peft.merge_adapter(model, "cifar")
+    message = str(info.value)
+    # The recipe the message gives: a copy, the others deleted from it, then the merge.
+    assert "copy = copy.deepcopy(model); for other in ['svhn']" in message
+    assert "arc_peft.merge_adapter(copy, 'cifar')" in message
+    merged = copy.deepcopy(model)
+    for other in ["svhn"]:
+        arc_peft.delete_adapter(merged, other)
+    arc_peft.merge_adapter(merged, "cifar")
+    x = inputs("vit")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x), rtol=1e-5, atol=1e-5)
+    assert arc_peft.adapter_configs(model).keys() == {"cifar", "svhn"}  # the original kept both
+
+
+def test_swapped_arguments_are_named(tmp_path):
+    model = build("vit")
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    path = tmp_path / "a.safetensors"
+    with pytest.raises(TypeError, match="arguments are swapped"):
+        arc_peft.save_adapter(str(path), model)
+    arc_peft.save_adapter(model, path)
+    with pytest.raises(TypeError, match="arguments are swapped"):
+        arc_peft.load_adapter(str(path), build("vit"))

@@ -116,7 +116,7 @@ def merge_adapter(
 
     Only a model holding this one adapter can be merged: folding it changes the weights every
     other adapter was trained on top of. Save the others first (``arc_peft.save_adapter``)
-    and delete them, or merge a ``copy.deepcopy`` of the model.
+    and delete them, or delete them from a ``copy.deepcopy`` of the model and merge that.
 
     Args:
         model: A model holding exactly one adapter, an ARC adapter.
@@ -162,7 +162,9 @@ def merge_adapter(
             f"merge_adapter({name!r}): the model also holds adapter(s) {others}, which were "
             f"trained on the unmerged backbone and would silently change if {name!r} were folded "
             "into it. Save them (arc_peft.save_adapter) and delete them (arc_peft.delete_adapter) "
-            "first, or merge a copy: merged = arc_peft.merge_adapter(copy.deepcopy(model), ...)"
+            "first; or, to keep this model as it is, merge a copy holding only this adapter: "
+            f"copy = copy.deepcopy(model); for other in {others}: arc_peft.delete_adapter(copy, "
+            f"other); then arc_peft.merge_adapter(copy, {name!r})"
         )
     if any(slot.disabled or slot.routing is not None for _, _, slot in slots):
         raise MergeError(

@@ -125,6 +125,16 @@ def load_adapter(
             injected into a wrapped or sharded model.
         OSError: the file cannot be opened.
     """
+    if isinstance(path, nn.Module) and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"load_adapter(model, path): the arguments are swapped (got a {type(model).__name__} "
+            f"first and a {type(path).__name__} second); call "
+            "arc_peft.load_adapter(model, path)"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"load_adapter expects the model (an nn.Module) first, got {type(model).__name__}"
+        )
     path = resolve(path)
     wrapper, model = model, unwrap(model)
     check_name(name)

@@ -125,6 +125,11 @@ def save_adapter(
             ``arc_peft.freeze_backbone``, a parameter the file would not hold is trainable.
         OSError: the file cannot be written.
     """
+    if isinstance(path, nn.Module) and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"save_adapter(model, path): the arguments are swapped (got a {type(model).__name__} "
+            f"first and a {type(path).__name__} second); call arc_peft.save_adapter(model, path)"
+        )
     model = unwrap(model)
     reshard(model)  # FSDP2: read the kept shards, not unsharded copies about to be freed
     name = _resolve_name(model, name)
