@@ -189,3 +189,59 @@ def test_check_a_file_against_a_timm_model(adapter_file: Path, capsys) -> None:
     assert "made for another model" in err and err.count("\n") == 1
     assert main([*ok[:3], "vit_small_patch16_224"]) == 1  # other widths, too
     assert "another backbone" in capsys.readouterr().err
+
+
+def test_a_glob_with_other_files_reports_each_and_describes_the_rest(
+    adapter_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import safetensors.torch
+    import torch
+
+    other = tmp_path / "weights.safetensors"  # a safetensors file that is no adapter
+    safetensors.torch.save_file({"w": torch.zeros(2)}, str(other))
+    for command in ("inspect", "compare"):
+        assert main([command, str(other), str(adapter_file)]) == 1
+        out, err = capsys.readouterr()
+        assert "not an arc_peft adapter file" in err and err.count("\n") == 1
+        assert str(adapter_file) in out  # the valid file is still described
+    assert main(["compare", str(other), str(adapter_file), "--json"]) == 1
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in rows] == [str(adapter_file)]
+
+
+def test_compare_json_numbers_are_numbers(adapter_file: Path, capsys) -> None:
+    assert main(["compare", str(adapter_file), str(adapter_file), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["adapter params"] == ADAPTER_PARAMS and row["head params"] == HEAD_PARAMS
+    assert row["classes"] == 7 and row["blocks"] == 2 and isinstance(row["size"], int)
+    assert row["dataset"] is None
+    assert main(["compare", str(adapter_file), str(adapter_file)]) == 0
+    assert f"{ADAPTER_PARAMS:,}" in capsys.readouterr().out  # the table keeps its separators
+
+
+def test_check_suggests_model_names_and_has_the_flag_its_advice_names(
+    adapter_file: Path, capsys
+) -> None:
+    tiny = '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}'
+    assert main(["check", str(adapter_file), "--model", "vit_tiny_patch16_22"]) == 1
+    err = capsys.readouterr().err
+    assert "is not a timm model; did you mean" in err and "vit_tiny_patch16_224" in err
+    other = ["check", str(adapter_file), "--model", "deit_tiny_patch16_224", "--model-kwargs", tiny]
+    assert main(other) == 1
+    assert "--no-check-model" in capsys.readouterr().err
+    assert main([*other, "--no-check-model"]) == 0  # the advice, followed, works
+
+
+def test_a_closed_pipe_is_not_an_error(adapter_file: Path) -> None:
+    script = (
+        "import sys; from arc_peft.cli import main; "
+        f"sys.exit(main(['inspect'] + [{str(adapter_file)!r}] * 200))"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), ""]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    _, err = proc.communicate(timeout=120)
+    assert b"Broken pipe" not in err and b"Traceback" not in err, err

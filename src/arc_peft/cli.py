@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -47,31 +48,50 @@ def _printable_lines(text: str) -> str:
     return "\n".join(printable(line) for line in text.splitlines())
 
 
-def _infos(files: Sequence[str]) -> list[Any]:
-    return [read_adapter_info(f) for f in files]
+def _error(command: str, exc: BaseException | str) -> None:
+    # One line: a message may quote file content (newlines, escapes, lone surrogates).
+    message = printable(" ".join(str(exc).split()))
+    print(f"arc-peft {command}: error: {message}", file=sys.stderr)
+
+
+def _infos(command: str, files: Sequence[str]) -> tuple[list[Any], bool]:
+    """The files that read, and whether any did not: a shell glob (``*.safetensors``) picks up
+    other safetensors files too; each gets an error line and the rest are still described."""
+    infos, failed = [], False
+    for f in files:
+        try:
+            infos.append(read_adapter_info(f))
+        except (AdapterFileError, OSError, ValueError) as exc:
+            if isinstance(exc, BrokenPipeError):
+                raise
+            _error(command, exc)
+            failed = True
+    return infos, failed
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    infos = _infos(args.files)
-    if args.json:
+    infos, failed = _infos("inspect", args.files)
+    if args.json and infos:
         data = [info.to_dict() for info in infos]
-        print(_compact_json(data[0] if len(data) == 1 else data))
-    else:
+        print(_compact_json(data[0] if len(data) == 1 and len(args.files) == 1 else data))
+    elif infos:
         print("\n\n".join(_printable_lines(str(info)) for info in infos))
-    return 0
+    return 1 if failed else 0
 
 
-def _classes(info: Any) -> str:
+def _classes(info: Any) -> int | None:
     if info.head is None:
-        return "-"
+        return None
     weights = [s for k, s in info.head["shapes"].items() if k.endswith("weight")]
-    return str(weights[-1][0]) if weights and weights[-1] else "?"
+    return weights[-1][0] if weights and weights[-1] else None
 
 
-def _rows(info: Any) -> dict[str, str]:
+def _values(info: Any) -> dict[str, Any]:
+    """One file's row of ``compare``, as JSON values (numbers as numbers, ``None`` if absent)."""
     model = info.model or {}
     arch = model.get("architecture") or str(info.backbone.get("architecture", "?")).rsplit(".")[-1]
     metrics = info.metadata.get("metrics")
+    blocks = info.backbone.get("num_blocks")
     return {
         "file": info.path,
         "method": info.method,
@@ -79,27 +99,43 @@ def _rows(info: Any) -> dict[str, str]:
             f"{k}={v}" for k, v in info.config.to_dict().items() if k in ("rank", "bottleneck")
         ),
         "positions": ",".join(info.config.positions),
-        "adapter params": f"{info.adapter_parameters:,}",
+        "adapter params": info.adapter_parameters,
         "classes": _classes(info),
-        "head params": f"{info.head_parameters:,}",
-        "trained modules": ", ".join(info.trained["modules"]) if info.trained else "-",
+        "head params": info.head_parameters,
+        "trained modules": list(info.trained["modules"]) if info.trained else None,
         "model": arch,
-        "tag": str(model.get("tag") or model.get("name_or_path") or "-"),
-        "blocks": str(info.backbone.get("num_blocks", "?")),
-        "dataset": str(info.metadata.get("dataset", "-")),
-        "metrics": ", ".join(f"{k}={v}" for k, v in metrics.items())
-        if isinstance(metrics, dict)
-        else "-",
-        "size": f"{info.file_size:,} B",
+        "tag": model.get("tag") or model.get("name_or_path"),
+        "blocks": blocks if isinstance(blocks, int) else None,
+        "dataset": info.metadata.get("dataset"),
+        "metrics": metrics if isinstance(metrics, dict) else None,
+        "size": info.file_size,
         "arc_peft": info.arc_peft_version,
     }
 
 
+def _text(label: str, value: Any) -> str:
+    """A table cell of ``compare``: counts with thousands separators, ``-`` for nothing."""
+    if value is None:
+        return "-"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,} B" if label == "size" else f"{value:,}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
 def _compare(args: argparse.Namespace) -> int:
-    tables = [_rows(info) for info in _infos(args.files)]
+    infos, failed = _infos("compare", args.files)
+    values = [_values(info) for info in infos]
     if args.json:
-        print(_compact_json(tables))
-        return 0
+        if values:
+            print(_compact_json(values))
+        return 1 if failed else 0
+    if not values:
+        return 1
+    tables = [{label: _text(label, v) for label, v in row.items()} for row in values]
     labels = list(tables[0])
     width = max(len(label) for label in labels)
     columns = [[printable(t[label]) for label in labels] for t in tables]
@@ -110,7 +146,7 @@ def _compare(args: argparse.Namespace) -> int:
         marker = "*" if differs else " "
         print(f"{marker} {label:<{width}}  " + "  ".join(cells).rstrip())
     print("(* differs between the files)")
-    return 0
+    return 1 if failed else 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -127,15 +163,32 @@ def _check(args: argparse.Namespace) -> int:
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     if not isinstance(kwargs, dict):
         raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    _check_model_name(args.model)
     with torch.device("cpu"), about(info.path):  # the head's classes checked before it is built
         model = build_timm(args.model, info, pretrained=False, **kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        load_adapter(model, args.file)
+        load_adapter(model, args.file, check_model=not args.no_check_model)
     for warning in caught:
         print(f"warning: {printable(str(warning.message))}", file=sys.stderr)
     print(printable(f"{args.file}: fits {args.model}"))
     return 0
+
+
+def _check_model_name(name: str) -> None:
+    """A model name timm does not know, with the registered names closest to it."""
+    import difflib
+
+    import timm
+
+    if timm.is_model(name):
+        return
+    base = name.split(".", 1)[0]  # "arch.tag": the tag is checked when the model is built
+    if timm.is_model(base):
+        return
+    close = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"
+    raise ValueError(f"--model {name!r} is not a timm model{hint}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -171,6 +224,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--model-kwargs", default="", help="JSON keyword arguments, e.g. '{\"img_size\": 384}'"
     )
+    check.add_argument(
+        "--no-check-model",
+        action="store_true",
+        help="load even if the file records another backbone architecture (the widths must "
+        "still agree): check_model=False",
+    )
     check.set_defaults(run=_check)
     return parser
 
@@ -184,11 +243,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # The reader went away (`arc-peft inspect f | head`): not an error worth a message.
+        # Point stdout at /dev/null so that Python's own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (AdapterFileError, OSError, ValueError, RuntimeError) as exc:
         # OSError covers a missing or unreadable file; its message already names the path.
-        # One line: a message may quote file content (newlines, escapes, lone surrogates).
-        message = printable(" ".join(str(exc).split()))
-        print(f"arc-peft {args.command}: error: {message}", file=sys.stderr)
+        if "check_model=False" in str(exc) and args.command == "check":
+            _error(args.command, f"{exc} (on the command line: --no-check-model)")
+        else:
+            _error(args.command, exc)
         return 1
 
 
