@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,93 @@ def test_create_model_needs_a_timm_identity(tmp_path: Path) -> None:
     arc_peft.save_adapter(model, tmp_path / "tv.safetensors")
     with pytest.raises(ValueError, match="build it yourself and call arc_peft.load_adapter"):
         arc_peft.create_model(tmp_path / "tv.safetensors", pretrained=False)
+
+
+def _edit_model_identity(src: Path, dst: Path, edit) -> Path:
+    raw = src.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    model_id = json.loads(header["__metadata__"]["model"])
+    edit(model_id)
+    header["__metadata__"]["model"] = json.dumps(model_id, sort_keys=True)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    dst.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+    return dst
+
+
+@pytest.mark.parametrize(
+    "arch, kwargs, recorded",
+    [
+        ("vit_tiny_patch16_224", TINY, {"img_size": [32, 32], "patch_size": [8, 8], "depth": 2}),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(
+                img_size=64,
+                window_size=4,
+                embed_dim=32,
+                depths=(1, 1, 1, 1),
+                num_heads=(1, 1, 2, 2),
+            ),
+            {"img_size": [64, 64], "window_size": [4, 4], "embed_dim": 32},
+        ),
+    ],
+)
+def test_a_file_rebuilds_the_backbone_it_was_trained_on(
+    tmp_path: Path, arch: str, kwargs: dict, recorded: dict
+) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=5, **kwargs).eval()
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
+    randomise_adapters(model, 3)
+    path = tmp_path / "task.safetensors"
+    arc_peft.save_adapter(model, path)
+    model_id = arc_peft.read_adapter_info(path).model
+    assert recorded.items() <= model_id["args"].items()
+    assert model_id["pretrained"] is False  # built with pretrained=False: norms at their init
+    # No weights are fetched (the file says the backbone was random): this runs offline.
+    rebuilt = arc_peft.create_model(path).eval()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)  # the same tensors, the same shapes
+    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+
+
+def test_changes_outside_the_recorded_arguments_warn(tmp_path: Path) -> None:
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=3, mlp_ratio=2.0, **TINY
+    )
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=4))
+    path = tmp_path / "task.safetensors"
+    arc_peft.save_adapter(model, path)
+    assert arc_peft.read_adapter_info(path).model["args_complete"] is False
+    # Its MLP width differs from the adapter's backbone (the sites' input widths agree, so the
+    # adapter would load): the warning says so, and how to pass what the file cannot record.
+    with pytest.warns(UserWarning, match="could not record"):
+        default = arc_peft.create_model(path)
+    assert default.blocks[0].mlp.fc1.out_features == 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fitted = arc_peft.create_model(path, mlp_ratio=2.0)  # the warning's advice, no warning
+    assert fitted.blocks[0].mlp.fc1.out_features == 64
+
+
+def test_trained_weights_are_recorded_as_pretrained(tmp_path: Path) -> None:
+    model = trained()
+    with torch.no_grad():
+        model.norm.weight.mul_(1.5)  # as any trained checkpoint has it
+    path = tmp_path / "task.safetensors"
+    arc_peft.save_adapter(model, path)
+    assert arc_peft.read_adapter_info(path).model["pretrained"] is True
+
+
+def test_a_file_cannot_pass_other_arguments_to_timm(tmp_path: Path) -> None:
+    path = tmp_path / "task.safetensors"
+    arc_peft.save_adapter(trained(), path)
+
+    def edit(model_id):
+        model_id["args"] = {"pretrained_cfg_overlay": {"file": "/etc/passwd"}}
+
+    bad = _edit_model_identity(path, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(arc_peft.AdapterFileError, match="does not pass on"):
+        arc_peft.create_model(bad)

@@ -45,7 +45,12 @@ def test_identity_and_metadata_are_stored(tmp_path: Path) -> None:
         "architecture": "vit_tiny_patch16_224",
         "tag": "augreg_in21k_ft_in1k",
         "hub_id": "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k",
-    }
+        # What rebuilds it: the builder arguments that differ from the entrypoint's, and no
+        # pretrained weights (built with pretrained=False).
+        "args": {"img_size": [32, 32], "patch_size": [8, 8], "embed_dim": 32, "depth": 2,
+                 "num_heads": 2},
+        "pretrained": False,
+    }  # fmt: skip
     assert info.metadata == meta
     text = str(info)
     assert "timm vit_tiny_patch16_224 (tag augreg_in21k_ft_in1k" in text

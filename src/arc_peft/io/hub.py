@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ import torch
 
 from ..errors import printable
 from ..runtime.heads import features_into
+from . import rebuild
 from .atomic import replace_folder, write_atomic
 from .format import FileProblem, about
 from .info import read_adapter_info
@@ -133,15 +135,20 @@ def push_adapter_to_hub(
 
 
 def create_model(
-    source: str | os.PathLike[str], pretrained: bool = True, **kwargs: Any
+    source: str | os.PathLike[str], pretrained: bool | None = None, **kwargs: Any
 ) -> nn.Module:
     """Build the backbone an adapter file records and load the adapter into it, in one call.
 
     Args:
         source: An adapter file, a folder holding one, or ``"hf-hub:user/repo"``.
         pretrained: Load the backbone's pretrained weights (the tag the adapter was trained
-            on). ``False`` builds it randomly initialised (tests, offline use).
-        kwargs: Passed on to ``timm.create_model`` (e.g. ``img_size`` for a custom size).
+            on). Default: as the file records (a file saved from a randomly initialised
+            backbone rebuilds one; files that do not say load the weights). ``False`` builds
+            it randomly initialised (tests, offline use).
+        kwargs: Passed on to ``timm.create_model``, over the builder arguments the file records
+            (those that differed from the entrypoint's defaults: ``img_size``, ``patch_size``,
+            ``depth``...), so the model is built as the adapter's backbone was. A file that
+            records that its backbone had other changes warns (pass them here).
 
     Only timm backbones can be built from the file alone (their identity names the model and
     its pretrained tag); for others build the model yourself and call
@@ -164,7 +171,25 @@ def create_model(
         )
     with about(file):
         name = timm_name(model_id)
-        model = build_timm(name, info, pretrained=pretrained, **kwargs)
+        args = {**rebuild.checked_arguments(model_id), **kwargs}
+        trained_on = model_id.get("pretrained")
+        if pretrained is None:
+            pretrained = trained_on is not False
+        elif pretrained and trained_on is False:
+            warnings.warn(
+                f"{source}: the adapter was trained on a randomly initialised {name} (its norm "
+                "layers were at their initial values); loading pretrained weights it never saw. "
+                "Pass pretrained=False (or leave it out) to rebuild the backbone it was trained on",
+                stacklevel=2,
+            )
+        if model_id.get("args_complete") is False and not kwargs:
+            warnings.warn(
+                f"{source}: the adapter's {name} was built with arguments arc_peft could not "
+                f"record (it records {args or 'none'}); the model may not be the one it was "
+                "trained on. Pass the builder arguments to create_model(source, ...) yourself",
+                stacklevel=2,
+            )
+        model = build_timm(name, info, pretrained=pretrained, **args)
     return load_adapter(model, file)
 
 

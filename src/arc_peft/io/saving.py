@@ -26,7 +26,7 @@ from ..runtime.multitask import active_adapter
 from ..runtime.slots import adapter_configs
 from ..runtime.wrappers import full_tensor, is_sharded, reshard, unwrap
 from ..state import TRAINED_ATTR, __version__
-from . import identity, layout, taskfiles
+from . import identity, layout, rebuild, taskfiles
 from .atomic import write_atomic
 from .format import (
     DIGEST_FIELD,
@@ -175,7 +175,7 @@ def save_adapter(
         "backbone": json.dumps(layout.backbone_fingerprint(model), sort_keys=True),
         "head": json.dumps(group("module", head_path, head_state), sort_keys=True),
         "dtype": ",".join(dtypes),
-        "model": json.dumps(identity.model_identity(model), sort_keys=True),
+        "model": json.dumps(_identity(model), sort_keys=True),
     }
     if user is not None:
         fields["user"] = user
@@ -188,6 +188,26 @@ def save_adapter(
     data = _serialize(cpu, fields)
     _check_readable(data)
     write_atomic(os.fspath(path), data)
+
+
+def _identity(model: nn.Module) -> dict[str, Any]:
+    """The model's identity, and for timm models what rebuilds it: the builder arguments that
+    differ from the entrypoint's defaults and whether pretrained weights were loaded
+    (``io.rebuild``)."""
+    found = identity.model_identity(model)
+    if found.get("library") != "timm":
+        return found
+    built = rebuild.build_arguments(model, found["architecture"])
+    if built is not None:
+        args, complete = built
+        if args:
+            found["args"] = args
+        if not complete:
+            found["args_complete"] = False
+    pretrained = rebuild.pretrained_weights(model)
+    if pretrained is not None:
+        found["pretrained"] = pretrained
+    return found
 
 
 def _check_readable(data: bytes) -> None:
