@@ -15,10 +15,10 @@ from safetensors import safe_open
 from torch import nn
 
 import arc_peft
-from arc_peft import AdapterFileError, AdaptMLPConfig
+from arc_peft import AdapterFileError, AdaptMLPConfig, ARCConfig
 from arc_peft.io.saving import _serialize
 
-from models import MATRIX, build, inputs, method_configs
+from models import MATRIX, build, inputs, method_configs, randomise_adapters
 
 METHODS = {
     **method_configs(),
@@ -463,3 +463,59 @@ def test_missing_file_is_an_os_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         arc_peft.load_adapter(build("vit"), tmp_path / "nope.safetensors")
     assert not os.path.exists(tmp_path / "nope.safetensors")
+
+
+def test_files_move_both_ways_between_a_timm_classifier_and_its_features_only_form(tmp_path):
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+
+    def make(**extra):
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs, **extra)
+
+    features = make(features_only=True)
+    arc_peft.inject_arc(features, ARCConfig(rank=4))
+    randomise_adapters(features, 2)
+    arc_peft.freeze_backbone(features)  # no classifier: nothing to train, no error
+    assert set(arc_peft.adapter_parameters(features)) == {
+        n for n, p in features.named_parameters() if p.requires_grad
+    }
+    arc_peft.save_adapter(features, tmp_path / "features.safetensors")
+    classifier = make(num_classes=3)
+    arc_peft.load_adapter(classifier, tmp_path / "features.safetensors")
+    arc_peft.save_adapter(classifier, tmp_path / "classifier.safetensors")
+    back = make(features_only=True)
+    arc_peft.load_adapter(back, tmp_path / "classifier.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(back.eval()(x), features.eval()(x), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_files_move_both_ways_between_a_transformers_classifier_and_its_base_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    classifier = transformers.ViTForImageClassification(cfg).eval()
+    arc_peft.inject_arc(classifier, ARCConfig(rank=4))
+    randomise_adapters(classifier, 1)
+    arc_peft.save_adapter(classifier, tmp_path / "classifier.safetensors")
+    base = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    base.load_state_dict(classifier.vit.state_dict(), strict=False)
+    arc_peft.load_adapter(base, tmp_path / "classifier.safetensors")  # head left: base has none
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(base(x).last_hidden_state, classifier.vit(x).last_hidden_state)
+    arc_peft.freeze_backbone(base)  # a base model: no head to train, no error
+    arc_peft.save_adapter(base, tmp_path / "base.safetensors")
+    again = transformers.ViTForImageClassification(cfg).eval()
+    again.load_state_dict(classifier.state_dict(), strict=False)
+    arc_peft.load_adapter(again, tmp_path / "base.safetensors")
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, classifier(x).logits)
+    # An unrelated architecture of the same widths is still refused.
+    other = transformers.DeiTModel(transformers.DeiTConfig(**cfg.to_dict()))
+    with pytest.raises(arc_peft.AdapterFileError, match="made for another"):
+        arc_peft.load_adapter(other, tmp_path / "classifier.safetensors")

@@ -112,6 +112,8 @@ def freeze_backbone(
                 f"{type(model).__name__}; top-level modules are {children}"
             ) from None
     head = get_head(model) if train_head else None
+    if train_head and head is None and _headless_by_design(model):
+        train_head = False  # nothing to train: a feature extractor or a base model
     if train_head and head is None:
         raise ValueError(
             f"freeze_backbone could not find the classifier head of {type(model).__name__} "
@@ -143,6 +145,18 @@ def freeze_backbone(
     model.__dict__[TRAINED_ATTR] = tuple(dict.fromkeys(path for path, _ in extra))
     _pin_frozen_norms(model, trained)
     return wrapper
+
+
+def _headless_by_design(model: nn.Module) -> bool:
+    """A model built without a classifier: timm's ``features_only=True`` forms (they describe
+    their outputs in ``feature_info``) and a transformers base model (its own ``base_model``)."""
+    if getattr(model, "feature_info", None) is not None and not callable(
+        getattr(model, "get_classifier", None)
+    ):
+        return True
+    return type(model).__module__.startswith("transformers.") and (
+        getattr(model, "base_model", None) is model
+    )
 
 
 def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:

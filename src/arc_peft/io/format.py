@@ -336,12 +336,19 @@ def _check_backbone(backbone: Any) -> None:
         and _is_count(backbone.get("num_blocks"))
         and isinstance(widths, dict)
         and all(isinstance(w, list) and all(_is_count(v) for v in w) for w in widths.values())
+        and (
+            "contains" not in backbone
+            or (
+                isinstance(backbone["contains"], list)
+                and all(isinstance(c, str) for c in backbone["contains"])
+            )
+        )
     )
     if not valid:
         raise FileProblem(
             "corrupt metadata: backbone must be a JSON object {architecture: str, num_blocks: "
-            "int, widths: "
-            f"{{position: [int, ...]}}}}, got {str(backbone)[:200]}",
+            "int, widths: {position: [int, ...]}, contains (optional): [str, ...]}, got "
+            f"{str(backbone)[:200]}",
         )
 
 

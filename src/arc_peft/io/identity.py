@@ -131,12 +131,29 @@ def remap_keys(found: set[str], expected: set[str]) -> dict[str, str]:
     """``{file key: model key}`` for a model that holds the same blocks under other names.
 
     timm's ``features_only=True`` wraps the network (``model.blocks.0...``) or flattens its
-    stages (``layers_0.blocks.0...``). A file key maps to the one model key that ends with it
-    once dots and underscores are read alike, at a name boundary; keys already equal map to
-    themselves. Returns only a complete, one-to-one mapping, else ``{}``.
+    stages (``layers_0.blocks.0...``); a transformers classifier holds its base model under a
+    prefix (``vit.``). A file key maps to the one model key that ends with it once dots and
+    underscores are read alike, at a name boundary, or, for a file saved from the wrapping form
+    and loaded into the bare one, the other way round; keys already equal map to themselves.
+    Returns only a complete, one-to-one mapping, else ``{}``.
     """
     if found == expected:
         return {k: k for k in found}
+    forward = _suffix_mapping(found, expected)
+    if forward:
+        return forward
+    # The index is then built from the file's keys: bounded by the model's own key lengths, so
+    # a hostile file's long keys cost nothing (a wrapper adds a short prefix).
+    longest = max((len(k) for k in expected), default=0) + 200
+    if any(len(k) > longest for k in found):
+        return {}
+    backward = _suffix_mapping(expected, found)  # {model key: file key}
+    return {file_key: model_key for model_key, file_key in backward.items()}
+
+
+def _suffix_mapping(found: set[str], expected: set[str]) -> dict[str, str]:
+    """``{key of found: the one key of expected that ends with it}``, complete and one-to-one,
+    else ``{}``."""
     if len(found) != len(expected):  # a complete one-to-one mapping needs as many keys
         return {}
     # Every model key under each of its word-boundary suffixes: a file key is then looked up

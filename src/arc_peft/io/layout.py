@@ -46,11 +46,40 @@ def backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
     plan = site_plan(model)
     widths = {p: [s.width for s in plan.sites if s.position == p] for p in ("attn", "mlp")}
     cls = original_class(model)  # not FSDP's generated subclass
-    return {
-        "architecture": f"{cls.__module__}.{cls.__qualname__}",
+    found = {
+        "architecture": _qualified(cls),
         "num_blocks": plan.num_blocks,
         "widths": widths,
     }
+    inner = _enclosing(model, [s.path for s in plan.sites])
+    if inner:
+        found["contains"] = inner
+    return found
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _enclosing(model: nn.Module, paths: list[str]) -> list[str]:
+    """The classes of the modules between the model and its sites (the model's own submodules
+    that hold every site: a classifier's base model, ``.vit``): a file saved from a classifier
+    then also fits the bare base model, and says so."""
+    if not paths:
+        return []
+    parts = [p.split(".") for p in paths]
+    common: list[str] = []
+    for names in zip(*parts, strict=False):
+        if len(set(names)) != 1:
+            break
+        common.append(names[0])
+    found, module = [], model
+    for name in common[: max(len(p) for p in parts) - 1]:
+        module = getattr(module, name, None)
+        if not isinstance(module, nn.Module) or isinstance(module, (nn.ModuleList, nn.Sequential)):
+            break
+        found.append(_qualified(type(module)))
+    return found
 
 
 def fingerprint_differences(stored: dict[str, Any], actual: dict[str, Any]) -> list[str]:

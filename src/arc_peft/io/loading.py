@@ -265,9 +265,16 @@ def _check_against_model(
     stored_id, _ = identity_fields(header)
     refusal, warning, same = identity.check_identity(stored_id, identity.model_identity(model))
     actual = layout.backbone_fingerprint(model)
-    if same or not check_model or identity.wraps(model, contents.backbone.get("architecture")):
-        # The same network built another way (features_only=True): blocks and widths decide.
-        actual["architecture"] = contents.backbone.get("architecture")
+    stored_arch = contents.backbone.get("architecture")
+    # The same network in another form: the model wraps the file's (timm features_only=True),
+    # or the file's model wrapped this one (a transformers classifier's base model, ``.vit``).
+    related = identity.wraps(model, stored_arch) or actual["architecture"] in (
+        contents.backbone.get("contains") or ()
+    )
+    if related:
+        refusal = None  # the same network: blocks and widths decide
+    if same or not check_model or related:
+        actual["architecture"] = stored_arch
     diffs = layout.fingerprint_differences(contents.backbone, actual)
     if diffs:
         raise FileProblem(
