@@ -268,8 +268,9 @@ def _check_against_model(
     stored_arch = contents.backbone.get("architecture")
     # The same network in another form: the model wraps the file's (timm features_only=True),
     # or the file's model wrapped this one (a transformers classifier's base model, ``.vit``).
-    related = identity.wraps(model, stored_arch) or actual["architecture"] in (
-        contents.backbone.get("contains") or ()
+    related = stored_arch != actual["architecture"] and (
+        identity.wraps(model, stored_arch)
+        or actual["architecture"] in (contents.backbone.get("contains") or ())
     )
     if related:
         refusal = None  # the same network: blocks and widths decide
