@@ -30,6 +30,7 @@ from .methods.layers import Adapter
 from .runtime import heads, shared
 from .runtime.multitask import active_adapter
 from .runtime.slots import AdapterSlot, adapter_configs, iter_slots
+from .runtime.wrappers import adapted_model
 from .state import EXAMPLE_ATTR, MERGES_ATTR
 
 __all__ = ["merge_adapter", "unmerge_adapter"]
@@ -144,6 +145,7 @@ def merge_adapter(
             offset is non-zero, a layer without the bias the fold needs...). The message names
             the site; the model is unchanged.
     """
+    wrapper, model = model, adapted_model(model)  # a LightningModule's .model, say
     slots = iter_slots(model)
     if not slots:
         raise MergeError("merge_adapter: the model has no adapters; inject or load one first")
@@ -257,7 +259,7 @@ def merge_adapter(
     if record is not None:
         record.replaced = replaced
         model.__dict__.setdefault(MERGES_ATTR, []).append(record)
-    return model
+    return wrapper
 
 
 def unmerge_adapter(model: nn.Module) -> nn.Module:

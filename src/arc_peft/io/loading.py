@@ -23,7 +23,7 @@ from ..inject import delete_adapter, inject_arc
 from ..runtime import heads
 from ..runtime.multitask import active_adapter, set_active_adapter
 from ..runtime.slots import adapter_configs, check_name
-from ..runtime.wrappers import check_injectable, is_sharded, reshard, unwrap
+from ..runtime.wrappers import adapted_model, check_injectable, is_sharded, reshard
 from ..state import DEFAULT_ADAPTER
 from . import identity, layout, taskfiles
 from .format import (
@@ -136,7 +136,7 @@ def load_adapter(
             f"load_adapter expects the model (an nn.Module) first, got {type(model).__name__}"
         )
     path = resolve(path)
-    wrapper, model = model, unwrap(model)
+    wrapper, model = model, adapted_model(model)
     check_name(name)
     # A refused load leaves the model as it was, down to its attributes (the site plan a check
     # computed and keeps on the model) and the global RNG (building a head of another shape

@@ -24,7 +24,7 @@ from ..runtime import heads
 from ..runtime.heads import get_head
 from ..runtime.multitask import active_adapter
 from ..runtime.slots import adapter_configs
-from ..runtime.wrappers import full_tensor, is_sharded, reshard, unwrap
+from ..runtime.wrappers import adapted_model, full_tensor, is_sharded, reshard
 from ..state import TRAINED_ATTR, __version__
 from . import identity, layout, rebuild, taskfiles
 from .atomic import write_atomic
@@ -130,7 +130,7 @@ def save_adapter(
             f"save_adapter(model, path): the arguments are swapped (got a {type(model).__name__} "
             f"first and a {type(path).__name__} second); call arc_peft.save_adapter(model, path)"
         )
-    model = unwrap(model)
+    model = adapted_model(model)  # through DDP/compile, and a LightningModule's .model
     reshard(model)  # FSDP2: read the kept shards, not unsharded copies about to be freed
     name = _resolve_name(model, name)
     config = adapter_configs(model)[name]

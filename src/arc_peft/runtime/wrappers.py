@@ -18,7 +18,12 @@ import warnings
 
 from torch import Tensor, nn
 
+from ..state import PLAN_ATTR
+from .heads import find_head
+from .slots import iter_slots
+
 __all__ = [
+    "adapted_model",
     "check_injectable",
     "full_tensor",
     "is_sharded",
@@ -45,6 +50,33 @@ def unwrap(model: nn.Module) -> nn.Module:
     while inner is not None:
         model, inner = inner, _wrapped(inner)
     return model
+
+
+def adapted_model(model: nn.Module) -> nn.Module:
+    """The adapted model a file verb acts on: ``model`` (inside any framework wrapper), or,
+    when ``model`` is a plain container around it (a LightningModule, a PeftModel, any module
+    holding the adapted model as a submodule, with no classifier head of its own), the one
+    adapted model inside: the module ``inject_arc`` / ``load_adapter`` was called on. Several
+    are refused, naming them. A module with its own head around an adapted backbone (a
+    transformers classifier adapted at ``.vit``) is the model itself: its head goes with it."""
+    model = unwrap(model)
+    if PLAN_ATTR in model.__dict__ or find_head(model) is not None:
+        return model
+    found = [
+        (path, module)
+        for path, module in model.named_modules()
+        if path and PLAN_ATTR in module.__dict__ and iter_slots(module)
+    ]
+    outermost = [
+        (path, m) for path, m in found if not any(path.startswith(f"{p}.") for p, _ in found)
+    ]
+    if len(outermost) > 1:
+        raise ValueError(
+            f"{type(model).__name__} holds several adapted models "
+            f"({', '.join(p for p, _ in outermost)}): pass the one you mean "
+            f"(e.g. arc_peft.save_adapter(wrapper.{outermost[0][0]}, ...))"
+        )
+    return outermost[0][1] if outermost else model
 
 
 def _fsdp_module_class() -> type | None:
