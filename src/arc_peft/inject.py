@@ -15,7 +15,7 @@ from .discovery.targets import registry_generation
 from .errors import UnsupportedModelError
 from .methods import AdapterConfig, get_method
 from .methods.layers import Adapter, SharedState
-from .runtime import heads, shared
+from .runtime import foreign, heads, shared
 from .runtime.slots import AdapterSlot, adapter_configs, check_name, holder_of, iter_slots
 from .runtime.wrappers import check_injectable
 from .state import DEFAULT_ADAPTER, EXAMPLE_ATTR, PLAN_ATTR
@@ -328,6 +328,14 @@ def inject_arc(
         raise TypeError(f"inject_arc expects an nn.Module, got {type(model).__name__}")
     check_name(name)
     check_injectable(model, "inject_arc")
+    peft_layers = foreign.foreign_layers(model)
+    if peft_layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} already has {foreign.describe(peft_layers)}: arc_peft would "
+            "adapt the layers inside them (LoRA's own matrices), not the model's. Inject "
+            "arc_peft first, then call peft.get_peft_model (docs/recipes.md), or merge peft's "
+            "layers first (peft_model.merge_and_unload())"
+        )
     existing = adapter_configs(model)
     if name in existing:
         raise ValueError(

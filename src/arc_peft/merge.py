@@ -27,7 +27,7 @@ from .discovery.targets import get_target
 from .errors import MergeError
 from .inject import delete_adapter
 from .methods.layers import Adapter
-from .runtime import heads, shared
+from .runtime import foreign, heads, shared
 from .runtime.multitask import active_adapter
 from .runtime.slots import AdapterSlot, adapter_configs, iter_slots
 from .runtime.wrappers import adapted_model
@@ -149,6 +149,13 @@ def merge_adapter(
     slots = iter_slots(model)
     if not slots:
         raise MergeError("merge_adapter: the model has no adapters; inject or load one first")
+    peft_layers = foreign.foreign_layers(model)
+    if peft_layers:
+        raise MergeError(
+            f"merge_adapter: the model also has {foreign.describe(peft_layers)}, which hold the "
+            "layers ARC would fold into. Merge peft's layers first "
+            "(model = peft_model.merge_and_unload()), then merge_adapter"
+        )
     configs = adapter_configs(model)
     if name is None:
         name = active_adapter(model)

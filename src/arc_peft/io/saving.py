@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import printable
-from ..runtime import heads
+from ..runtime import foreign, heads
 from ..runtime.heads import get_head
 from ..runtime.multitask import active_adapter
 from ..runtime.slots import adapter_configs
@@ -239,6 +239,8 @@ def _check_nothing_lost(
     kept = layout.adapter_tensor_ids(model) | {id(t) for t in stored}
     kept |= {id(p) for p in head.parameters()} if head is not None else set()
     kept |= {id(p) for p in heads.task_parameters(model)}  # other tasks' heads are theirs
+    # peft's layers (LoRA added after arc_peft) are peft's to save, with its own save_pretrained.
+    kept |= {id(p) for m in foreign.foreign_layers(model).values() for p in m.parameters()}
     lost = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in kept]
     if lost:
         more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""

@@ -60,7 +60,7 @@ def adapted_model(model: nn.Module) -> nn.Module:
     are refused, naming them. A module with its own head around an adapted backbone (a
     transformers classifier adapted at ``.vit``) is the model itself: its head goes with it."""
     model = unwrap(model)
-    if PLAN_ATTR in model.__dict__ or find_head(model) is not None:
+    if PLAN_ATTR in model.__dict__:
         return model
     found = [
         (path, module)
@@ -70,6 +70,13 @@ def adapted_model(model: nn.Module) -> nn.Module:
     outermost = [
         (path, m) for path, m in found if not any(path.startswith(f"{p}.") for p, _ in found)
     ]
+    head = find_head(model)
+    if head is not None and not any(
+        any(m is head for m in inner.modules()) for _, inner in outermost
+    ):
+        # A head of its own, outside the adapted part (not one peft's PeftModel merely
+        # forwards from the model it holds): this is the model.
+        return model
     if len(outermost) > 1:
         raise ValueError(
             f"{type(model).__name__} holds several adapted models "

@@ -1,0 +1,58 @@
+"""arc_peft beside peft: injecting after peft is refused naming peft; the other order works
+end to end (ARC trains next to LoRA, saves alone, merge refuses naming the LoRA layer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import arc_peft
+from arc_peft import ARCConfig, MergeError, UnsupportedModelError
+
+from models import build, inputs, randomise_adapters
+
+peft = pytest.importorskip("peft")
+
+
+def test_injecting_into_a_peft_model_is_refused_naming_peft():
+    model = peft.get_peft_model(
+        build("vit"), peft.LoraConfig(r=4, target_modules=["qkv"], modules_to_save=["head"])
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match=r"already has peft Linear at .*qkv.*Inject"):
+        arc_peft.inject_arc(model, ARCConfig(rank=4))
+    assert model.state_dict().keys() == before.keys()
+
+
+def test_arc_then_peft_trains_saves_and_refuses_to_merge(tmp_path: Path):
+    model = build("vit")
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    randomise_adapters(model)
+    arc_peft.freeze_backbone(model)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["qkv"]))
+    ours = arc_peft.adapter_parameters(wrapped)
+    for param in ours.values():  # get_peft_model froze them: the documented line
+        param.requires_grad_(True)
+    x = inputs("vit")
+    F.cross_entropy(wrapped(x), torch.tensor([0, 1])).backward()
+    assert all(p.grad is not None for p in ours.values())
+    lora = [p for n, p in wrapped.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None for p in lora)
+    # save_adapter stores arc_peft's adapters only (peft saves its own), for the real backbone.
+    path = tmp_path / "arc.safetensors"
+    arc_peft.save_adapter(wrapped, path)
+    info = arc_peft.read_adapter_info(path)
+    assert info.backbone["architecture"].endswith("VisionTransformer")
+    assert set(info.backbone["widths"]["attn"]) == {32}  # the model's width, not LoRA's rank
+    assert not any("lora" in k for k in info.to_dict()["backbone"])
+    plain = build("vit")
+    arc_peft.load_adapter(plain, path)
+    got = {k: v for k, v in arc_peft.adapter_parameters(plain).items()}
+    assert len(got) == len(ours)
+    for (_, a), (_, b) in zip(sorted(got.items()), sorted(ours.items()), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(MergeError, match=r"peft Linear at .*qkv.*merge_and_unload"):
+        arc_peft.merge_adapter(wrapped)
