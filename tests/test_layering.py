@@ -19,7 +19,7 @@ LAYERS = [
     ("arc_peft.inject", "arc_peft.training"),
     ("arc_peft.merge",),
     ("arc_peft.io",),
-    ("arc_peft.cli", "arc_peft.__main__", "arc_peft"),
+    ("arc_peft.cli", "arc_peft.__main__", "arc_peft.integrations", "arc_peft"),
 ]
 
 

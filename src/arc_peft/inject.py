@@ -15,7 +15,7 @@ from .discovery.targets import registry_generation
 from .errors import UnsupportedModelError
 from .methods import AdapterConfig, get_method
 from .methods.layers import Adapter, SharedState
-from .runtime import foreign, heads, shared
+from .runtime import foreign, heads, pretrained, shared
 from .runtime.slots import AdapterSlot, adapter_configs, check_name, holder_of, iter_slots
 from .runtime.wrappers import check_injectable
 from .state import DEFAULT_ADAPTER, EXAMPLE_ATTR, PLAN_ATTR
@@ -371,6 +371,7 @@ def inject_arc(
     if make_active:
         for _, _, slot in iter_slots(model):
             slot.active = name
+    pretrained.guard(model)  # save_pretrained keeps the adapters; reentrant checkpointing trains
     return model
 
 
@@ -393,6 +394,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             slot.active = None
         if len(slot) == 0:
             slot.detach(block)
+    pretrained.unguard(model)
     return model
 
 
@@ -406,4 +408,5 @@ def remove_arc(model: nn.Module) -> nn.Module:
     shared.detach(model)
     for _, block, slot in iter_slots(model):
         slot.detach(block)
+    pretrained.unguard(model)
     return model
