@@ -93,3 +93,25 @@ if __name__ == "__main__":
     for path in TABLE_PAGES:
         path.write_text(_render(path.read_text(), path))
         print(f"updated {path}", file=sys.stderr)
+
+
+RECIPES = ROOT / "docs" / "recipes.md"
+
+
+def _recipe_blocks() -> list[tuple[str, str | None]]:
+    """``(code, required module or None)`` of every python block of docs/recipes.md; a block
+    preceded by ``<!-- requires: NAME -->`` needs that optional package."""
+    pattern = r"(?:<!-- requires: (\w+) -->\n)?```python\n(.*?)```"
+    return [(code, need or None) for need, code in re.findall(pattern, RECIPES.read_text(), re.S)]
+
+
+@pytest.mark.parametrize("index", range(1, len(_recipe_blocks())))
+def test_recipe_runs_as_written(index: int, tmp_path: Path, monkeypatch) -> None:
+    blocks = _recipe_blocks()
+    code, need = blocks[index]
+    if need is not None:
+        pytest.importorskip(need)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0][0], f"{RECIPES.name}[setup]", "exec"), namespace)
+    exec(compile(code, f"{RECIPES.name}[{index}]", "exec"), namespace)
