@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -362,6 +363,23 @@ def format_table(rows: list[Row], header: bool = True) -> str:
     return "\n".join([*top, *(fmt(line) for line in lines)])
 
 
+def _label_places(rows: list[Row], attr: str) -> list[tuple[tuple[int, int], str]]:
+    """Where each point's label goes, so that none overlaps another: right of its point, below it
+    when a point close above-left or above-right (within a decade and 3 points) has its label
+    there, and left of the rightmost point (whose label would cross the frame)."""
+    xs = [math.log10(max(getattr(r, attr), 1)) for r in rows]
+    rightmost = max(range(len(rows)), key=lambda i: xs[i])
+    places: list[tuple[tuple[int, int], str]] = []
+    for i, row in enumerate(rows):
+        crowded = any(
+            j != i and abs(xs[j] - xs[i]) < 1 and 0 <= rows[j].accuracy - row.accuracy < 3
+            for j in range(len(rows))
+        )
+        dy = -13 if crowded else 4
+        places.append(((-6, dy), "right") if i == rightmost else ((6, dy), "left"))
+    return places
+
+
 def save_plot(rows: list[Row], path: Path) -> bool:
     """Accuracy against trainable parameters and against file size, one point per method.
     Returns ``False`` (and writes nothing) without matplotlib."""
@@ -378,9 +396,15 @@ def save_plot(rows: list[Row], path: Path) -> bool:
         (axes[1], "file_bytes", "saved file size (bytes)"),
     ):
         for row in rows:
-            x = getattr(row, attr)
-            ax.scatter([x], [row.accuracy], s=40)
-            ax.annotate(row.method, (x, row.accuracy), textcoords="offset points", xytext=(5, 4))
+            ax.scatter([getattr(row, attr)], [row.accuracy], s=40)
+        for row, (offset, align) in zip(rows, _label_places(rows, attr), strict=True):
+            ax.annotate(
+                row.method,
+                (getattr(row, attr), row.accuracy),
+                textcoords="offset points",
+                xytext=offset,
+                ha=align,
+            )
         ax.set_xscale("log")
         ax.margins(x=0.3, y=0.12)  # room for the labels of the outermost points
         ax.set_xlabel(label)
