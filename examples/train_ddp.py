@@ -14,10 +14,11 @@ Two machines (run on each, with its ``--node_rank``)::
 Without GPUs it runs on the CPU with the gloo backend (``--nproc_per_node=2``); with GPUs each
 process takes ``cuda:LOCAL_RANK`` and uses nccl. Notes:
 
-- ``find_unused_parameters`` is not needed: :func:`arc_peft.freeze_backbone` leaves only the
-  active adapter and the head trainable, and every one of those runs in every forward pass.
-- ARC's shared projection ``U`` is one parameter (owned by the first block), so DDP reduces
-  its gradient once.
+- ``find_unused_parameters`` is not needed: :func:`arc_peft.freeze_backbone` leaves the
+  adapter and the head trainable, and every one of those runs in every forward pass (with
+  several adapters on one model, ``freeze_backbone(model, adapters="active")`` keeps it so).
+- ARC's shared projection ``U`` is one parameter (held above the blocks that read it), so DDP
+  reduces its gradient once.
 - Every process starts from the same seed and DDP broadcasts rank 0's weights anyway; gradients
   are averaged, so the adapter is identical on every rank after each step. Only rank 0 writes
   the adapter file. ``--debug-dump-dir`` makes every rank dump its adapter and head weights
