@@ -9,6 +9,7 @@ time (``--official-arc``), never copied into this one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import subprocess
@@ -72,6 +73,9 @@ def _arc(config: arc_peft.AdapterConfig, merged: bool = False) -> Callable:
         rank = kwargs.pop("rank", None)
         if rank is not None and isinstance(config, arc_peft.ARCConfig):
             cfg = arc_peft.ARCConfig(rank=rank, positions=config.positions)
+        elif rank is not None and isinstance(config, arc_peft.AdaptMLPConfig):
+            # The tiny --quick model is narrower than AdaptMLP's 64: its size, scaled like ARC's.
+            cfg = dataclasses.replace(config, bottleneck=rank)
         else:
             cfg = config
         model = timm_model(name, kwargs)
