@@ -78,3 +78,15 @@ def test_a_lightning_module(tmp_path: Path) -> None:
     x = inputs("vit")
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), lit(x))
+
+
+def test_loading_into_a_fresh_holder_puts_the_adapter_on_its_model(tmp_path: Path) -> None:
+    arc_peft.save_adapter(adapted(), tmp_path / "a.safetensors")
+    holder = Holder(build("vit"))
+    arc_peft.load_adapter(holder, tmp_path / "a.safetensors")
+    assert arc_peft.adapter_configs(holder.model)  # on the model, not on the holder
+    arc_peft.save_adapter(holder, tmp_path / "again.safetensors")
+    info = arc_peft.read_adapter_info(tmp_path / "again.safetensors")
+    assert info.backbone["architecture"].endswith("VisionTransformer")
+    saved = (tmp_path / "a.safetensors").read_bytes()
+    assert (tmp_path / "again.safetensors").read_bytes() == saved

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # torch is not imported to read a file's description
 __all__ = [
     "check_identity",
     "describe",
+    "inner_models",
     "json_object",
     "model_identity",
     "remap_keys",
@@ -176,6 +177,20 @@ def _suffix_mapping(found: set[str], expected: set[str]) -> dict[str, str]:
     if len(set(mapping.values())) != len(mapping) or set(mapping.values()) != expected:
         return {}
     return mapping
+
+
+def inner_models(model: nn.Module, architecture: Any) -> list[nn.Module]:
+    """The outermost proper submodules of ``model`` of class ``architecture``
+    (``module.qualname``)."""
+    if not isinstance(architecture, str):
+        return []
+    found: list[tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(f"{p}.") for p, _ in found):
+            continue
+        if f"{type(module).__module__}.{type(module).__qualname__}" == architecture:
+            found.append((path, module))
+    return [module for _, module in found]
 
 
 def wraps(model: nn.Module, architecture: Any) -> bool:

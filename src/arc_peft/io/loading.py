@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import printable
+from ..errors import AdapterFileError, printable
 from ..inject import delete_adapter, inject_arc
 from ..runtime import heads
+from ..runtime.heads import find_head
 from ..runtime.multitask import active_adapter, set_active_adapter
-from ..runtime.slots import adapter_configs, check_name
+from ..runtime.slots import adapter_configs, check_name, iter_slots
 from ..runtime.wrappers import adapted_model, check_injectable, is_sharded, reshard
 from ..state import DEFAULT_ADAPTER
 from . import identity, layout, taskfiles
@@ -37,7 +38,7 @@ from .format import (
     read_header,
     read_tensors,
 )
-from .info import identity_fields
+from .info import identity_fields, read_adapter_info
 from .sources import resolve
 
 __all__ = ["load_adapter"]
@@ -136,7 +137,7 @@ def load_adapter(
             f"load_adapter expects the model (an nn.Module) first, got {type(model).__name__}"
         )
     path = resolve(path)
-    wrapper, model = model, adapted_model(model)
+    wrapper, model = model, _target(model, path)
     check_name(name)
     # A refused load leaves the model as it was, down to its attributes (the site plan a check
     # computed and keeps on the model) and the global RNG (building a head of another shape
@@ -156,6 +157,22 @@ def load_adapter(
 
 
 _MISSING = object()
+
+
+def _target(model: nn.Module, path: str) -> nn.Module:
+    """The model to load into: the adapted model inside ``model`` (``adapted_model``), or, for
+    a container with no adapter yet and no head of its own (a LightningModule holding a fresh
+    backbone), the one submodule of the class the file was saved from: so that the adapters
+    sit on it, as if loaded into it directly, and later saves record it."""
+    model = adapted_model(model)
+    if iter_slots(model) or find_head(model) is not None:
+        return model
+    try:
+        architecture = read_adapter_info(path).backbone.get("architecture")
+    except (AdapterFileError, OSError):
+        return model  # the load itself reports the file's problem
+    inner = identity.inner_models(model, architecture)
+    return inner[0] if len(inner) == 1 else model
 
 
 def _load(
