@@ -127,3 +127,42 @@ def test_trainer_checkpoint_and_resume_restore_every_adapter_tensor(tmp_path: Pa
     ours, theirs = arc_peft.adapter_parameters(straight), arc_peft.adapter_parameters(resumed)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_own_reentrant_checkpointing_warns_and_the_fix_trains_the_adapters():
+    """A user's own ``torch.utils.checkpoint(..., use_reentrant=True)`` (no model flag arc_peft
+    can see): the adapters would get no gradient, so the first step warns naming the fix."""
+    from torch.utils.checkpoint import checkpoint
+
+    from arc_peft.errors import AdaptersNotTrainedWarning
+
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8, depth=2
+    )
+    arc_peft.inject_arc(model, ARCConfig(rank=4))
+    arc_peft.freeze_backbone(model)
+    model.train()
+
+    def step(reentrant: bool, require: bool) -> None:
+        model.zero_grad(set_to_none=True)
+        h = model._pos_embed(model.patch_embed(torch.randn(2, 3, 32, 32)))
+        if require:
+            h.requires_grad_(True)
+        for block in model.blocks:
+            h = checkpoint(block, h, use_reentrant=reentrant)
+        model.head(model.norm(h).mean(1)).sum().backward()
+
+    with pytest.warns(AdaptersNotTrainedWarning, match="use_reentrant=False"):
+        step(reentrant=True, require=False)
+    assert all(g is None for g in _adapter_grads(model))
+    for reentrant, require in ((True, True), (False, False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AdaptersNotTrainedWarning)
+            step(reentrant, require)
+        grads = _adapter_grads(model)
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    # Plain no-grad forwards in train mode (statistics, probes) do not warn.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdaptersNotTrainedWarning)
+        with torch.no_grad():
+            model(torch.randn(2, 3, 32, 32))

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["AdapterFileError", "MergeError", "UnsupportedModelError", "printable"]
+__all__ = [
+    "AdapterFileError",
+    "AdaptersNotTrainedWarning",
+    "MergeError",
+    "UnsupportedModelError",
+    "printable",
+]
 
 
 class UnsupportedModelError(ValueError):
@@ -15,6 +21,11 @@ class AdapterFileError(ValueError):
 
 class MergeError(ValueError):
     """An adapter cannot be folded exactly into the backbone at some site."""
+
+
+class AdaptersNotTrainedWarning(UserWarning):
+    """Adapters run where they cannot get a gradient: inside reentrant activation checkpointing
+    whose input does not require grad."""
 
 
 def printable(text: str) -> str:

@@ -16,13 +16,16 @@ added at another (Hugging Face ``intermediate`` / ``output``).
 from __future__ import annotations
 
 import inspect
+import os
+import sys
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..discovery.sites import Site
-from ..errors import UnsupportedModelError
+from ..errors import AdaptersNotTrainedWarning, UnsupportedModelError
 from ..methods import AdapterConfig
 from ..methods.layers import Adapter
 from ..state import SLOT_ATTR
@@ -221,6 +224,8 @@ class AdapterSlot(nn.ModuleDict):
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         x = self._input(module, args, kwargs)
+        if self.training and not torch.is_grad_enabled():
+            self._check_reentrant(x)
         if self.output_name and self.output_name != self.input_name:
             self.pending = x  # the output adapter at the site's far end reads it
         new = self._run(x, want_input=True)
@@ -233,6 +238,38 @@ class AdapterSlot(nn.ModuleDict):
             elif keyword is not None:
                 kwargs[keyword] = new
         return tuple(args), kwargs
+
+    def _check_reentrant(self, x: Tensor) -> None:
+        """Warn when this adapter runs inside reentrant activation checkpointing whose input
+        does not require grad: torch then never recomputes the region with autograd, and the
+        adapters get no gradient. Only reached in train mode without grad, so plain training
+        and evaluation pay nothing."""
+        if not any(p.requires_grad for p in self.parameters()):
+            return
+        frame = sys._getframe(2)
+        while frame is not None:
+            code = frame.f_code
+            # torch.utils.checkpoint's CheckpointFunction.forward runs the region under no_grad;
+            # the non-reentrant variant keeps grad enabled, so it never gets here.
+            if code.co_name == "forward" and code.co_filename.endswith(_CHECKPOINT_FILE):
+                # The region's own inputs decide (the site's input is computed under no_grad
+                # there, whatever they are): one that requires grad gets the region recomputed.
+                inputs = frame.f_locals.get("args", ())
+                if any(isinstance(a, Tensor) and a.requires_grad for a in inputs):
+                    return
+                warnings.warn(
+                    f"arc_peft: the adapter at {self.site.path!r} runs inside reentrant "
+                    "activation checkpointing (torch.utils.checkpoint with use_reentrant=True) "
+                    "whose input does not require grad, so the adapters get no gradient. Fix: "
+                    "use_reentrant=False, or make the checkpointed input require grad "
+                    "(x.requires_grad_(True)), or switch on the model's own gradient "
+                    "checkpointing (transformers gradient_checkpointing_enable, timm "
+                    "set_grad_checkpointing), where arc_peft does that for you",
+                    AdaptersNotTrainedWarning,
+                    stacklevel=2,
+                )
+                return
+            frame = frame.f_back
 
     def _post_hook(
         self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any
@@ -247,6 +284,9 @@ class AdapterSlot(nn.ModuleDict):
             x = self._input(module, args, kwargs)
         delta = self._run(x, want_input=False, out=output)
         return None if delta is None else output + delta
+
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
 
 def _relative(path: str, holder_path: str) -> str:
