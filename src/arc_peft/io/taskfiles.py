@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..runtime import foreign
 from ..runtime.heads import (
     check_head_shapes,
     check_path,
@@ -39,7 +40,8 @@ def head_state(model: nn.Module, name: str | None = None) -> tuple[str, dict[str
     if find_head(model) is None:
         return "", {}
     path = head_path(model)
-    return path, prefixed(path, running(model, name, path))
+    # A head in peft's modules_to_save is stored as the copy that trains, under the plain keys.
+    return path, prefixed(path, foreign.running_copy(running(model, name, path)))
 
 
 def with_owned(
