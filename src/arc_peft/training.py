@@ -72,6 +72,9 @@ def freeze_backbone(
     frozen backbone would drift and the saved adapter would not reproduce the trained model.
     Calling ``freeze_backbone`` again recomputes which layers are pinned this way.
 
+    With peft's layers added after arc_peft (``peft.get_peft_model``, which froze the arc_peft
+    adapters), this makes the adapters trainable again and leaves peft's layers as peft set them.
+
     Modules named in ``also`` are recorded on the model; ``arc_peft.save_adapter`` stores
     them with the adapter (and, after this call, refuses to save if some other parameter was
     made trainable, which the file would lose).
