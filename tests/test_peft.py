@@ -83,3 +83,13 @@ def test_freeze_backbone_after_peft_keeps_both_and_a_modules_to_save_head_loads_
     arc_peft.load_adapter(plain, path)  # the head under plain keys: the copy peft trained
     assert torch.equal(plain.head.weight, head.weight)
     assert not torch.equal(plain.head.weight, wrapped.base_model.model.head.original_module.weight)
+    # ...and back into a peft model whose head is in modules_to_save: into the copy that trains.
+    again = build("vit")
+    arc_peft.inject_arc(again, ARCConfig(rank=4))
+    again = peft.get_peft_model(
+        again, peft.LoraConfig(r=4, target_modules=["qkv"], modules_to_save=["head"])
+    )
+    arc_peft.load_adapter(again, path)
+    assert torch.equal(again.base_model.model.head.modules_to_save["default"].weight, head.weight)
+    for key, value in arc_peft.adapter_parameters(again).items():
+        assert torch.equal(value, ours[key])

@@ -88,7 +88,8 @@ def load_plan(
     own: dict[str, tuple[str, dict[str, Any]]] = {}
     if head is not None and find_head(model) is not None:
         path = head_path(model)
-        base = {k: list(v.shape) for k, v in prefixed(path, model.get_submodule(path)).items()}
+        head_module = foreign.running_copy(model.get_submodule(path))  # peft's trained copy
+        base = {k: list(v.shape) for k, v in prefixed(path, head_module).items()}
         prefix = f"{head['module']}." if head["module"] else ""
         relabel = {f"{path}.{k[len(prefix):]}" if path else k[len(prefix) :]: s
                    for k, s in head["shapes"].items()}  # fmt: skip
