@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .methods.layers import Adapter
-from .runtime import heads, shared
+from .runtime import foreign, heads, shared
 from .runtime.heads import get_head
 from .runtime.slots import adapter_configs, iter_slots
 from .runtime.wrappers import unwrap
@@ -72,6 +72,9 @@ def freeze_backbone(
     frozen backbone would drift and the saved adapter would not reproduce the trained model.
     Calling ``freeze_backbone`` again recomputes which layers are pinned this way.
 
+    With peft's layers added after arc_peft (``peft.get_peft_model``, which froze the arc_peft
+    adapters), this makes the adapters trainable again and leaves peft's layers as peft set them.
+
     Modules named in ``also`` are recorded on the model; ``arc_peft.save_adapter`` stores
     them with the adapter (and, after this call, refuses to save if some other parameter was
     made trainable, which the file would lose).
@@ -120,6 +123,13 @@ def freeze_backbone(
             "(no get_classifier(), heads, head, fc or classifier): pass train_head=False and "
             "name the head in also=(...)"
         )
+    # peft's layers (LoRA added after arc_peft) are peft's to train: they keep the state peft
+    # gave them (its LoRA weights trainable, the layers it wraps frozen).
+    peft_state = {
+        id(p): (p, p.requires_grad)
+        for layer in foreign.foreign_layers(model).values()
+        for p in layer.parameters()
+    }
     for param in model.parameters():
         param.requires_grad_(False)
     if adapters == "all":
@@ -142,6 +152,8 @@ def freeze_backbone(
     for module in trained:
         for param in module.parameters():
             param.requires_grad_(True)
+    for param, was in peft_state.values():
+        param.requires_grad_(was)
     model.__dict__[TRAINED_ATTR] = tuple(dict.fromkeys(path for path, _ in extra))
     _pin_frozen_norms(model, trained)
     return wrapper

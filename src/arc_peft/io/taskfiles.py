@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..runtime import foreign
 from ..runtime.heads import (
     check_head_shapes,
     check_path,
@@ -39,7 +40,8 @@ def head_state(model: nn.Module, name: str | None = None) -> tuple[str, dict[str
     if find_head(model) is None:
         return "", {}
     path = head_path(model)
-    return path, prefixed(path, running(model, name, path))
+    # A head in peft's modules_to_save is stored as the copy that trains, under the plain keys.
+    return path, prefixed(path, foreign.running_copy(running(model, name, path)))
 
 
 def with_owned(
@@ -86,7 +88,8 @@ def load_plan(
     own: dict[str, tuple[str, dict[str, Any]]] = {}
     if head is not None and find_head(model) is not None:
         path = head_path(model)
-        base = {k: list(v.shape) for k, v in prefixed(path, model.get_submodule(path)).items()}
+        head_module = foreign.running_copy(model.get_submodule(path))  # peft's trained copy
+        base = {k: list(v.shape) for k, v in prefixed(path, head_module).items()}
         prefix = f"{head['module']}." if head["module"] else ""
         relabel = {f"{path}.{k[len(prefix):]}" if path else k[len(prefix) :]: s
                    for k, s in head["shapes"].items()}  # fmt: skip

@@ -17,7 +17,7 @@ import sys
 
 from torch import nn
 
-__all__ = ["describe", "foreign_layers"]
+__all__ = ["describe", "foreign_layers", "running_copy"]
 
 
 def _peft_containers() -> tuple[type, ...]:
@@ -55,3 +55,17 @@ def describe(layers: dict[str, nn.Module], limit: int = 3) -> str:
     shown = [f"{type(m).__name__} at {p or '<root>'}" for p, m in list(layers.items())[:limit]]
     more = f" (and {len(layers) - limit} more)" if len(layers) > limit else ""
     return "peft " + ", ".join(shown) + more
+
+
+def running_copy(module: nn.Module) -> nn.Module:
+    """The module that runs in place of ``module``: for peft's ``modules_to_save`` wrapper (a
+    head in ``modules_to_save``), the trained copy of the active peft adapter (the original when
+    peft's adapters are disabled), so that a saved head has the plain layer's keys; any other
+    module itself."""
+    copies = getattr(module, "modules_to_save", None)
+    if not type(module).__module__.startswith("peft.") or not isinstance(copies, nn.ModuleDict):
+        return module
+    active = getattr(module, "active_adapters", None) or []
+    if getattr(module, "disable_adapters", False) or not active or active[0] not in copies:
+        return getattr(module, "original_module", module)
+    return copies[active[0]]
