@@ -17,6 +17,7 @@ Needs ``transformers`` (``pip install "arc-peft[hf]"``).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from transformers import TrainerCallback
@@ -58,4 +59,11 @@ class ArcPeftCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"{_PREFIX}-{state.global_step}")
         if os.path.isfile(os.path.join(folder, ADAPTER_FILE)):
             load_adapter(model, folder)
+        elif iter_slots(adapted_model(model)):
+            warnings.warn(
+                f"ArcPeftCallback: the run resumes at step {state.global_step}, but {folder} "
+                f"holds no {ADAPTER_FILE}: the adapters keep the values the model has now, not "
+                "the checkpoint's. Load them yourself: arc_peft.load_adapter(model, folder)",
+                stacklevel=2,
+            )
         return control
