@@ -91,7 +91,10 @@ def test_reentrant_checkpointing_trains_the_adapters_timm():
     assert not model.patch_embed._forward_hooks
 
 
-def test_trainer_checkpoint_and_resume_restore_every_adapter_tensor(tmp_path: Path):
+@pytest.mark.parametrize("lose_the_file", [False, True])
+def test_trainer_checkpoint_and_resume_restore_every_adapter_tensor(
+    tmp_path: Path, lose_the_file: bool
+):
     from arc_peft.integrations.transformers import ArcPeftCallback
 
     class Data(torch.utils.data.Dataset):
@@ -122,10 +125,19 @@ def test_trainer_checkpoint_and_resume_restore_every_adapter_tensor(tmp_path: Pa
         straight = fresh()
         trainer(straight).train()
         assert os.path.isfile(tmp_path / "checkpoint-2" / "adapter.safetensors")
+        if lose_the_file:
+            os.remove(tmp_path / "checkpoint-2" / "adapter.safetensors")
         resumed = fresh()
-        trainer(resumed).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(resumed).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    said = [str(w.message) for w in caught if "ArcPeftCallback" in str(w.message)]
     ours, theirs = arc_peft.adapter_parameters(straight), arc_peft.adapter_parameters(resumed)
     assert ours.keys() == theirs.keys()
+    if lose_the_file:  # not silent: the run says the adapters were not restored
+        assert said and "holds no adapter.safetensors" in said[0]
+        return
+    assert not said
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
