@@ -167,3 +167,55 @@ def test_transfer_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
         # Merging is exact up to float rounding.
         assert by_name["ARC"].merged_max_abs_diff < 1e-4
     assert (tmp_path / "results.md").read_text().startswith("| Method")
+
+
+@pytest.mark.parametrize("adaptmlp", [80.1, 80.9])  # the README's run, and a closer one
+def test_transfer_demo_plot_labels_do_not_overlap(
+    tmp_path: Path, monkeypatch, adaptmlp: float
+) -> None:
+    """The README's plot: no method's label overlaps another's (ARC and AdaptMLP sit close)."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from matplotlib.transforms import Bbox
+
+    demo = importlib.import_module("transfer_demo")
+    # The numbers of docs/assets/transfer_demo.png: ARC and AdaptMLP within a decade and 1 point.
+    points = [
+        ("Linear probe", 71.0, 330, 1_400),
+        ("ARC_att", 75.8, 1_700, 8_600),
+        ("ARC", 81.2, 3_000, 15_000),
+        ("AdaptMLP", adaptmlp, 9_000, 38_000),
+        ("Full fine-tuning", 89.0, 210_000, 820_000),
+    ]
+    rows = [
+        demo.Row(method, acc, n, 0.0, f"{method}.safetensors", size, 1.0, True)
+        for method, acc, n, size in points
+    ]
+    boxes_per_axes = []
+    close = plt.close
+
+    def measure_then_close(fig=None):
+        renderer = fig.canvas.get_renderer()  # drawn by savefig, before close detaches it
+        for ax in fig.axes:
+            labels = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts]
+            # each point's marker (s=40: about 6 points wide) as a box in pixels
+            half = 3 * fig.dpi / 72
+            marks = [
+                (t.get_text(), Bbox.from_extents(*(xy - half), *(xy + half)))
+                for t, xy in zip(
+                    ax.texts, ax.transData.transform([t.xy for t in ax.texts]), strict=True
+                )
+            ]
+            boxes_per_axes.append((labels, marks, ax.get_window_extent(renderer)))
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", measure_then_close)
+    assert demo.save_plot(rows, tmp_path / "plot.png")
+    assert len(boxes_per_axes) == 2
+    for labels, marks, frame in boxes_per_axes:
+        assert len(labels) == len(rows)
+        for i, (a, box_a) in enumerate(labels):
+            assert frame.contains(box_a.x0, box_a.y0) and frame.contains(box_a.x1, box_a.y1), a
+            for b, box_b in labels[i + 1 :]:
+                assert not box_a.overlaps(box_b), f"labels {a!r} and {b!r} overlap"
+            for b, mark in marks:
+                assert b == a or not box_a.overlaps(mark), f"label {a!r} covers the point of {b!r}"
