@@ -108,11 +108,23 @@ class AdapterConfig:
         """Validate and normalise the site-selection fields (for ``__post_init__``)."""
         _check_selection(self)
 
+    # The field sizing a method's bottleneck (``"rank"``), which must stay below a site's width,
+    # and why (for the message); ``None``: the method has no such limit.
+    size_field: ClassVar[str | None] = None
+    size_reason: ClassVar[str] = ""
+
     def width_problem(self, width: int) -> str | None:
-        """Why this config cannot adapt a site ``width`` channels wide (``None``: it can). A
-        method whose size field must stay below the width says so here; ``inject_arc`` asks
-        for every chosen site before it changes anything."""
-        return None
+        """Why this config cannot adapt a site ``width`` channels wide (``None``: it can).
+        ``inject_arc`` asks for every chosen site before it changes anything."""
+        if self.size_field is None:
+            return None
+        size = getattr(self, self.size_field)
+        if size < width:
+            return None
+        return (
+            f"{type(self).__name__}.{self.size_field}={size} is not below the site's width "
+            f"{width}: {self.size_reason}. Use {self.size_field} < {width}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = {"method": self.method}

@@ -47,17 +47,11 @@ class AdaptMLPConfig(AdapterConfig):
     allow_partial: bool = False
 
     method: ClassVar[str] = "adaptmlp"
+    size_field: ClassVar[str | None] = "bottleneck"
+    size_reason: ClassVar[str] = (
+        "AdaptMLP projects down to the bottleneck and back (the paper uses 64 for ViT-B's 768)"
+    )
     positions = ("mlp",)
-
-    def width_problem(self, width: int) -> str | None:
-        # AdaptFormer's module is a bottleneck (down to r, back up to D): r ≥ D is not one.
-        if self.bottleneck >= width:
-            return (
-                f"AdaptMLPConfig.bottleneck={self.bottleneck} is not below the site's width "
-                f"{width}: AdaptMLP projects down to the bottleneck and back. Use bottleneck < "
-                f"{width} (the paper uses 64 for ViT-B's 768)"
-            )
-        return None
 
     def __post_init__(self) -> None:
         cls = type(self)

@@ -55,17 +55,13 @@ class ARCConfig(AdapterConfig):
     mergeable: bool = False
 
     method: ClassVar[str] = "arc"
-
-    def width_problem(self, width: int) -> str | None:
-        # U is D×r: with r ≥ D the "bottleneck" holds every direction, so U·diag(s)·Uᵀ is an
-        # arbitrary D×D map with more parameters than a full fine-tune of it: not ARC.
-        if self.rank >= width:
-            return (
-                f"ARCConfig.rank={self.rank} is not below the site's width {width}: ARC's "
-                f"projection U is width × rank, a bottleneck only for rank < width. Use "
-                f"rank < {width} (the paper uses 50 for ViT-B's 768)"
-            )
-        return None
+    # U is D×r: with r ≥ D the "bottleneck" holds every direction, and U·diag(s)·Uᵀ is an
+    # arbitrary D×D map with more parameters than a full fine-tune of it: not ARC.
+    size_field: ClassVar[str | None] = "rank"
+    size_reason: ClassVar[str] = (
+        "ARC's projection U is width × rank, a bottleneck only for rank < width (the paper "
+        "uses 50 for ViT-B's 768)"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
