@@ -21,6 +21,7 @@ import warnings
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..io.loading import load_adapter
 from ..io.saving import save_adapter
@@ -30,9 +31,6 @@ from ..runtime.wrappers import adapted_model
 
 __all__ = ["ArcPeftCallback"]
 
-# transformers.trainer_utils.PREFIX_CHECKPOINT_DIR: checkpoint folders are "<output>/checkpoint-N".
-_PREFIX = "checkpoint"
-
 
 class ArcPeftCallback(TrainerCallback):
     """Writes the adapter file into every checkpoint folder, and loads it back when a run
@@ -41,7 +39,7 @@ class ArcPeftCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         if model is None or not state.is_world_process_zero:
             return control
-        folder = os.path.join(args.output_dir, f"{_PREFIX}-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         path = os.path.join(folder, ADAPTER_FILE)
         # save_pretrained of an adapted transformers model has written it already; other models
         # (a timm backbone in a Trainer) are saved here.
@@ -56,7 +54,7 @@ class ArcPeftCallback(TrainerCallback):
         # weights were loaded from it, without the adapters.
         if model is None or not state.global_step:
             return control
-        folder = os.path.join(args.output_dir, f"{_PREFIX}-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isfile(os.path.join(folder, ADAPTER_FILE)):
             load_adapter(model, folder)
         elif iter_slots(adapted_model(model)):

@@ -32,6 +32,7 @@ __all__ = [
     "inner_models",
     "json_object",
     "model_identity",
+    "qualified",
     "remap_keys",
     "user_metadata",
     "wraps",
@@ -179,6 +180,11 @@ def _suffix_mapping(found: set[str], expected: set[str]) -> dict[str, str]:
     return mapping
 
 
+def qualified(cls: type) -> str:
+    """``module.qualname`` of a class: how files name architectures."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def inner_models(model: nn.Module, architecture: Any) -> list[nn.Module]:
     """The outermost proper submodules of ``model`` of class ``architecture``
     (``module.qualname``)."""
@@ -188,7 +194,7 @@ def inner_models(model: nn.Module, architecture: Any) -> list[nn.Module]:
     for path, module in model.named_modules():
         if not path or any(path.startswith(f"{p}.") for p, _ in found):
             continue
-        if f"{type(module).__module__}.{type(module).__qualname__}" == architecture:
+        if qualified(type(module)) == architecture:
             found.append((path, module))
     return [module for _, module in found]
 
@@ -197,7 +203,7 @@ def wraps(model: nn.Module, architecture: Any) -> bool:
     """Whether ``model`` is, or wraps, a module of class ``architecture`` (``module.qualname``),
     as timm's ``features_only=True`` wraps the network."""
     return isinstance(architecture, str) and any(
-        f"{type(m).__module__}.{type(m).__qualname__}" == architecture for m in model.modules()
+        qualified(type(m)) == architecture for m in model.modules()
     )
 
 

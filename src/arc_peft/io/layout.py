@@ -47,7 +47,7 @@ def backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
     widths = {p: [s.width for s in plan.sites if s.position == p] for p in ("attn", "mlp")}
     cls = original_class(model)  # not FSDP's generated subclass
     found = {
-        "architecture": _qualified(cls),
+        "architecture": identity.qualified(cls),
         "num_blocks": plan.num_blocks,
         "widths": widths,
     }
@@ -55,10 +55,6 @@ def backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
     if inner:
         found["contains"] = inner
     return found
-
-
-def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _enclosing(model: nn.Module, paths: list[str]) -> list[str]:
@@ -78,7 +74,7 @@ def _enclosing(model: nn.Module, paths: list[str]) -> list[str]:
         module = getattr(module, name, None)
         if not isinstance(module, nn.Module) or isinstance(module, (nn.ModuleList, nn.Sequential)):
             break
-        found.append(_qualified(type(module)))
+        found.append(identity.qualified(type(module)))
     return found
 
 

@@ -40,6 +40,7 @@ _ATTR = "save_pretrained"
 # The file layer sits above this one: named, as method builders are in the registry, and
 # imported when a save happens.
 _SAVER = "arc_peft.io.saving:save_adapter"
+_FILE_NAME = "arc_peft.io.sources:ADAPTER_FILE"  # the name load_adapter(model, folder) reads
 
 
 class AdaptersNotRestoredWarning(UserWarning):
@@ -47,8 +48,8 @@ class AdaptersNotRestoredWarning(UserWarning):
     not read: load it with ``arc_peft.load_adapter`` after ``from_pretrained``."""
 
 
-def _saver() -> Callable[[nn.Module, str], None]:
-    module, _, name = _SAVER.partition(":")
+def _named(reference: str) -> Any:
+    module, _, name = reference.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -63,8 +64,9 @@ class _SavePretrained:
         model = self.model
         result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True) and iter_slots(model):
-            path = os.path.join(os.fspath(save_directory), "adapter.safetensors")
-            _saver()(model, path)
+            path = os.path.join(os.fspath(save_directory), _named(_FILE_NAME))
+            save: Callable[[nn.Module, str], None] = _named(_SAVER)
+            save(model, path)
             warnings.warn(
                 f"{type(model).__name__}.save_pretrained: from_pretrained does not restore "
                 f"arc_peft adapters (it drops their keys); they are also saved to {path}. After "
