@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import arc_peft
 from arc_peft.methods import lean
@@ -53,6 +54,96 @@ def test_gradcheck_recomputed_from_layer_norm():
     assert torch.autograd.gradcheck(fn, (x_in, w, bn, u, s, b))
     expected = _plain_arc(F.layer_norm(x_in, (6,), w, bn), u, s, b)
     torch.testing.assert_close(fn(x_in, w, bn, u, s, b), expected)
+
+
+class _CountNormOps(TorchDispatchMode):
+    """Counts ``native_layer_norm`` calls: the recompute of a known norm's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.aten.native_layer_norm.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_gradcheck_norm_output_recomputed_by_the_known_norm():
+    g = torch.Generator().manual_seed(1)
+    norm = nn.LayerNorm(6, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(6, generator=g, dtype=torch.float64))
+        norm.bias.copy_(torch.randn(6, generator=g, dtype=torch.float64))
+    lean.know_norms(norm)  # as inject_arc does for the model's norms
+    x_in = torch.randn(2, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    u, s, b = _arc_params()
+
+    def fn(x_in, w, bn, u, s, b):  # w, bn: the norm's own parameters
+        x = norm(x_in)
+        return _LeanARC.apply(x, u, s, b, 0.0, recompute_source(x))
+
+    inputs_ = (x_in, norm.weight, norm.bias, u, s, b)
+    assert torch.autograd.gradcheck(fn, inputs_)
+    out = fn(*inputs_)
+    counter = _CountNormOps()
+    with counter:
+        out.sum().backward()
+    assert counter.calls == 1  # the recompute: the norm's own backward is not native_layer_norm
+
+
+class _MisstatedNorm(nn.LayerNorm):
+    """Its ``eps`` attribute is not the one its forward passes: the recompute must notice."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, 1e-5)
+
+
+@pytest.mark.parametrize("norm_class", [nn.LayerNorm, _MisstatedNorm])
+def test_a_known_norm_is_recomputed_in_one_op_and_a_misstated_eps_is_not_trusted(norm_class):
+    net = nn.Sequential(norm_class(64, eps=0.5), ARC(64, 8, dropout=0.2)).train()
+    randomise_adapters(net, 3)
+    lean.know_norms(net)
+    x = torch.randn(4, 10, 64)
+
+    def grads(plain: bool) -> tuple[list[torch.Tensor], int]:
+        counter = _CountNormOps()
+        torch.manual_seed(0)
+        with lean_disabled() if plain else torch.enable_grad():
+            out = net(x.clone().requires_grad_())
+        with counter:
+            out.square().sum().backward()
+        found = [p.grad.clone() for p in net.parameters()]
+        net.zero_grad(set_to_none=True)
+        return found, counter.calls
+
+    expected, _ = grads(plain=True)
+    for step in range(2):
+        got, recomputes = grads(plain=False)
+        for a, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
+        if norm_class is nn.LayerNorm:
+            assert recomputes == 1
+        else:  # checked once against the saved statistics, then never tried again
+            assert recomputes == (1 if step == 0 else 0)
+
+
+def test_a_copy_made_after_injecting_knows_its_norms_after_freeze_backbone():
+    model = _randomised(build("vit"), arc_peft.ARCConfig(rank=4, dropout=0.1))
+    twin = copy.deepcopy(model)  # new norm weights, which inject_arc never saw
+
+    def recomputes(net: nn.Module) -> int:
+        out = net(inputs("vit"))
+        counter = _CountNormOps()
+        with counter:
+            out.square().mean().backward()
+        net.zero_grad(set_to_none=True)
+        return counter.calls
+
+    expected = recomputes(model)
+    assert expected >= 3  # every site but the first (its input needs no gradient)
+    assert recomputes(twin) == 0  # still right: the general path
+    arc_peft.freeze_backbone(twin)
+    assert recomputes(twin) == expected
 
 
 def test_gradcheck_recomputed_through_permutes_channels_first():

@@ -15,6 +15,7 @@ from .discovery.targets import registry_generation
 from .errors import UnsupportedModelError
 from .methods import AdapterConfig, get_method
 from .methods.layers import Adapter, SharedState
+from .methods.lean import know_norms
 from .runtime import foreign, heads, pretrained, shared
 from .runtime.slots import AdapterSlot, adapter_configs, check_name, holder_of, iter_slots
 from .runtime.wrappers import check_injectable
@@ -372,6 +373,7 @@ def inject_arc(
         for _, _, slot in iter_slots(model):
             slot.active = name
     pretrained.guard(model)  # save_pretrained keeps the adapters; reentrant checkpointing trains
+    know_norms(model)  # the norms' eps: the lean backward pass recomputes their outputs in one op
     return model
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .methods.layers import Adapter
+from .methods.lean import know_norms
 from .runtime import foreign, heads, shared
 from .runtime.heads import get_head
 from .runtime.slots import adapter_configs, iter_slots
@@ -156,6 +157,7 @@ def freeze_backbone(
         param.requires_grad_(was)
     model.__dict__[TRAINED_ATTR] = tuple(dict.fromkeys(path for path, _ in extra))
     _pin_frozen_norms(model, trained)
+    know_norms(model)  # as inject_arc: also for a copy made after injecting (copy.deepcopy)
     return wrapper
 
 

@@ -8,10 +8,13 @@ The frozen backbone saves no such tensor: a frozen linear keeps no input. In a p
 ``x`` is a LayerNorm's output, and the LayerNorm has already saved its own input and statistics
 for its backward pass. So ARC's lean Function saves the bottleneck after dropout (``N×r``) and the
 dropout mask (``N×r`` booleans), and computes the one term that needs ``x`` — ``xᵀ·∂a``, the
-``D×r`` gradient of ``U·diag(s)`` — from the norm's saved input in one GEMM
-(``input_grad_product``): nothing token-sized is kept. (In float32 nothing token-sized is recomputed
-either; under autocast the GEMM runs in bfloat16 like plain autograd's, on a transient bfloat16
-copy of the centred norm input made in the backward pass.) Where no norm produced ``x`` it
+``D×r`` gradient of ``U·diag(s)`` — from the norm's saved tensors (``input_grad_product``):
+nothing token-sized is kept. Where the norm's module is known (``know_norms``, called by
+``inject_arc``: its ``eps``, which the autograd node does not keep) the norm's output is
+recomputed by the norm op itself, one op giving the same values, then multiplied as plain
+autograd multiplies it; otherwise the norm's mean and affine terms are folded into the GEMM (a
+few more ops, nothing token-sized recomputed in float32). A recomputed token-sized tensor is
+transient, made and freed in the backward pass. Where no norm produced ``x`` it
 saves ``x`` too: still what the gradients of ``U, s, b`` need, and less than plain autograd.
 AdaptMLP's does the same for AdaptMLP (it saves only its bottleneck after dropout,
 whose sign also says where ReLU and dropout let a gradient through).
@@ -28,10 +31,11 @@ hooks (activation checkpointing, which recomputes the whole region anyway).
 The forward pass runs the same torch ops as the modules' own ``forward``, in the same order and
 under the same autocast state (casting weights itself where autocast would, so that the backward
 pass reuses the casts: ``autocast_dtype``), so its outputs are identical to the plain path's.
-The backward passes are written for few ops per site (each op is a kernel launch on a GPU, where
-an eager step of a small adapter is bound by launches; ``benchmarks/opcount.py`` counts them):
-dropout's gradient in one op (``dropout_backward``), the norm's mean and bias terms folded into
-the GEMM and an outer-product update, casts folded into ``out=`` and mixed-dtype ops. Gradients
+Both passes are written for few ops per site (each op is a kernel launch on a GPU, where an
+eager step of a small adapter is bound by launches; ``benchmarks/opcount.py`` counts them):
+dropout in two ops on a CPU (its mask drawn as booleans, then applied) and its gradient in one
+(``dropout_backward``), the norm's output in one, casts folded into ``out=`` and mixed-dtype
+ops. Gradients
 agree to float rounding (``tests/test_lean.py``: gradcheck in float64, every architecture). Under
 ``torch.compile`` and without autograd the plain path runs (the compiler chooses what to save).
 """
@@ -40,11 +44,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "LEAN",
@@ -54,6 +59,7 @@ __all__ = [
     "dropout_with_mask",
     "first_order_only",
     "input_grad_product",
+    "know_norms",
     "lean_applies",
     "lean_disabled",
     "norm_source",
@@ -163,6 +169,63 @@ def _saved_tensor_hooks_active() -> bool:
     return top is None or top(False) is not None
 
 
+class _KnownNorm:
+    """A normalisation module found in an adapted model, by its weight: the autograd node of
+    ``native_layer_norm`` keeps the op's input, statistics, weight and bias but not its ``eps``,
+    which is read from the module holding that weight. ``checked``: per ``eps``, whether
+    recomputing with it reproduced the saved statistics bit for bit (checked once: a module
+    whose ``eps`` attribute is not what its forward passes gets the general path)."""
+
+    __slots__ = ("checked", "module", "weight")
+
+    def __init__(self, module: nn.Module, weight: Tensor) -> None:
+        self.module, self.weight = weakref.ref(module), weakref.ref(weight)
+        self.checked: dict[float, bool] = {}
+
+
+_KNOWN_NORMS: dict[int, _KnownNorm] = {}  # by id(weight); an entry goes with its weight
+
+
+def know_norms(model: nn.Module) -> None:
+    """Remember the normalisation modules of ``model`` (any module with a float ``eps`` and a
+    ``weight`` parameter), so that a lean backward pass recomputes a norm's output in one op
+    (``native_layer_norm`` with its ``eps``) instead of several. Called by ``inject_arc``; a
+    norm not known (a deep copy made after injecting) takes the general path, as fast on a
+    CPU and a few ops more per site."""
+    for module in model.modules():
+        eps, weight = getattr(module, "eps", None), getattr(module, "weight", None)
+        if not isinstance(eps, float) or not isinstance(weight, nn.Parameter):
+            continue
+        known = _KNOWN_NORMS.get(id(weight))
+        if known is not None and known.weight() is weight:
+            known.module = weakref.ref(module)
+            continue
+        _KNOWN_NORMS[id(weight)] = _KnownNorm(module, weight)
+        weakref.finalize(weight, _KNOWN_NORMS.pop, id(weight), None)
+
+
+def _recompute_output(chain: tuple[Any, ...]) -> Tensor | None:
+    """The norm's output recomputed by the norm itself (one op, the same values), laid out as
+    the adapter's input; ``None`` where its ``eps`` is not known (``know_norms``)."""
+    node = chain[0]
+    weight = node._saved_weight
+    known = _KNOWN_NORMS.get(id(weight)) if weight is not None else None
+    module = known.module() if known is not None and known.weight() is weight else None
+    eps = getattr(module, "eps", None) if getattr(module, "weight", None) is weight else None
+    if not isinstance(eps, float) or known is None or known.checked.get(eps) is False:
+        return None
+    x, mean, rstd = node._saved_input, node._saved_result1, node._saved_result2
+    shape = node._saved_normalized_shape
+    out, mean2, rstd2 = torch.native_layer_norm(x, shape, weight, node._saved_bias, eps)
+    if eps not in known.checked:
+        known.checked[eps] = torch.equal(mean2, mean) and torch.equal(rstd2, rstd)
+        if not known.checked[eps]:
+            return None
+    for view_node in chain[1:]:
+        out = _VIEWS[type(view_node).__name__](view_node, out)
+    return out
+
+
 def _recompute(chain: tuple[Any, ...]) -> tuple[Tensor, ...]:
     """The norm's ``(x, mean, rstd, w, b)`` laid out as the adapter's input."""
     x, mean, rstd, w, b = _NORMS[type(chain[0]).__name__](chain[0])
@@ -173,16 +236,19 @@ def _recompute(chain: tuple[Any, ...]) -> tuple[Tensor, ...]:
 
 
 def dropout_with_mask(a: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """``nn.Dropout`` in training (the same ops, so the same draws and outputs) and the mask it
+    """``nn.Dropout`` in training (the same random draws, so the same outputs) and the mask it
     drew, as booleans: a quarter of a float32 noise tensor to keep."""
     if a.device.type != "cpu":  # at::dropout runs the fused kernel off the CPU
         return torch.native_dropout(a, p, True)
     if p == 1:  # at::dropout's special case (the noise below would divide by zero)
         return a * a.new_zeros(()), torch.zeros_like(a, dtype=torch.bool)
-    # at::dropout's CPU path. (native_dropout's CPU kernel multiplies by a boolean mask, whose
-    # conversion has no vectorised loop: several times slower here.)
-    noise = torch.empty_like(a).bernoulli_(1 - p).div_(1 - p)
-    return a * noise, noise.bool()
+    # at::dropout's CPU path draws ``bernoulli_(1 - p)`` into a float noise tensor, divides it
+    # by ``1 - p`` and multiplies. The draws do not depend on the tensor's dtype, so they are
+    # drawn straight into the boolean mask, and the mask applied with the noise's value in one
+    # op (``dropout_backward``, which multiplies by the same rounded factor): two ops, not four,
+    # the same values.
+    mask = torch.empty_like(a, dtype=torch.bool).bernoulli_(1 - p)
+    return dropout_backward(a, mask, p), mask
 
 
 def autocast_dtype(t: Tensor) -> torch.dtype | None:
@@ -231,6 +297,12 @@ def input_grad_product(
     transposed): the faster layout for these shapes. ``da_sum``: ``da.sum(0)`` where the caller
     computes it anyway (a bias gradient), reused for the norm's bias term: one op less."""
     if flat is None:
+        recomputed = _recompute_output(source)
+        if recomputed is not None:
+            # The norm's output again (cast as autocast casts it for the forward's GEMM), then
+            # the product plain autograd computes on it, as r×D.
+            flat = recomputed.to(x_dtype).reshape(-1, dim).to(da.dtype)
+            return (da.t() @ flat).t()
         x, mean, rstd, w, b = _recompute(source)
         if x.dtype == mean.dtype:  # the norm ran in its input's precision (float32)
             x, mean, rstd = x.reshape(-1, dim), mean.reshape(-1, 1), rstd.reshape(-1, 1)
