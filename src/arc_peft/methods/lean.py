@@ -35,9 +35,9 @@ Both passes are written for few ops per site (each op is a kernel launch on a GP
 eager step of a small adapter is bound by launches; ``benchmarks/opcount.py`` counts them):
 dropout in two ops on a CPU (its mask drawn as booleans, then applied) and its gradient in one
 (``dropout_backward``), the norm's output in one, casts folded into ``out=`` and mixed-dtype
-ops. Gradients
-agree to float rounding (``tests/test_lean.py``: gradcheck in float64, every architecture). Under
-``torch.compile`` and without autograd the plain path runs (the compiler chooses what to save).
+ops. Gradients agree to float rounding (``tests/test_lean.py``: gradcheck in float64, every
+architecture). Under ``torch.compile`` and without autograd the plain path runs (the compiler
+chooses what to save).
 """
 
 from __future__ import annotations
@@ -189,9 +189,9 @@ _KNOWN_NORMS: dict[int, _KnownNorm] = {}  # by id(weight); an entry goes with it
 def know_norms(model: nn.Module) -> None:
     """Remember the normalisation modules of ``model`` (any module with a float ``eps`` and a
     ``weight`` parameter), so that a lean backward pass recomputes a norm's output in one op
-    (``native_layer_norm`` with its ``eps``) instead of several. Called by ``inject_arc``; a
-    norm not known (a deep copy made after injecting) takes the general path, as fast on a
-    CPU and a few ops more per site."""
+    (``native_layer_norm`` with its ``eps``) instead of several. Called by ``inject_arc`` and
+    ``freeze_backbone``; a norm not known (in a deep copy made after injecting, until
+    ``freeze_backbone`` sees it) takes the general path: the same gradients, a few more ops."""
     for module in model.modules():
         eps, weight = getattr(module, "eps", None), getattr(module, "weight", None)
         if not isinstance(eps, float) or not isinstance(weight, nn.Parameter):
@@ -208,6 +208,8 @@ def _recompute_output(chain: tuple[Any, ...]) -> Tensor | None:
     """The norm's output recomputed by the norm itself (one op, the same values), laid out as
     the adapter's input; ``None`` where its ``eps`` is not known (``know_norms``)."""
     node = chain[0]
+    if type(node).__name__ != "NativeLayerNormBackward0":
+        return None
     weight = node._saved_weight
     known = _KNOWN_NORMS.get(id(weight)) if weight is not None else None
     module = known.module() if known is not None and known.weight() is weight else None
