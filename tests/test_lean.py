@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import arc_peft
 from arc_peft.methods import lean
 from arc_peft.methods.adaptmlp.layers import AdaptMLP, _LeanAdaptMLP
-from arc_peft.methods.arc.layers import ARC, _LeanARC
+from arc_peft.methods.arc.layers import ARC, SharedProjection, _LeanARC
 from arc_peft.methods.lean import lean_disabled, recompute_source
 
 from models import MATRIX, build, inputs, randomise_adapters
@@ -144,6 +144,21 @@ def test_a_copy_made_after_injecting_knows_its_norms_after_freeze_backbone():
     assert recomputes(twin) == 0  # still right: the general path
     arc_peft.freeze_backbone(twin)
     assert recomputes(twin) == expected
+
+
+def test_shared_u_cast_once_per_backward_pass_is_never_stale():
+    """Under autocast the backward passes of the sites sharing ``U`` cast it once per backward
+    pass; a ``U`` changed between steps (here through ``.data``, which autograd's version
+    counter does not see) is cast again."""
+    model = _randomised(build("vit"), arc_peft.ARCConfig(rank=4, dropout=0.1))
+    x = inputs("vit")
+    shared = [m for m in model.modules() if isinstance(m, SharedProjection)]
+    assert shared
+    for _ in range(2):
+        with torch.no_grad():
+            for m in shared:
+                m.projection.data.copy_(torch.randn_like(m.projection))
+        _assert_paths_agree(model, x, autocast=True)
 
 
 def test_gradcheck_recomputed_through_permutes_channels_first():

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 __all__ = [
     "LEAN",
     "SECOND_ORDER_ERROR",
+    "BackwardCasts",
     "autocast_dtype",
     "dropout_backward",
     "dropout_with_mask",
@@ -262,6 +263,38 @@ def autocast_dtype(t: Tensor) -> torch.dtype | None:
     if t.dtype == torch.float64:
         return None
     return torch.get_autocast_dtype(device)
+
+
+class BackwardCasts:
+    """The low-precision copy of a weight that several sites share (ARC's ``U``), made once per
+    backward pass instead of once per site: each lean backward pass casts it for its GEMMs, and
+    the sites sharing it run in the same backward pass. Kept for one backward pass only (keyed
+    by autograd's graph task and the weight's version), so a weight changed between steps, in
+    place or through ``.data``, is never read stale."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple[int, int, int, torch.dtype], Tensor] | None = None
+
+    def cast(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """``t.to(dtype)``, cast at most once per backward pass."""
+        if t.dtype == dtype:
+            return t
+        current = getattr(torch._C, "_current_graph_task_id", None)
+        task = current() if current is not None else -1
+        if task < 0:  # not in a backward pass (or a torch without the call): cast every time
+            return t.to(dtype)
+        key = (task, id(t), t._version, dtype)
+        if self._entry is not None and self._entry[0] == key:
+            return self._entry[1]
+        low = t.to(dtype)
+        self._entry = (key, low)
+        return low
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # a cast belongs to one backward pass: never pickled or copied
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._entry = None
 
 
 def dropout_backward(grad: Tensor, mask: Tensor, p: float) -> Tensor:

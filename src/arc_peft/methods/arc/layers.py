@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..layers import Adapter, SharedState
 from ..lean import (
+    BackwardCasts,
     autocast_dtype,
     dropout_backward,
     dropout_with_mask,
@@ -65,6 +66,7 @@ class SharedProjection(SharedState):
         self.dim, self.rank = dim, rank
         self.projection = nn.Parameter(torch.empty(dim, rank, device=device, dtype=dtype))
         nn.init.xavier_uniform_(self.projection)
+        self.casts = BackwardCasts()  # U cast once per backward pass for all its sites
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rank={self.rank}, anchor={self.anchor!r}"
@@ -109,6 +111,7 @@ class ARC(Adapter):
         if share_with is None:
             self.projection = nn.Parameter(torch.empty(dim, rank, **factory))
             nn.init.xavier_uniform_(self.projection)
+            self.casts = BackwardCasts()
             owner = None
         else:
             owning = isinstance(share_with, SharedProjection) or (
@@ -142,7 +145,9 @@ class ARC(Adapter):
             # Training: the same ops through an autograd Function that keeps less for the
             # backward pass (_LeanARC); None where it does not apply.
             p = self.dropout.p if self.dropout.training else 0.0
-            out = arc_forward(x, u, self.scale, self.bias, p)
+            holder = self if self.owner is None else self.owner
+            casts = getattr(holder, "casts", None)  # None: a module pickled before it existed
+            out = arc_forward(x, u, self.scale, self.bias, p, casts)
             if out is not None:
                 return out
         flat = x.reshape(-1, x.shape[-1])
@@ -208,6 +213,7 @@ class _LeanARC(torch.autograd.Function):
         bias: Tensor,
         p: float,
         source: tuple[Any, ...] | None,
+        casts: BackwardCasts | None = None,
     ) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
         # The same ops as ARC.forward, so the outputs are identical; U·diag(s) is cast as
@@ -223,7 +229,7 @@ class _LeanARC(torch.autograd.Function):
         else:
             h = a
         out = arc_output(flat, h, u, bias)
-        ctx.source, ctx.p, ctx.shape = source, p, x.shape
+        ctx.source, ctx.p, ctx.shape, ctx.casts = source, p, x.shape, casts
         ctx.x_dtype, ctx.bias_dtype = x.dtype, bias.dtype
         ctx.save_for_backward(u, s, us, mask, h, flat if source is None else None)
         return out.view(x.shape)
@@ -235,7 +241,8 @@ class _LeanARC(torch.autograd.Function):
         cd = h.dtype  # the bottleneck's dtype: the GEMMs' under autocast
         g = grad.reshape(-1, u.shape[0])
         gc = g.to(cd)
-        dh = gc @ u.to(cd)  # N×r
+        # U in cd: under autocast cast once per backward pass for every site sharing it.
+        dh = gc @ (u.to(cd) if ctx.casts is None else ctx.casts.cast(u, cd))  # N×r
         da = dh if mask is None else dropout_backward(dh, mask, ctx.p)
         grad_x = grad_u = grad_s = grad_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
@@ -260,15 +267,18 @@ class _LeanARC(torch.autograd.Function):
                 # One mixed-precision add (the product widened as it is read): the same sum
                 # as casting it first, one op less.
                 grad_x = torch.add(g, da @ usc.t()).view(ctx.shape)
-        return grad_x, grad_u, grad_s, grad_b, None, None
+        return grad_x, grad_u, grad_s, grad_b, None, None, None
 
 
-def arc_forward(x: Tensor, u: Tensor, s: Tensor, bias: Tensor, p: float) -> Tensor | None:
+def arc_forward(
+    x: Tensor, u: Tensor, s: Tensor, bias: Tensor, p: float, casts: BackwardCasts | None = None
+) -> Tensor | None:
     """The lean training forward of ARC, or ``None`` where the plain path should run (no
-    autograd, compiling, switched off)."""
+    autograd, compiling, switched off). ``casts``: where the backward pass keeps its cast of
+    ``U`` for the other sites sharing it."""
     if not lean_applies(x, (u, s, bias)):
         return None
-    return _LeanARC.apply(x, u, s, bias, p, norm_source(x))
+    return _LeanARC.apply(x, u, s, bias, p, norm_source(x), casts)
 
 
 def _without_bias(adapter: ARC) -> None:
