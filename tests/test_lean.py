@@ -446,6 +446,31 @@ def test_plain_path_without_autograd_and_under_the_switch():
         _LeanARC.apply = original  # type: ignore[method-assign]
 
 
+class _CountCasts(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.casts += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_inference_under_autocast_rounds_u_diag_s_as_written():
+    """Without autograd, ``U·diag(s)`` is written in bfloat16 (one op) rather than computed
+    in float32 and cast for the GEMM (two): the same output as with autograd recording."""
+    net = nn.Sequential(nn.LayerNorm(64), ARC(64, 8, dropout=0.0)).eval()
+    randomise_adapters(net, 4)
+    x = torch.randn(2, 10, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16), lean_disabled():
+        recorded = net(x)
+    counter = _CountCasts()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad(), counter:
+        out = net(x)
+    assert torch.equal(out, recorded)
+    assert counter.casts == 2  # the site's input for the down product, U for the up product
+
+
 @pytest.mark.parametrize("name", ["hf_vit", "hf_dinov2", "hf_swin", "oc_tower", "oc_clip_visual"])
 def test_lean_and_plain_paths_agree_on_other_ecosystems(name):
     from ecosystems import ECOSYSTEMS

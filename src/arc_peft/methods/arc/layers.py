@@ -31,7 +31,14 @@ from ..lean import (
 from ..registry import SiteLike
 from .config import ARCConfig
 
-__all__ = ["ARC", "SharedProjection", "arc_forward", "arc_output", "build_arc"]
+__all__ = [
+    "ARC",
+    "SharedProjection",
+    "arc_forward",
+    "arc_output",
+    "build_arc",
+    "scaled_projection",
+]
 
 
 class SharedProjection(SharedState):
@@ -151,8 +158,10 @@ class ARC(Adapter):
             if out is not None:
                 return out
         flat = x.reshape(-1, x.shape[-1])
-        # Fold diag(s) into U once per call (D×r) instead of scaling every token's bottleneck.
-        h = self.dropout(flat @ (u * self.scale))
+        # Fold diag(s) into U once per call (D×r) instead of scaling every token's bottleneck;
+        # under autocast rounded as it is written, as autocast would round it for the GEMM: the
+        # same values, one op less per site (the lean path computes it the same way).
+        h = self.dropout(flat @ scaled_projection(u, self.scale))
         return arc_output(flat, h, u, self.bias).view(x.shape)
 
     @property
@@ -182,6 +191,16 @@ class ARC(Adapter):
     def extra_repr(self) -> str:
         shared = "" if self.owner is None else ", shared U"
         return f"dim={self.dim}, rank={self.rank}, dropout={self.dropout.p}{shared}"
+
+
+def scaled_projection(u: Tensor, s: Tensor) -> Tensor:
+    """``U·diag(s)`` for the down product, in the dtype autocast would cast it to for the GEMM
+    (rounded as it is written, ``out=``: the values of casting it after, one op less). Where
+    autograd records the product (plain autograd: ``out=`` has no gradient) autocast casts it."""
+    low = autocast_dtype(u)
+    if low is None or (torch.is_grad_enabled() and (u.requires_grad or s.requires_grad)):
+        return u * s
+    return torch.mul(u, s, out=u.new_empty(u.shape, dtype=low))
 
 
 def arc_output(flat: Tensor, h: Tensor, u: Tensor, bias: Tensor) -> Tensor:
@@ -218,10 +237,7 @@ class _LeanARC(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1])
         # The same ops as ARC.forward, so the outputs are identical; U·diag(s) is cast as
         # autocast would cast it for the GEMM, here, so that the backward pass reuses it.
-        low = autocast_dtype(u)
-        # Under autocast the product is rounded as it is written (out=): the values of casting
-        # it after, one op less.
-        us = u * s if low is None else torch.mul(u, s, out=u.new_empty(u.shape, dtype=low))
+        us = scaled_projection(u, s)
         a = flat @ us
         mask = None
         if p > 0:
