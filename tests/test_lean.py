@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -68,19 +69,24 @@ class _CountNormOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_gradcheck_norm_output_recomputed_by_the_known_norm():
+@pytest.mark.parametrize("channels_first", [False, True], ids=["tokens", "channels_first"])
+def test_gradcheck_norm_output_recomputed_by_the_known_norm(channels_first):
     g = torch.Generator().manual_seed(1)
-    norm = nn.LayerNorm(6, dtype=torch.float64)
+    # timm's LayerNorm2d permutes around layer_norm; the slot then moves channels last.
+    norm = (LayerNorm2d if channels_first else nn.LayerNorm)(6).double()
     with torch.no_grad():
         norm.weight.copy_(torch.randn(6, generator=g, dtype=torch.float64))
         norm.bias.copy_(torch.randn(6, generator=g, dtype=torch.float64))
     lean.know_norms(norm)  # as inject_arc does for the model's norms
-    x_in = torch.randn(2, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    shape = (2, 6, 2, 3) if channels_first else (2, 4, 6)
+    x_in = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
     u, s, b = _arc_params()
 
     def fn(x_in, w, bn, u, s, b):  # w, bn: the norm's own parameters
-        x = norm(x_in)
-        return _LeanARC.apply(x, u, s, b, 0.0, recompute_source(x))
+        x = norm(x_in).movedim(1, -1) if channels_first else norm(x_in)
+        source = recompute_source(x)
+        assert source is not None and len(source) == (3 if channels_first else 1)
+        return _LeanARC.apply(x, u, s, b, 0.0, source)
 
     inputs_ = (x_in, norm.weight, norm.bias, u, s, b)
     assert torch.autograd.gradcheck(fn, inputs_)
