@@ -57,15 +57,16 @@ def test_gradcheck_recomputed_from_layer_norm():
     torch.testing.assert_close(fn(x_in, w, bn, u, s, b), expected)
 
 
-class _CountNormOps(TorchDispatchMode):
-    """Counts ``native_layer_norm`` calls: the recompute of a known norm's output."""
+class _CountOp(TorchDispatchMode):
+    """Counts the calls of one aten op (``native_layer_norm``: the recompute of a known norm's
+    output; ``_to_copy``: casts)."""
 
-    def __init__(self) -> None:
+    def __init__(self, op: object = torch.ops.aten.native_layer_norm.default) -> None:
         super().__init__()
-        self.calls = 0
+        self.op, self.calls = op, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func is torch.ops.aten.native_layer_norm.default
+        self.calls += func is self.op
         return func(*args, **(kwargs or {}))
 
 
@@ -91,7 +92,7 @@ def test_gradcheck_norm_output_recomputed_by_the_known_norm(channels_first):
     inputs_ = (x_in, norm.weight, norm.bias, u, s, b)
     assert torch.autograd.gradcheck(fn, inputs_)
     out = fn(*inputs_)
-    counter = _CountNormOps()
+    counter = _CountOp()
     with counter:
         out.sum().backward()
     assert counter.calls == 1  # the recompute: the norm's own backward is not native_layer_norm
@@ -112,7 +113,7 @@ def test_a_known_norm_is_recomputed_in_one_op_and_a_misstated_eps_is_not_trusted
     x = torch.randn(4, 10, 64)
 
     def grads(plain: bool) -> tuple[list[torch.Tensor], int]:
-        counter = _CountNormOps()
+        counter = _CountOp()
         torch.manual_seed(0)
         with lean_disabled() if plain else torch.enable_grad():
             out = net(x.clone().requires_grad_())
@@ -139,7 +140,7 @@ def test_a_copy_made_after_injecting_knows_its_norms_after_freeze_backbone():
 
     def recomputes(net: nn.Module) -> int:
         out = net(inputs("vit"))
-        counter = _CountNormOps()
+        counter = _CountOp()
         with counter:
             out.square().mean().backward()
         net.zero_grad(set_to_none=True)
@@ -452,16 +453,6 @@ def test_plain_path_without_autograd_and_under_the_switch():
         _LeanARC.apply = original  # type: ignore[method-assign]
 
 
-class _CountCasts(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.casts = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.casts += func is torch.ops.aten._to_copy.default
-        return func(*args, **(kwargs or {}))
-
-
 def test_inference_under_autocast_rounds_u_diag_s_as_written():
     """Without autograd, ``U·diag(s)`` is written in bfloat16 (one op) rather than computed
     in float32 and cast for the GEMM (two): the same output as with autograd recording."""
@@ -470,11 +461,11 @@ def test_inference_under_autocast_rounds_u_diag_s_as_written():
     x = torch.randn(2, 10, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16), lean_disabled():
         recorded = net(x)
-    counter = _CountCasts()
+    counter = _CountOp(torch.ops.aten._to_copy.default)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad(), counter:
         out = net(x)
     assert torch.equal(out, recorded)
-    assert counter.casts == 2  # the site's input for the down product, U for the up product
+    assert counter.calls == 2  # the site's input for the down product, U for the up product
 
 
 @pytest.mark.parametrize("name", ["hf_vit", "hf_dinov2", "hf_swin", "oc_tower", "oc_clip_visual"])
