@@ -258,7 +258,11 @@ def autocast_dtype(t: Tensor) -> torch.dtype | None:
     """The dtype autocast casts ``t`` to for a GEMM here, or ``None`` (autocast off for its
     device, or ``t`` not eligible: autocast leaves float64 and non-float tensors alone)."""
     device = t.device.type
-    if not torch.is_autocast_enabled(device) or not t.is_floating_point():
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device type autocast has no state for (meta): never enabled
+        return None
+    if not enabled or not t.is_floating_point():
         return None
     if t.dtype == torch.float64:
         return None
