@@ -177,14 +177,16 @@ class _KnownNorm:
     recomputing with it reproduced the saved statistics bit for bit (checked once: a module
     whose ``eps`` attribute is not what its forward passes gets the general path)."""
 
-    __slots__ = ("checked", "module", "weight")
+    __slots__ = ("checked", "module")
 
-    def __init__(self, module: nn.Module, weight: Tensor) -> None:
-        self.module, self.weight = weakref.ref(module), weakref.ref(weight)
+    def __init__(self, module: nn.Module) -> None:
+        self.module = weakref.ref(module)
         self.checked: dict[float, bool] = {}
 
 
-_KNOWN_NORMS: dict[int, _KnownNorm] = {}  # by id(weight); an entry goes with its weight
+# By id(weight). An entry goes when its weight does (weakref.finalize), before the id can be
+# reused, so an entry found by a live weight's id is that weight's.
+_KNOWN_NORMS: dict[int, _KnownNorm] = {}
 
 
 def know_norms(model: nn.Module) -> None:
@@ -198,44 +200,43 @@ def know_norms(model: nn.Module) -> None:
         if not isinstance(eps, float) or not isinstance(weight, nn.Parameter):
             continue
         known = _KNOWN_NORMS.get(id(weight))
-        if known is not None and known.weight() is weight:
+        if known is not None:
             known.module = weakref.ref(module)
             continue
-        _KNOWN_NORMS[id(weight)] = _KnownNorm(module, weight)
+        _KNOWN_NORMS[id(weight)] = _KnownNorm(module)
         weakref.finalize(weight, _KNOWN_NORMS.pop, id(weight), None)
+
+
+def _replay_views(chain: tuple[Any, ...], *tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` laid out as the adapter's input: the chain's layout changes replayed."""
+    for node in chain[1:]:
+        view = _VIEWS[type(node).__name__]
+        tensors = tuple(view(node, t) for t in tensors)
+    return tensors
 
 
 def _recompute_output(chain: tuple[Any, ...]) -> Tensor | None:
     """The norm's output recomputed by the norm itself (one op, the same values), laid out as
     the adapter's input; ``None`` where its ``eps`` is not known (``know_norms``)."""
     node = chain[0]
-    if type(node).__name__ != "NativeLayerNormBackward0":
+    x, mean, rstd, w, b = _NORMS[type(node).__name__](node)
+    known = _KNOWN_NORMS.get(id(w)) if w is not None else None
+    module = known.module() if known is not None else None
+    eps = getattr(module, "eps", None) if getattr(module, "weight", None) is w else None
+    if known is None or not isinstance(eps, float) or known.checked.get(eps) is False:
         return None
-    weight = node._saved_weight
-    known = _KNOWN_NORMS.get(id(weight)) if weight is not None else None
-    module = known.module() if known is not None and known.weight() is weight else None
-    eps = getattr(module, "eps", None) if getattr(module, "weight", None) is weight else None
-    if not isinstance(eps, float) or known is None or known.checked.get(eps) is False:
-        return None
-    x, mean, rstd = node._saved_input, node._saved_result1, node._saved_result2
-    shape = node._saved_normalized_shape
-    out, mean2, rstd2 = torch.native_layer_norm(x, shape, weight, node._saved_bias, eps)
+    out, mean2, rstd2 = torch.native_layer_norm(x, node._saved_normalized_shape, w, b, eps)
     if eps not in known.checked:
         known.checked[eps] = torch.equal(mean2, mean) and torch.equal(rstd2, rstd)
         if not known.checked[eps]:
             return None
-    for view_node in chain[1:]:
-        out = _VIEWS[type(view_node).__name__](view_node, out)
-    return out
+    return _replay_views(chain, out)[0]
 
 
 def _recompute(chain: tuple[Any, ...]) -> tuple[Tensor, ...]:
     """The norm's ``(x, mean, rstd, w, b)`` laid out as the adapter's input."""
     x, mean, rstd, w, b = _NORMS[type(chain[0]).__name__](chain[0])
-    for node in chain[1:]:
-        view = _VIEWS[type(node).__name__]
-        x, mean, rstd = view(node, x), view(node, mean), view(node, rstd)
-    return x, mean, rstd, w, b
+    return (*_replay_views(chain, x, mean, rstd), w, b)
 
 
 def dropout_with_mask(a: Tensor, p: float) -> tuple[Tensor, Tensor]:
