@@ -152,6 +152,50 @@ def saved_bytes(
     return sum(seen.values())
 
 
+def compiled_saved_bytes(
+    model: nn.Module, x: torch.Tensor, dtype: str, grads_to_input: bool, lean: bool = True
+) -> int:
+    """Bytes of activations a ``torch.compile`` training graph keeps for its backward pass, as
+    inductor's partitioner chooses them (its decompositions and min-cut partition), without
+    generating code: deterministic, and the same choice on every device. Counted: the backward
+    graph's inputs that are neither the forward's inputs (weights, the image) nor gradients."""
+    import functools
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    total = 0
+
+    def backward(gm: torch.fx.GraphModule, _: Any) -> Callable:
+        nonlocal total
+        for node in gm.graph.find_nodes(op="placeholder"):
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and not node.name.startswith(
+                ("primals", "tangents")
+            ):
+                total += value.numel() * value.element_size()
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(
+        fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+        bw_compiler=backward,
+        partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"),
+        decompositions=select_decomp_table(),
+    )
+    torch._dynamo.reset()
+    try:
+        model.train()
+        inp = x.detach().requires_grad_(True) if grads_to_input else x
+        with contextlib.nullcontext() if lean else lean_disabled(), precision(dtype, x.device):
+            out = torch.compile(model, backend=backend, fullgraph=True)(inp)
+        out.float().sum().backward()  # the backward graph is compiled at its first run
+    finally:
+        torch._dynamo.reset()
+    return total
+
+
 def _read_status(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:

@@ -8,11 +8,13 @@ inductor checks compile real kernels.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 
 import arc_peft
+from arc_peft.methods.arc.layers import ARC as ARCLayer
 
 from models import build, inputs, randomise_adapters
 
@@ -95,3 +97,123 @@ def test_adaptmlp_forward_matches_eager_inductor():
 @pytest.mark.slow
 def test_arc_forward_matches_eager_inductor():
     _check_forward(ARC, "inductor")
+
+
+# -- compiled training folds the pre-norm into ARC (Site.norm, Adapter.after_norm) --------------
+
+
+def _saved(config: arc_peft.AdapterConfig | None, lean: bool = True, dtype: str = "fp32") -> int:
+    from benchmarks.measure import compiled_saved_bytes
+
+    model = build("vit")
+    if config is not None:
+        arc_peft.inject_arc(model, config)
+    arc_peft.freeze_backbone(model)
+    return compiled_saved_bytes(
+        model, inputs("vit", batch=4), dtype, grads_to_input=True, lean=lean
+    )
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compiled_arc_keeps_no_token_sized_tensor_per_site(dtype):
+    """The compiled graph saves, per ARC site, the ``N×r`` bottleneck and the ``D×r`` folded
+    projection only (no dropout here: no mask); through the site it saves ``N×D`` more per site
+    (the norm's output, or its cast). Both bounds are closed-form, from the model's shapes."""
+    config = arc_peft.ARCConfig(rank=4, dropout=0.0)
+    model = build("vit")
+    sites = len(arc_peft.site_plan(model).sites)
+    with torch.no_grad():
+        tokens, dim = math.prod(model.forward_features(inputs("vit", batch=4)).shape[:2]), 32
+    assert dim == model.embed_dim
+    low = 2 if dtype == "bf16" else 4
+    floor = _saved(None, dtype=dtype)
+    folded = _saved(config, dtype=dtype)
+    at_site = _saved(config, lean=False, dtype=dtype)
+    per_site_kept = tokens * 4 * low + dim * 4 * 4 + dim * 4  # bottleneck, D×r, norm weight cast
+    assert folded - floor <= sites * per_site_kept
+    assert at_site - folded >= sites * tokens * dim * low
+
+
+def test_site_norm_found_only_where_the_norm_output_is_the_site_input_alone():
+    vit = arc_peft.site_plan(build("vit")).sites
+    assert [s.norm.path for s in vit[:2]] == ["blocks.0.norm1", "blocks.0.norm2"]
+    assert vit[0].norm.weight == "weight" and vit[0].norm.eps == 1e-6
+
+    # One norm feeding attention and MLP at once (ViT-22B's parallel block): folding it into
+    # one site's adapter would adapt the other's input too, so neither site gets it.
+    class Parallel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(32)
+            self.attn = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+            self.mlp = torch.nn.Sequential(
+                torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)
+            )
+
+        def forward(self, x):
+            y = self.norm(x)
+            return x + self.attn(y, y, y, need_weights=False)[0] + self.mlp(y)
+
+    plan = arc_peft.site_plan(Parallel(), example_input=torch.randn(2, 5, 32))
+    assert [s.position for s in plan.sites][:1] == ["attn"]
+    assert all(s.norm is None for s in plan.sites)
+
+
+def test_after_norm_is_forward_on_the_norm_output():
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(8, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    arc = ARCLayer(8, rank=3, dropout=0.0, dtype=torch.float64)
+    with torch.no_grad():
+        arc.scale.uniform_(-1, 1)
+        arc.bias.uniform_(-1, 1)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+
+    def via_site(x):
+        return arc(norm(x))
+
+    def via_norm(x):
+        x_hat = torch.nn.functional.layer_norm(x, (8,), None, None, norm.eps)
+        return arc.after_norm(x_hat, norm.weight, norm.bias, norm(x))
+
+    torch.testing.assert_close(via_norm(x), via_site(x))
+    params = (x, arc.projection, arc.scale, arc.bias)
+    grads = [torch.autograd.grad(f(x).square().sum(), params) for f in (via_site, via_norm)]
+    for a, b in zip(*grads, strict=False):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda x: via_norm(x), (x,))
+
+
+@pytest.mark.parametrize("name", ["vit", "tv_vit", "swin", "eva02_swiglu", "coat"])
+def test_compiled_training_matches_eager_across_the_zoo(name):
+    """aot_eager, fullgraph: the compiled step (ARC folded at the pre-norm where the site has
+    one) gives eager's gradients; the fold really runs (counted)."""
+    from arc_peft.methods.arc.layers import ARC as ARCClass
+
+    model = build(name)
+    arc_peft.inject_arc(model, ARC)
+    randomise_adapters(model, 3)
+    arc_peft.freeze_backbone(model)
+    folded = sum(s.norm is not None for s in arc_peft.site_plan(model).sites)
+    assert folded > 0
+    compiled_model = copy.deepcopy(model)
+    calls = []
+    original = ARCClass.after_norm
+
+    def counted(self, *args):
+        calls.append(self)
+        return original(self, *args)
+
+    x = inputs(name, batch=2)
+    model(x).square().mean().backward()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ARCClass, "after_norm", counted)
+        compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+        compiled(x).square().mean().backward()
+    assert len(calls) == folded
+    expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    got = {n: p.grad for n, p in compiled_model.named_parameters() if p.requires_grad}
+    for key, grad in expected.items():
+        torch.testing.assert_close(got[key], grad, rtol=1e-4, atol=1e-6, msg=key)

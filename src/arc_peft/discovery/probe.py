@@ -70,6 +70,7 @@ class Call:
 # Ops whose arguments discovery needs later (the reader's weight layout, the attention operands).
 _KEEP_ARGS = {
     "linear", "conv1d", "conv2d", "conv3d", "multi_head_attention_forward", "softmax", "sum",
+    "layer_norm",
 }  # fmt: skip
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .graph import LAYERS, NONLINEAR, SHAPE_OPS, Finder
 from .inputs import example_input
+from .norms import PreNorm, pre_norm
 from .probe import Recording, record
 from .targets import get_target
 
@@ -59,6 +60,8 @@ class Site:
             A mixed-task batch routes samples along it.
         no_output: Why no adapter adding to the output can run here (a forward never reaches
             the hook at ``output_path``, see ``arc_peft.site_plan``); empty when one can.
+        norm: The LayerNorm whose output is the input and nothing else's (``PreNorm``), or
+            ``None``: where a compiled training step folds the norm into an input adapter.
     """
 
     position: str
@@ -71,6 +74,7 @@ class Site:
     kind: str
     batch_axis: int = 0
     no_output: str = ""
+    norm: PreNorm | None = None
 
 
 @dataclass(frozen=True)
@@ -282,7 +286,7 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
         sites.append(
             Site(
                 position, c.path, c.path, width, axis, keys, block, _kind(c.module),
-                _batch_axis(rec, x, axis),
+                _batch_axis(rec, x, axis), norm=_norm(rec, call, x, width, axis),
             )
         )  # fmt: skip
     forced_runs = {
@@ -308,7 +312,7 @@ def _plan(model: nn.Module, rec: Recording) -> SitePlan:
         sites.append(
             Site(
                 "mlp", c.path, out_path, width, axis, keys, run, _kind(c.module),
-                _batch_axis(rec, x, axis),
+                _batch_axis(rec, x, axis), norm=_norm(rec, in_call, x, width, axis),
             )
         )  # fmt: skip
     # One site per module (a module called several times is adapted once).
@@ -360,6 +364,11 @@ def _child_toward(rec: Recording, outer: int, inner: int) -> int:
 
 def _inside(rec: Recording, block: int) -> set[int]:
     return {c.index for c in rec.calls if rec.contains(block, c.index)}
+
+
+def _norm(rec: Recording, call: int, x: int | None, width: int, axis: int) -> PreNorm | None:
+    # Channels-last inputs only: the adapter then acts on the axis the norm normalises.
+    return pre_norm(rec, call, x, width) if axis == -1 and x is not None else None
 
 
 def _renumber(sites: list[Site]) -> list[Site]:

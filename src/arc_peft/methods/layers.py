@@ -30,6 +30,8 @@ class Adapter(nn.Module):
       default) when the adapter is not such a map, with ``merge_refusal`` saying why.
     * ``shared``: a ``SharedState`` this layer reads but does not own (ARC's shared ``U``), or
       ``None``.
+    * ``after_norm()``: optionally, the same map computed from the LayerNorm writing its input,
+      for compiled training (see there); ``None`` (the default) when not provided.
 
     ``config`` is set by injection: the config the layer was built from.
     """
@@ -50,6 +52,20 @@ class Adapter(nn.Module):
         Args:
             dtype: Compute in this dtype (float64 for an exact fold); default: the weights'.
             device: Compute on this device; default: the weights'.
+        """
+        return None
+
+    def after_norm(
+        self, x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, y: Tensor
+    ) -> Tensor | None:
+        """This input adapter's output on ``y = x̂·weight + bias``, the output of the LayerNorm
+        that writes the site's input, given the norm's normalised input ``x̂`` too; or ``None``
+        (the default): the adapter then runs on ``y`` at the site, as always.
+
+        The runtime calls it in compiled training steps only (``AdapterSlot._norm_hook``), so
+        that the backward pass can read ``x̂``, which the norm's own backward keeps, instead of
+        a token-sized tensor of the adapter's own (``methods.lean.normalized_down_product``).
+        It must compute the same map as ``forward(y)``, to float rounding.
         """
         return None
 

@@ -64,6 +64,7 @@ __all__ = [
     "lean_applies",
     "lean_disabled",
     "norm_source",
+    "normalized_down_product",
     "recompute_source",
 ]
 
@@ -268,6 +269,49 @@ def autocast_dtype(t: Tensor) -> torch.dtype | None:
     if t.dtype == torch.float64:
         return None
     return torch.get_autocast_dtype(device)
+
+
+class _NormalizedDown(torch.autograd.Function):
+    """``x̂ @ W`` in ``low`` precision (or ``x̂``'s), whose backward pass reads ``x̂`` itself: the
+    gradient of ``W`` is computed in ``x̂``'s dtype from the tensor the norm's backward keeps.
+    (A low-precision cast of ``x̂`` read there would be one more token-sized tensor to keep:
+    the compiler merges the backward's cast with the forward's and saves it.)"""
+
+    @staticmethod
+    def forward(ctx: Any, x_hat: Tensor, weight: Tensor, low: torch.dtype | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x_hat, weight)
+        if low is None:
+            return x_hat @ weight
+        return x_hat.to(low) @ weight.to(low)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x_hat, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight.to(grad.dtype).t()).to(x_hat.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (x_hat.t() @ grad.to(x_hat.dtype)).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def normalized_down_product(
+    x_hat: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, weight: Tensor
+) -> Tensor:
+    """``(x̂·w + b) @ W``, a down projection of a LayerNorm's output, as ``x̂ @ (w∘W) + b @ W``
+    for ``x̂`` of shape ``N × D`` (the norm's normalised input), the norm's ``w``, ``b`` (``D``,
+    or ``None``) and ``W`` (``D × r``). The same product to float rounding, in the precision
+    autocast would give it; its backward pass reads only ``x̂``, which the norm's own backward
+    keeps, where ``y @ W`` would keep ``y`` (or its cast) as well. For compiled training
+    (``Adapter.after_norm``): there the compiler chooses what to save and cannot see this."""
+    low = autocast_dtype(weight)
+    folded = weight if norm_weight is None else weight * norm_weight.unsqueeze(1)
+    a = _NormalizedDown.apply(x_hat, folded, low)
+    if norm_bias is None:
+        return a
+    with torch.autocast(x_hat.device.type, enabled=False):
+        offset = norm_bias.to(weight.dtype) @ weight  # r values, in the weight's precision
+    return a + offset.to(a.dtype)
 
 
 class BackwardCasts:

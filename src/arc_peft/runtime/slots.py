@@ -22,12 +22,14 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..discovery.sites import Site
 from ..errors import AdaptersNotTrainedWarning, UnsupportedModelError
 from ..methods import AdapterConfig
 from ..methods.layers import Adapter
+from ..methods.lean import LEAN
 from ..state import SLOT_ATTR
 
 __all__ = [
@@ -71,6 +73,11 @@ class AdapterSlot(nn.ModuleDict):
     # Set while ``site_plan`` checks that a forward reaches this site's hooks: which ends
     # (``"input"``, ``"output"``) would have run an adapter; nothing is adapted meanwhile.
     reached: set[str] | None = None
+    # The site's pre-norm (``Site.norm``), relative to the holder; "" when it has none there.
+    norm_name: str = ""
+    # Set by the norm's hook when it ran the input adapter (compiled training, see _norm_hook),
+    # cleared by the site's hook, which then leaves its input alone.
+    adapted_at_norm: bool = False
 
     def __init__(self, site: Site, holder_path: str) -> None:
         super().__init__()
@@ -88,14 +95,20 @@ class AdapterSlot(nn.ModuleDict):
         self.routing: tuple[int, list[tuple[str, Tensor]]] | None = None
         # A two-ended site's input, held from its first module's call to its last one's.
         self.pending: Tensor | None = None
+        norm = site.norm
+        inside = norm is not None and (not holder_path or norm.path.startswith(f"{holder_path}."))
+        self.norm_name = _relative(norm.path, holder_path) if inside else ""
+        self.adapted_at_norm = False
 
     # -- attaching -----------------------------------------------------------------------------
 
     def _hooked(self, holder: nn.Module) -> list[tuple[nn.Module, str]]:
-        """``(module, "pre" | "post")`` for every hook this slot installs."""
+        """``(module, "pre" | "post" | "norm")`` for every hook this slot installs."""
         hooks = [(holder.get_submodule(self.input_name), "pre")]
         if self.output_name:
             hooks.append((holder.get_submodule(self.output_name), "post"))
+        if self.norm_name:
+            hooks.append((holder.get_submodule(self.norm_name), "norm"))
         return hooks
 
     def attach(self, holder: nn.Module) -> None:
@@ -110,8 +123,10 @@ class AdapterSlot(nn.ModuleDict):
         for module, kind in self._hooked(holder):
             if kind == "pre":
                 module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-            else:
+            elif kind == "post":
                 module.register_forward_hook(self._post_hook, with_kwargs=True)
+            else:
+                module.register_forward_hook(self._norm_hook, with_kwargs=True)
 
     def detach(self, holder: nn.Module) -> None:
         """Remove this slot and its hooks, leaving the holder and site modules as they were."""
@@ -222,12 +237,44 @@ class AdapterSlot(nn.ModuleDict):
             )
         return x
 
+    def _norm_hook(
+        self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        """Under ``torch.compile`` with autograd recording, the active input adapter runs here,
+        on the norm's output, given the norm's normalised input ``x̂`` too
+        (``Adapter.after_norm``): its backward pass then reads the ``x̂`` the norm's backward
+        keeps anyway, where at the site the partitioner would save a token-sized tensor more
+        per site. ``Site.norm`` guarantees the norm's output is the site's input and nothing
+        else's, so this is the same map in the same place. Eager training reaches the same
+        saving through the norm's saved tensors (``methods/lean.py``) and leaves this alone."""
+        if not (torch.compiler.is_compiling() and torch.is_grad_enabled() and LEAN.enabled):
+            return None
+        if self.reached is not None or self.disabled or self.routing is not None:
+            return None
+        adapter = self._get(self.active, want_input=True)
+        norm = self.site.norm
+        if adapter is None or norm is None or not isinstance(output, Tensor):
+            return None
+        kind, where = norm.arg_key
+        x = args[where] if kind == "arg" else kwargs[where]
+        x_hat = F.layer_norm(x, (self.site.width,), None, None, norm.eps)
+        weight = getattr(module, norm.weight) if norm.weight else None
+        bias = getattr(module, norm.bias) if norm.bias else None
+        new = adapter.after_norm(x_hat, weight, bias, output)
+        if new is None:
+            return None
+        self.adapted_at_norm = True
+        return new
+
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         x = self._input(module, args, kwargs)
         if self.training and not torch.is_grad_enabled():
             self._check_reentrant(x)
         if self.output_name and self.output_name != self.input_name:
             self.pending = x  # the output adapter at the site's far end reads it
+        if self.adapted_at_norm:  # x is already the adapter's output (_norm_hook)
+            self.adapted_at_norm = False
+            return None
         new = self._run(x, want_input=True)
         if new is None:
             return None

@@ -27,6 +27,7 @@ from ..lean import (
     input_grad_product,
     lean_applies,
     norm_source,
+    normalized_down_product,
 )
 from ..registry import SiteLike
 from .config import ARCConfig
@@ -163,6 +164,17 @@ class ARC(Adapter):
         # same values, one op less per site (the lean path computes it the same way).
         h = self.dropout(flat @ scaled_projection(u, self.scale))
         return arc_output(flat, h, u, self.bias).view(x.shape)
+
+    def after_norm(
+        self, x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, y: Tensor
+    ) -> Tensor:
+        """``forward(y)`` for ``y`` a LayerNorm's output ``x̂·weight + bias``, its down product
+        computed from ``x̂`` (``normalized_down_product``): what compiled training runs, so
+        that it keeps no token-sized tensor for the gradient of ``U`` and ``s``."""
+        u = self.U
+        flat = x_hat.reshape(-1, self.dim)
+        h = self.dropout(normalized_down_product(flat, weight, bias, u * self.scale))
+        return arc_output(y.reshape(-1, self.dim), h, u, self.bias).view(y.shape)
 
     @property
     def shared(self) -> SharedProjection | None:
