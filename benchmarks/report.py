@@ -162,6 +162,8 @@ def markdown(results: dict) -> str:
         ]
     if results.get("ops"):
         lines += _ops(results["ops"])
+    if results.get("compiled_memory"):
+        lines += _compiled_memory(results["compiled_memory"])
     if results.get("compiled_training"):
         lines += _compiled_training(results["compiled_training"])
     lines.append("![benchmark ratios](benchmarks.png)")
@@ -186,6 +188,24 @@ def _compiled_training(rows: list[dict]) -> list[str]:
         cells += [_f(r.get("compiled_vs_eager"), 3), _f(r.get("peak_mib"), 0)]
         cells += [_f(r.get("peak_mib_ratio_floor"), 3), _f(r.get("eager_peak_mib"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _compiled_memory(rows: list[dict]) -> list[str]:
+    lines = [
+        "## Activations a compiled training step keeps (torch.compile, inductor's partitioner)",
+        "",
+        "Bytes of the tensors the compiled forward hands its backward, as inductor's min-cut "
+        "partitioner chooses them (no code generated: deterministic, the same on every device).",
+        "",
+        "| model | dtype | batch | method | saved MiB | saved / floor |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['method']} | "
+            f"{r['saved_mib']:.1f} | {_f(r['saved_ratio_floor'], 3)} |"
+        )
     return [*lines, ""]
 
 

@@ -16,6 +16,7 @@ import arc_peft
 
 from . import methods, opcount
 from .measure import (
+    compiled_saved_bytes,
     fresh_peak_mib,
     infer_fn,
     interleaved,
@@ -413,6 +414,48 @@ def run_ops(settings: Settings, notes: list[str]) -> list[dict]:
     return rows
 
 
+COMPILED_MEMORY_METHODS = ["arc", "arc_plain", "arc_att", "adaptmlp", "lora"]
+
+
+def run_compiled_memory(settings: Settings, notes: list[str]) -> list[dict]:
+    """Bytes of activations a compiled training step keeps for its backward pass, as inductor's
+    partitioner chooses them (``compiled_saved_bytes``: no code generated, deterministic), over
+    the compiled floor's; batch ``--train-batch``."""
+    name = settings.train_models[0]
+    x, _ = make_batch(settings, settings.train_batch)
+    wanted = available([m for m in COMPILED_MEMORY_METHODS if m in settings.train_methods], notes)
+    rows = []
+    for dtype in settings.dtypes:
+        saved = {}
+        for m in ["floor", *wanted]:
+            spec = METHODS[m]
+            try:
+                saved[m] = compiled_saved_bytes(
+                    build(name, m, settings), x, dtype, spec.grads_to_input, spec.lean
+                )
+            except Exception as exc:  # a peer's graph dynamo cannot trace whole
+                notes.append(f"compiled memory {m} {dtype}: {type(exc).__name__}: {exc}")
+        if "floor" not in saved:
+            continue
+        for m, value in saved.items():
+            rows.append(
+                {
+                    "model": name,
+                    "dtype": dtype,
+                    "batch": settings.train_batch,
+                    "method": m,
+                    "saved_mib": value / 2**20,
+                    "saved_ratio_floor": value / saved["floor"],
+                }
+            )
+        log(f"compiled memory {name} {dtype}: " + _fmt_saved(rows[-len(saved) :]))
+    return rows
+
+
+def _fmt_saved(rows: list[dict]) -> str:
+    return ", ".join(f"{r['method']} {r['saved_ratio_floor']:.3f}" for r in rows)
+
+
 def run_compiled_training(settings: Settings, notes: list[str]) -> list[dict]:
     """The training step under ``torch.compile`` (inductor), timed against the compiled floor:
     the floor and ARC in every dtype first (bf16 first), then the other ``--compile-methods``.
@@ -499,5 +542,6 @@ RUNNERS = {
     "multitask": run_multitask,
     "compile": run_compile,
     "ops": run_ops,
+    "compiled_memory": run_compiled_memory,
     "compiled_training": run_compiled_training,
 }

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 SECTIONS = [
-    "inference", "training", "scaling", "files", "multitask", "compile", "ops", "compiled_training",
+    "inference", "training", "scaling", "files", "multitask", "compile", "ops", "compiled_memory",
+    "compiled_training",
 ]  # fmt: skip
 # --gpu: the one prepared command for a CUDA machine (docs/benchmarks.md, benchmarks/README.md),
 # its sections in the order run: the cheap, deterministic ones first, compilation (the slow

@@ -246,3 +246,17 @@ def test_a_failed_section_leaves_the_others_written(monkeypatch, tmp_path):
         "section training failed: RuntimeError: no such kernel" in n for n in stored["notes"]
     )
     assert "## Kernel ops per adapted site" in (tmp_path / "results.md").read_text()
+
+
+def test_compiled_memory_section_shows_the_fold(tmp_path):
+    """The compiled step keeps less with ARC folded at its pre-norm than through the site (the
+    ``arc_plain`` row: what compile ran before), and stays near the floor."""
+    results = _main(
+        ["--quick", "--sections", "compiled_memory", "--methods", "floor,arc,arc_plain",
+         "--dtypes", "fp32", "--out", str(tmp_path)]
+    )  # fmt: skip
+    rows = {r["method"]: r for r in results["compiled_memory"]}
+    assert rows["floor"]["saved_ratio_floor"] == 1.0
+    assert rows["arc"]["saved_mib"] < rows["arc_plain"]["saved_mib"]
+    assert rows["arc"]["saved_ratio_floor"] < 1.1 < rows["arc_plain"]["saved_ratio_floor"]
+    assert "## Activations a compiled training step keeps" in (tmp_path / "results.md").read_text()

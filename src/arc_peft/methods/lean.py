@@ -36,8 +36,10 @@ eager step of a small adapter is bound by launches; ``benchmarks/opcount.py`` co
 dropout in two ops on a CPU (its mask drawn as booleans, then applied) and its gradient in one
 (``dropout_backward``), the norm's output in one, casts folded into ``out=`` and mixed-dtype
 ops. Gradients agree to float rounding (``tests/test_lean.py``: gradcheck in float64, every
-architecture). Under ``torch.compile`` and without autograd the plain path runs (the compiler
-chooses what to save).
+architecture). Without autograd the plain path runs. Under ``torch.compile`` the autograd graph
+these Functions read does not exist; there the runtime folds the site's pre-norm into the
+adapter instead (``Adapter.after_norm`` and ``normalized_down_product`` here), so that the
+compiler's partitioner has no token-sized tensor of the adapter's own to save.
 """
 
 from __future__ import annotations
