@@ -203,7 +203,7 @@ def _compiled_memory(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['method']} | "
+            f"| {r['model']} | {r['dtype']} | {r['batch']} | {_label(r['method'])} | "
             f"{r['saved_mib']:.1f} | {_f(r['saved_ratio_floor'], 3)} |"
         )
     return [*lines, ""]
