@@ -448,12 +448,8 @@ def run_compiled_memory(settings: Settings, notes: list[str]) -> list[dict]:
                     "saved_ratio_floor": value / saved["floor"],
                 }
             )
-        log(f"compiled memory {name} {dtype}: " + _fmt_saved(rows[-len(saved) :]))
+        log(f"compiled memory {name} {dtype}: " + _fmt(rows[-len(saved) :], "saved_ratio_"))
     return rows
-
-
-def _fmt_saved(rows: list[dict]) -> str:
-    return ", ".join(f"{r['method']} {r['saved_ratio_floor']:.3f}" for r in rows)
 
 
 def run_compiled_training(settings: Settings, notes: list[str]) -> list[dict]:
@@ -529,8 +525,8 @@ def _compiled_row(
     return row
 
 
-def _fmt(rows: list[dict]) -> str:
-    key = next(k for k in rows[0] if k.startswith("time_ratio_"))
+def _fmt(rows: list[dict], ratio: str = "time_ratio_") -> str:
+    key = next(k for k in rows[0] if k.startswith(ratio))
     return ", ".join(f"{r['method']} {r[key]:.3f}" for r in rows)
 
 

@@ -87,23 +87,15 @@ def pre_norm(rec: Recording, site_call: int, x: int, width: int) -> PreNorm | No
     shape, eps = bound.arguments["normalized_shape"], bound.arguments["eps"]
     if tuple(shape) != (width,) or not isinstance(eps, float):
         return None
+    # The op's weight and bias by their names on the module (the record's names of the state
+    # the op read): a tensor that is not the module's own parameter (or a nested one's) fails.
+    prefix = f"{norm.path}." if norm.path else ""
+    state = {id(t): n[len(prefix) :] for n, t in op.params if n.startswith(prefix)}
     names = []
     for key in ("weight", "bias"):
         value = bound.arguments[key]
-        name = _own_parameter(rec, norm.path, value) if isinstance(value, Tensor) else ""
-        if name is None:
+        name = state.get(id(value), ".") if isinstance(value, Tensor) else ""
+        if "." in name:
             return None
         names.append(name)
     return PreNorm(norm.path, eps, names[0], names[1], norm.inputs[0][0])
-
-
-def _own_parameter(rec: Recording, module_path: str, tensor: Tensor) -> str | None:
-    """The name of ``tensor`` as a direct parameter of the module at ``module_path``."""
-    entry = rec.state.get(id(tensor))
-    if entry is None or entry[1] is not tensor:
-        return None
-    prefix = f"{module_path}." if module_path else ""
-    name = entry[0]
-    if not name.startswith(prefix) or "." in name[len(prefix) :]:
-        return None
-    return name[len(prefix) :]
