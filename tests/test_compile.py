@@ -215,3 +215,28 @@ def test_compiled_training_matches_eager_across_the_zoo(name):
     got = {n: p.grad for n, p in compiled_model.named_parameters() if p.requires_grad}
     for key, grad in expected.items():
         torch.testing.assert_close(got[key], grad, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_a_compiled_forward_stopped_between_norm_and_site_leaves_no_adapter_skipped():
+    """A compiled training forward that raises after the pre-norm's fold ran but before its site
+    (here a user's hook on the norm) must not make a later forward skip that site's adapter."""
+    model = build("vit")
+    arc_peft.inject_arc(model, ARC)
+    randomise_adapters(model, 3)
+    arc_peft.freeze_backbone(model)
+    x = inputs("vit", batch=2)
+    expected = model(x).detach()
+    raising = [True]
+
+    def user_hook(module, args, output):
+        if raising[0]:
+            raise RuntimeError("stopped by the user's hook")
+
+    model.blocks[0].norm1.register_forward_hook(user_hook)
+    with pytest.raises(RuntimeError, match="user's hook"):
+        torch.compile(model, backend="aot_eager")(x)
+    raising[0] = False
+    assert torch.equal(model(x).detach(), expected)  # eager
+    with torch.no_grad():  # compiled, no fold (no autograd)
+        got = torch.compile(model, backend="aot_eager")(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -247,6 +247,9 @@ class AdapterSlot(nn.ModuleDict):
         per site. ``Site.norm`` guarantees the norm's output is the site's input and nothing
         else's, so this is the same map in the same place. Eager training reaches the same
         saving through the norm's saved tensors (``methods/lean.py``) and leaves this alone."""
+        # Cleared on every call first: a forward that stopped between the norm and the site (an
+        # exception) must not leave the site skipping its adapter on the next call.
+        self.adapted_at_norm = False
         if not (torch.compiler.is_compiling() and torch.is_grad_enabled() and LEAN.enabled):
             return None
         if self.reached is not None or self.disabled or self.routing is not None:
@@ -272,9 +275,13 @@ class AdapterSlot(nn.ModuleDict):
             self._check_reentrant(x)
         if self.output_name and self.output_name != self.input_name:
             self.pending = x  # the output adapter at the site's far end reads it
-        if self.adapted_at_norm:  # x is already the adapter's output (_norm_hook)
+        if self.adapted_at_norm:
             self.adapted_at_norm = False
-            return None
+            # x is already the adapter's output (_norm_hook): set by the norm just called, in
+            # the same compiled forward. A flag left by an aborted compiled forward is never
+            # honoured by an eager one.
+            if torch.compiler.is_compiling():
+                return None
         new = self._run(x, want_input=True)
         if new is None:
             return None
