@@ -230,6 +230,28 @@ def test_dropout_mask_is_the_one_nn_dropout_draws():
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_dropout_with_mask_is_f_dropout_bit_for_bit(dtype):
+    # p = 0.15, 0.45 and 0.999: float32 rounds the two factors differently (the two-op path);
+    # the others, and every p in the other precisions, take the one-op native_dropout.
+    x = (torch.randn(3000, dtype=torch.float64) * 3).to(dtype).view(60, 50)
+    one_op = 0
+    for p in (0.05, 0.1, 0.15, 0.3, 0.45, 0.5, 0.9, 0.999):
+        torch.manual_seed(7)
+        expected = F.dropout(x, p, True)
+        after_expected = torch.rand(4)
+        torch.manual_seed(7)
+        with _CountOp(torch.ops.aten.native_dropout.default) as count:
+            got, mask = lean.dropout_with_mask(x, p)
+        after_got = torch.rand(4)
+        assert torch.equal(got, expected), p
+        assert torch.equal(after_got, after_expected), p  # the generator advanced alike
+        zero = x == 0  # where the output is 0 whatever the mask says
+        assert mask.dtype == torch.bool and torch.equal(mask | zero, (expected != 0) | zero)
+        one_op += count.calls
+    assert one_op == (5 if dtype == torch.float32 else 8)
+
+
 @pytest.mark.parametrize("p", [0.5, 1.0])
 @pytest.mark.parametrize("adapter", ["arc", "adaptmlp"])
 def test_lean_dropout_is_nn_dropout_including_p_one(adapter, p):
