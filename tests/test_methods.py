@@ -169,13 +169,22 @@ class ScaleShiftConfig2(ScaleShiftConfig):
 @pytest.mark.parametrize("method", ["arc", "adaptmlp"])
 def test_files_written_by_version_0_1_0_load_exactly(method):
     """Files saved by the release before the method registry (tests/data, written by that code
-    from a seeded tiny ViT) load onto a fresh model and reproduce its logits bit for bit."""
+    from a seeded tiny ViT) load onto a fresh model: every stored tensor lands in the model bit
+    for bit, and the model reproduces the logits that release computed."""
     import safetensors.torch
 
     data = pathlib.Path(__file__).parent / "data"
+    stored = safetensors.torch.load_file(data / f"v010_{method}.safetensors")
     expected = safetensors.torch.load_file(data / f"v010_{method}_expected.safetensors")
     torch.manual_seed(0)
     model = build("vit").eval()
     arc_peft.load_adapter(model, data / f"v010_{method}.safetensors")
+    state = list(model.state_dict().values())
+    for key, tensor in stored.items():
+        assert any(t.shape == tensor.shape and torch.equal(t, tensor) for t in state), key
     with torch.no_grad():
-        assert torch.equal(model(expected["x"]), expected["logits"])
+        got = model(expected["x"])
+    # The logits were computed on another machine, whose float32 GEMM kernels may round
+    # differently (1.9e-6 apart on an Intel Xeon against the AMD EPYC that wrote them); a
+    # tensor loaded into the wrong place moves them by orders of magnitude more.
+    torch.testing.assert_close(got, expected["logits"], rtol=1e-5, atol=1e-5)
