@@ -452,6 +452,43 @@ def test_lean_path_keeps_no_copy_of_the_norm_output():
     assert lean_bytes <= 1.03 * floor_bytes
 
 
+class _Doubled(nn.Module):
+    """A site input no norm produced (the lean path then saves it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2.0
+
+
+@pytest.mark.parametrize("adapter", ["arc", "adaptmlp"])
+def test_a_saved_input_is_kept_in_the_gemms_precision_under_autocast(adapter):
+    """Where the lean path must save its float32 input, under bf16 autocast it keeps the bf16
+    copy its GEMM reads (as plain autograd does), not the float32 tensor: half the bytes."""
+    module = ARC(32, 4, dropout=0.1) if adapter == "arc" else AdaptMLP(32, 4, dropout=0.1)
+    net = nn.Sequential(_Doubled(), module).train()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.copy_(torch.randn(param.shape, generator=g))
+    x = torch.randn(64, 32, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lean_bytes = _saved_bytes(net, x)
+        with lean_disabled():
+            plain_bytes = _saved_bytes(net, x)
+    assert lean_bytes <= plain_bytes
+    # The bf16 copy of the 64×32 input is among them (its float32 original is not).
+    assert lean_bytes < 64 * 32 * 4
+    for plain in (True, False):  # and the values are those of plain autograd
+        torch.manual_seed(1)
+        with lean_disabled() if plain else torch.enable_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = net(x)
+            (grad,) = torch.autograd.grad(out.float().square().sum(), (x,))
+        if plain:
+            expected_out, expected_grad = out, grad
+    assert torch.equal(out, expected_out) and grad.dtype == torch.float32
+    torch.testing.assert_close(grad, expected_grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item())
+
+
 def test_plain_path_without_autograd_and_under_the_switch():
     model = _randomised(build("vit"), arc_peft.ARCConfig(rank=4))
     x = inputs("vit")

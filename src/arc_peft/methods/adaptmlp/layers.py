@@ -138,14 +138,17 @@ class _LeanAdaptMLP(torch.autograd.Function):
         # the casts.
         low = autocast_dtype(w_down)
         wd, wu = (w_down.to(low), w_up.to(low)) if low is not None else (w_down, w_up)
-        h = torch.relu(F.linear(x, wd, b_down))
+        # x as well, where x has to be saved: the cast autocast would make, and what the
+        # backward's GEMM reads (half the bytes of x under bf16 autocast, as plain autograd).
+        read = x.to(low) if low is not None and source is None and autocast_dtype(x) == low else x
+        h = torch.relu(F.linear(read, wd, b_down))
         if p > 0:
             h = dropout_with_mask(h, p)[0]
         out = F.linear(h, wu, b_up) * scale
         ctx.source, ctx.scale, ctx.drop_scale = source, scale, 1.0 / (1.0 - p) if p < 1 else 0.0
         ctx.x_dtype, ctx.shape = x.dtype, x.shape
         ctx.dtypes = (w_down.dtype, b_down.dtype, w_up.dtype, b_up.dtype)
-        ctx.save_for_backward(wd, wu, h, x if source is None else None)
+        ctx.save_for_backward(wd, wu, h, read if source is None else None)
         return out
 
     @staticmethod

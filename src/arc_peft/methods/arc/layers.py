@@ -250,7 +250,11 @@ class _LeanARC(torch.autograd.Function):
         # The same ops as ARC.forward, so the outputs are identical; U·diag(s) is cast as
         # autocast would cast it for the GEMM, here, so that the backward pass reuses it.
         us = scaled_projection(u, s)
-        a = flat @ us
+        # The input too, where the GEMM runs in low precision: the same cast autocast makes, and
+        # where x has to be saved, its low-precision copy is what the backward's GEMM reads
+        # (half the bytes of x under bf16 autocast, as plain autograd keeps).
+        low = flat.to(us.dtype) if us.dtype == autocast_dtype(flat) else flat
+        a = low @ us
         mask = None
         if p > 0:
             h, mask = dropout_with_mask(a, p)
@@ -259,7 +263,7 @@ class _LeanARC(torch.autograd.Function):
         out = arc_output(flat, h, u, bias)
         ctx.source, ctx.p, ctx.shape, ctx.casts = source, p, x.shape, casts
         ctx.x_dtype, ctx.bias_dtype = x.dtype, bias.dtype
-        ctx.save_for_backward(u, s, us, mask, h, flat if source is None else None)
+        ctx.save_for_backward(u, s, us, mask, h, low if source is None else None)
         return out.view(x.shape)
 
     @staticmethod
