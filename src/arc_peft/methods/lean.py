@@ -23,10 +23,13 @@ How the norm is found: by the autograd node that produced ``x``, not by module �
 ops whose saved tensors determine their output (``_NORMS``), through any chain of
 permutations and transposes (channels-first sites, ``LayerNorm2d``). ``x``'s node is only looked
 at in the forward pass; its saved tensors are read in the backward pass, before the norm's own
-backward frees them (the norm's node runs after every consumer of its output). Any other producer
-(an RMS norm written in elementwise ops, windows partitioned after the norm, a routed sub-batch of
-a mixed-task batch, a cast) takes the saving path, and so does everything under saved-tensor
-hooks (activation checkpointing, which recomputes the whole region anyway).
+backward frees them (the norm's node runs after every consumer of its output). An RMS norm is
+a product of tensors its own backward keeps (``x``, its ``rsqrt`` and ``w``): recomputed by the
+same products (``_product``), exactly, with no ``eps`` to know. Any other producer (windows
+partitioned after the norm, a routed sub-batch of a mixed-task batch, a cast) takes the saving
+path, keeping ``x`` as the GEMM reads it (its bfloat16 copy under autocast), and so does
+everything under saved-tensor hooks (activation checkpointing, which recomputes the whole
+region anyway).
 
 The forward pass runs the same torch ops as the modules' own ``forward``, in the same order and
 under the same autocast state (casting weights itself where autocast would, so that the backward
@@ -126,21 +129,67 @@ def _has_saved(node: Any, names: tuple[str, ...]) -> bool:
 
 _NEEDS = {
     "NativeLayerNormBackward0": ("input", "result1", "result2", "weight", "bias"),
+    "MulBackward0": ("self", "other"),
     "PermuteBackward0": ("dims",),
     "TransposeBackward0": ("dim0", "dim1"),
 }
 
 
+def _product(node: Any, depth: int = 0) -> bool:
+    """Whether ``node`` is a product (``MulBackward0``) whose output its saved tensors determine:
+    each factor saved, or itself such a product. An RMS norm is one, ``(x·rsqrt(mean(x²)+eps))·w``
+    as ``F.rms_norm``, timm's and Hugging Face's RMS norms compute it: the inner product keeps
+    ``x`` and the ``rsqrt`` for its own backward, the outer one ``w`` (a frozen ``w`` needs no
+    copy of the inner product). A factor autograd did not save needs a gradient, so it is the
+    output of the node on its edge."""
+    if type(node).__name__ != "MulBackward0" or depth > 3:
+        return False
+    for index, name in enumerate(("_saved_self", "_saved_other")):
+        if getattr(node, name) is None:
+            edge = node.next_functions[index]
+            if edge[1] != 0 or not _product(edge[0], depth + 1):
+                return False
+    return True
+
+
+def _product_value(node: Any) -> Tensor:
+    """The output of a ``_product`` node, recomputed by the same products on the same tensors:
+    the same values (a float product does not depend on its operands' order)."""
+    factors = []
+    for index, name in enumerate(("_saved_self", "_saved_other")):
+        saved = getattr(node, name)
+        if saved is None:
+            saved = _product_value(node.next_functions[index][0])
+        factors.append(saved)
+    return torch.mul(*factors)
+
+
+def _product_inputs(node: Any) -> list[Tensor]:
+    """The saved tensors a ``_product`` node's recompute reads."""
+    out = []
+    for index, name in enumerate(("_saved_self", "_saved_other")):
+        saved = getattr(node, name)
+        out += [saved] if saved is not None else _product_inputs(node.next_functions[index][0])
+    return out
+
+
 def recompute_source(x: Tensor) -> tuple[Any, ...] | None:
     """The chain of autograd nodes (norm first, then layout changes) that recomputes ``x`` from
     tensors its producer saved anyway, or ``None`` when ``x`` was not produced that way (or the
-    norm's channel axis does not end up last in ``x``, where the adapter reads channels)."""
+    norm's channel axis does not end up last in ``x``, where the adapter reads channels). The
+    producer: a LayerNorm (``_NORMS``), or a product of saved tensors (``_product``: RMS norms),
+    which is recomputed exactly whatever its layout."""
     node, chain = x.grad_fn, []
     while node is not None:
         name = type(node).__name__
         if not _has_saved(node, _NEEDS.get(name, ("?",))):
             return None
         chain.append(node)
+        if name == "MulBackward0":
+            if not _product(node):
+                return None
+            chain.reverse()
+            return tuple(chain)
         if name in _NORMS:
             if len(node._saved_normalized_shape) != 1:
                 return None
@@ -220,9 +269,12 @@ def _replay_views(chain: tuple[Any, ...], *tensors: Tensor) -> tuple[Tensor, ...
 
 
 def _recompute_output(chain: tuple[Any, ...]) -> Tensor | None:
-    """The norm's output recomputed by the norm itself (one op, the same values), laid out as
-    the adapter's input; ``None`` where its ``eps`` is not known (``know_norms``)."""
+    """The norm's output recomputed by the norm itself (one op, the same values; a product by
+    its products), laid out as the adapter's input; ``None`` where a LayerNorm's ``eps`` is not
+    known (``know_norms``)."""
     node = chain[0]
+    if type(node).__name__ == "MulBackward0":
+        return _replay_views(chain, _product_value(node))[0]
     x, mean, rstd, w, b = _NORMS[type(node).__name__](node)
     known = _KNOWN_NORMS.get(id(w)) if w is not None else None
     module = known.module() if known is not None else None
@@ -235,6 +287,15 @@ def _recompute_output(chain: tuple[Any, ...]) -> Tensor | None:
         if not known.checked[eps]:
             return None
     return _replay_views(chain, out)[0]
+
+
+def _recompute_inputs(chain: tuple[Any, ...]) -> list[Tensor]:
+    """The saved tensors the recompute of ``chain`` reads (its second derivatives run through
+    them)."""
+    node = chain[0]
+    if type(node).__name__ == "MulBackward0":
+        return _product_inputs(node)
+    return [_NORMS[type(node).__name__](node)[0]]
 
 
 def _recompute(chain: tuple[Any, ...]) -> tuple[Tensor, ...]:
@@ -505,7 +566,7 @@ def first_order_only(backward: Callable[..., tuple[Tensor | None, ...]]) -> Call
         # input is recomputed from (every path a second derivative can take through this
         # node), and a fresh leaf so that the outputs require grad in any case.
         source = getattr(ctx, "source", None)
-        norm_input = _recompute(source)[:1] if source is not None else ()
+        norm_input = _recompute_inputs(source) if source is not None else ()
         links = [torch.zeros((), requires_grad=True)] + [
             t
             for t in (*grads, *ctx.saved_tensors, *norm_input)
