@@ -186,6 +186,101 @@ def test_after_norm_is_forward_on_the_norm_output():
     assert torch.autograd.gradcheck(via_norm, (x,))
 
 
+def test_after_norm_is_forward_on_an_rms_norm_output():
+    """An RMS norm: ``x̂ = x·r``, handed over as ``x`` and its ``rsqrt`` ``r``."""
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(8, eps=1e-6, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    arc = ARCLayer(8, rank=3, dropout=0.0, dtype=torch.float64)
+    with torch.no_grad():
+        arc.scale.uniform_(-1, 1)
+        arc.bias.uniform_(-1, 1)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+
+    def via_norm(x):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return arc.after_norm(x, norm.weight, None, norm(x), r)
+
+    def via_site(x):
+        return arc(norm(x))
+
+    torch.testing.assert_close(via_norm(x), via_site(x))
+    params = (x, arc.projection, arc.scale, arc.bias)
+    grads = [torch.autograd.grad(f(x).square().sum(), params) for f in (via_norm, via_site)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(via_norm, (x,))
+
+
+def _aimv2_timm() -> torch.nn.Module:
+    import timm
+
+    kw = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 28, "num_classes": 5}
+    return timm.create_model("aimv2_large_patch14_224", pretrained=False, **kw)
+
+
+def _vit_torch_rms_norm() -> torch.nn.Module:
+    import timm
+
+    kw = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32, "num_classes": 5}
+    return timm.create_model("vit_tiny_patch16_224", norm_layer=torch.nn.RMSNorm, **kw)
+
+
+def _aimv2_hf() -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Aimv2VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    return transformers.Aimv2VisionModel(config)
+
+
+@pytest.mark.parametrize(
+    ("make", "size"), [(_aimv2_timm, 28), (_vit_torch_rms_norm, 32), (_aimv2_hf, 28)],
+    ids=["timm_rms_written_out", "torch_rms_norm_op", "hf_rms_weight_first"],
+)  # fmt: skip
+def test_compiled_training_folds_rms_pre_norms(make, size):
+    """RMS norms as timm and Hugging Face write them out, and ``F.rms_norm``: every site's
+    pre-norm is found, folded in the compiled step (counted), and the gradients are eager's."""
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(2, 3, size, size)
+    arc_peft.inject_arc(model, ARC, example_input=x)
+    randomise_adapters(model, 3)
+    arc_peft.freeze_backbone(model, train_head=False)
+    model.eval()  # Hugging Face models drop paths in training mode; dropout is 0 here anyway
+    norms = [s.norm for s in arc_peft.site_plan(model).sites]
+    assert len(norms) == 4 and all(n is not None and n.kind == "rms_norm" for n in norms)
+    compiled_model = copy.deepcopy(model)
+    calls = []
+    original = ARCLayer.after_norm
+
+    def counted(self, *args):
+        calls.append(self)
+        return original(self, *args)
+
+    def out(m, x):
+        y = m(x)
+        return (y if isinstance(y, torch.Tensor) else y.last_hidden_state).square().mean()
+
+    out(model, x).backward()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ARCLayer, "after_norm", counted)
+        compiled = torch.compile(compiled_model, backend="aot_eager")
+        out(compiled, x).backward()
+    assert len(calls) == 4
+    expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    got = {n: p.grad for n, p in compiled_model.named_parameters() if p.requires_grad}
+    assert expected and set(got) == set(expected)
+    for key, grad in expected.items():
+        torch.testing.assert_close(got[key], grad, rtol=1e-4, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("name", ["vit", "tv_vit", "swin", "eva02_swiglu", "coat"])
 def test_compiled_training_matches_eager_across_the_zoo(name):
     """aot_eager, fullgraph: the compiled step (ARC folded at the pre-norm where the site has

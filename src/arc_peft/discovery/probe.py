@@ -70,8 +70,10 @@ class Call:
 # Ops whose arguments discovery needs later (the reader's weight layout, the attention operands).
 _KEEP_ARGS = {
     "linear", "conv1d", "conv2d", "conv3d", "multi_head_attention_forward", "softmax", "sum",
-    "layer_norm",
+    "layer_norm", "rms_norm",
 }  # fmt: skip
+# Ops whose non-tensor arguments discovery reads (an RMS norm written out: ``discovery/norms``).
+_KEEP_SCALARS = {"pow", "mean", "add"}
 
 
 class Recording:
@@ -138,6 +140,11 @@ class Recording:
         if any(tid in self.from_input for tid in inputs):
             self.from_input.update(outputs)
         keep = name in _KEEP_ARGS
+        if not keep and name in _KEEP_SCALARS:
+            # Only the plain values (exponents, dims, an eps): never a tensor kept alive.
+            args = tuple(None if isinstance(a, Tensor) else a for a in args)
+            kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor)}
+            keep = True
         self.ops.append(
             Op(
                 index,

@@ -60,8 +60,9 @@ class Site:
             A mixed-task batch routes samples along it.
         no_output: Why no adapter adding to the output can run here (a forward never reaches
             the hook at ``output_path``, see ``arc_peft.site_plan``); empty when one can.
-        norm: The LayerNorm whose output is the input and nothing else's (``PreNorm``), or
-            ``None``: where a compiled training step folds the norm into an input adapter.
+        norm: The LayerNorm or RMS norm whose output is the input and nothing else's
+            (``PreNorm``), or ``None``: where a compiled training step folds the norm into an
+            input adapter.
     """
 
     position: str

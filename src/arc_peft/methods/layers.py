@@ -56,16 +56,23 @@ class Adapter(nn.Module):
         return None
 
     def after_norm(
-        self, x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, y: Tensor
+        self,
+        x_hat: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        y: Tensor,
+        scale: Tensor | None = None,
     ) -> Tensor | None:
-        """This input adapter's output on ``y = x̂·weight + bias``, the output of the LayerNorm
-        that writes the site's input, given the norm's normalised input ``x̂`` too; or ``None``
+        """This input adapter's output on ``y = x̂·weight + bias``, the output of the norm that
+        writes the site's input, given the norm's normalised input ``x̂`` too (a LayerNorm's;
+        for an RMS norm ``x̂ = x_hat·scale``, its input and its ``N×1`` ``rsqrt``); or ``None``
         (the default): the adapter then runs on ``y`` at the site, as always.
 
         The runtime calls it in compiled training steps only (``AdapterSlot._norm_hook``), so
         that the backward pass can read ``x̂``, which the norm's own backward keeps, instead of
         a token-sized tensor of the adapter's own (``methods.lean.normalized_down_product``).
-        It must compute the same map as ``forward(y)``, to float rounding.
+        It must compute the same map as ``forward(y)``, to float rounding. ``scale`` is passed
+        only after an RMS norm, so a method that folds LayerNorms alone may leave it out.
         """
         return None
 

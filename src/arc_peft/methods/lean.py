@@ -352,41 +352,56 @@ def autocast_dtype(t: Tensor) -> torch.dtype | None:
 
 
 class _NormalizedDown(torch.autograd.Function):
-    """``x̂ @ W`` in ``low`` precision (or ``x̂``'s), whose backward pass reads ``x̂`` itself: the
-    gradient of ``W`` is computed in ``x̂``'s dtype from the tensor the norm's backward keeps.
-    (A low-precision cast of ``x̂`` read there would be one more token-sized tensor to keep:
-    the compiler merges the backward's cast with the forward's and saves it.)"""
+    """``x̂ @ W`` in ``low`` precision (or ``x``'s), with ``x̂ = x`` (a LayerNorm's normalised
+    input) or ``x̂ = x·scale`` (an RMS norm's input and its ``N×1`` ``rsqrt``), whose backward
+    pass reads ``x`` itself: the gradient of ``W`` is computed in ``x``'s dtype from the tensor
+    the norm's backward keeps. (A low-precision cast of ``x`` read there would be one more
+    token-sized tensor to keep: the compiler merges the backward's cast with the forward's and
+    saves it. So would be ``x·scale``, read by a GEMM: the compiler does not recompute a GEMM's
+    operand. So the row scale is applied to the ``N×r`` side of each product instead.)"""
 
     @staticmethod
-    def forward(ctx: Any, x_hat: Tensor, weight: Tensor, low: torch.dtype | None) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x_hat, weight)
-        if low is None:
-            return x_hat @ weight
-        return x_hat.to(low) @ weight.to(low)
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, scale: Tensor | None, weight: Tensor, low: torch.dtype | None
+    ) -> Tensor:
+        ctx.save_for_backward(x, scale, weight)
+        xw = x @ weight if low is None else x.to(low) @ weight.to(low)
+        return xw if scale is None else xw * scale.to(xw.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x_hat, weight = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight.to(grad.dtype).t()).to(x_hat.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (x_hat.t() @ grad.to(x_hat.dtype)).to(weight.dtype)
-        return grad_x, grad_w, None
+        x, scale, weight = ctx.saved_tensors
+        grad_x = grad_scale = grad_w = None
+        # x̂ = x·scale scales rows: (x·scale)ᵀ·g = xᵀ·(scale·g) and ∂x = (scale·g)·Wᵀ.
+        scaled = grad if scale is None else grad * scale.to(grad.dtype)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_x = (scaled @ weight.to(grad.dtype).t()).to(x.dtype)
+            if scale is not None and ctx.needs_input_grad[1]:
+                # Σ_d (g·Wᵀ)[n,d]·x[n,d], from ∂x = scale·(g·Wᵀ) (scale, an rsqrt, is > 0):
+                # transient token-sized products, where keeping x·W would add N×r per site.
+                grad_scale = (grad_x * x).sum(-1, keepdim=True).div_(scale).to(scale.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_w = (x.t() @ scaled.to(x.dtype)).to(weight.dtype)
+        return grad_x, grad_scale, grad_w, None
 
 
 def normalized_down_product(
-    x_hat: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, weight: Tensor
+    x_hat: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    weight: Tensor,
+    scale: Tensor | None = None,
 ) -> Tensor:
-    """``(x̂·w + b) @ W``, a down projection of a LayerNorm's output, as ``x̂ @ (w∘W) + b @ W``
-    for ``x̂`` of shape ``N × D`` (the norm's normalised input), the norm's ``w``, ``b`` (``D``,
-    or ``None``) and ``W`` (``D × r``). The same product to float rounding, in the precision
-    autocast would give it; its backward pass reads only ``x̂``, which the norm's own backward
-    keeps, where ``y @ W`` would keep ``y`` (or its cast) as well. For compiled training
-    (``Adapter.after_norm``): there the compiler chooses what to save and cannot see this."""
+    """``(x̂·w + b) @ W``, a down projection of a norm's output, as ``x̂ @ (w∘W) + b @ W`` for
+    ``x̂`` of shape ``N × D`` (a LayerNorm's normalised input; with ``scale``, ``N × 1``, an RMS
+    norm's input, ``x̂`` being ``x_hat·scale``), the norm's ``w``, ``b`` (``D``, or ``None``) and
+    ``W`` (``D × r``). The same product to float rounding, in the precision autocast would give
+    it; its backward pass reads only what the norm's own backward keeps, where ``y @ W`` would
+    keep ``y`` (or its cast) as well. For compiled training (``Adapter.after_norm``): there the
+    compiler chooses what to save and cannot see this."""
     low = autocast_dtype(weight)
     folded = weight if norm_weight is None else weight * norm_weight.unsqueeze(1)
-    a = _NormalizedDown.apply(x_hat, folded, low)
+    a = _NormalizedDown.apply(x_hat, scale, folded, low)
     if norm_bias is None:
         return a
     with torch.autocast(x_hat.device.type, enabled=False):

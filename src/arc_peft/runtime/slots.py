@@ -22,7 +22,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..discovery.sites import Site
@@ -260,10 +259,12 @@ class AdapterSlot(nn.ModuleDict):
             return None
         kind, where = norm.arg_key
         x = args[where] if kind == "arg" else kwargs[where]
-        x_hat = F.layer_norm(x, (self.site.width,), None, None, norm.eps)
+        x_hat, scale = norm.normalized(x, self.site.width)
         weight = getattr(module, norm.weight) if norm.weight else None
         bias = getattr(module, norm.bias) if norm.bias else None
-        new = adapter.after_norm(x_hat, weight, bias, output)
+        # scale only for an RMS norm: a method written for LayerNorms alone keeps working there.
+        extra = () if scale is None else (scale,)
+        new = adapter.after_norm(x_hat, weight, bias, output, *extra)
         if new is None:
             return None
         self.adapted_at_norm = True

@@ -166,14 +166,22 @@ class ARC(Adapter):
         return arc_output(flat, h, u, self.bias).view(x.shape)
 
     def after_norm(
-        self, x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, y: Tensor
+        self,
+        x_hat: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        y: Tensor,
+        scale: Tensor | None = None,
     ) -> Tensor:
-        """``forward(y)`` for ``y`` a LayerNorm's output ``x̂·weight + bias``, its down product
-        computed from ``x̂`` (``normalized_down_product``): what compiled training runs, so
-        that it keeps no token-sized tensor for the gradient of ``U`` and ``s``."""
+        """``forward(y)`` for ``y`` a norm's output ``x̂·weight + bias`` (``x̂ = x_hat·scale``
+        for an RMS norm), its down product computed from ``x̂`` (``normalized_down_product``):
+        what compiled training runs, so that it keeps no token-sized tensor for the gradient of
+        ``U`` and ``s``."""
         u = self.U
         flat = x_hat.reshape(-1, self.dim)
-        h = self.dropout(normalized_down_product(flat, weight, bias, u * self.scale))
+        scale = scale.reshape(-1, 1) if scale is not None else None
+        down = normalized_down_product(flat, weight, bias, u * self.scale, scale)
+        h = self.dropout(down)
         return arc_output(y.reshape(-1, self.dim), h, u, self.bias).view(y.shape)
 
     @property
