@@ -159,6 +159,40 @@ def test_site_norm_found_only_where_the_norm_output_is_the_site_input_alone():
     assert all(s.norm is None for s in plan.sites)
 
 
+def test_a_written_out_norm_over_another_axis_is_not_taken_for_an_rms_norm():
+    """The RMS pattern is matched by its data flow, axis and exponent included: a "norm" that
+    averages over the tokens (or squares nothing) is left alone, so it is never folded."""
+
+    class TokenNorm(torch.nn.Module):
+        def __init__(self, axis: int, power: int):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(32))
+            self.axis, self.power = axis, power
+
+        def forward(self, x):
+            r = torch.rsqrt(x.pow(self.power).mean(self.axis, keepdim=True) + 1e-6)
+            return x * r * self.weight
+
+    class Block(torch.nn.Module):
+        def __init__(self, axis: int, power: int):
+            super().__init__()
+            self.norm = TokenNorm(axis, power)
+            self.attn = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+
+        def forward(self, x):
+            y = self.norm(x)
+            return x + self.attn(y, y, y, need_weights=False)[0]
+
+    x = torch.randn(2, 5, 32)
+    found = {
+        (axis, power): arc_peft.site_plan(Block(axis, power), example_input=x).sites[0].norm
+        for axis, power in ((-1, 2), (1, 2), (-1, 4))
+    }
+    assert found[-1, 2] is not None and found[-1, 2].kind == "rms_norm"
+    assert found[-1, 2].eps == 1e-6 and found[-1, 2].weight == "weight"
+    assert found[1, 2] is None and found[-1, 4] is None
+
+
 def test_after_norm_is_forward_on_the_norm_output():
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(8, dtype=torch.float64)
