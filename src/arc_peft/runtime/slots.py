@@ -247,8 +247,10 @@ class AdapterSlot(nn.ModuleDict):
         else's, so this is the same map in the same place. Eager training reaches the same
         saving through the norm's saved tensors (``methods/lean.py``) and leaves this alone."""
         # Cleared on every call first: a forward that stopped between the norm and the site (an
-        # exception) must not leave the site skipping its adapter on the next call.
-        self.adapted_at_norm = False
+        # exception) must not leave the site skipping its adapter on the next call. (Read first:
+        # a module's attribute write is the slower path, and this runs on every eager norm.)
+        if self.adapted_at_norm:
+            self.adapted_at_norm = False
         if not (torch.compiler.is_compiling() and torch.is_grad_enabled() and LEAN.enabled):
             return None
         if self.reached is not None or self.disabled or self.routing is not None:
