@@ -3,7 +3,7 @@ import json
 import pytest
 
 import arc_peft
-from arc_peft import AdaptMLPConfig, ARCConfig, config_from_dict
+from arc_peft import AdaptMLPConfig, ARCConfig, ConfigError, config_from_dict
 
 
 def test_defaults_match_the_papers():
@@ -78,7 +78,8 @@ def test_configs_are_frozen_and_canonical():
     ],
 )
 def test_bad_values_name_the_field_value_and_what_is_allowed(cls, kwargs, field):
-    with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field}=") as info:
+    # ConfigError (a ValueError): one type to catch for every bad config value.
+    with pytest.raises(ConfigError, match=rf"{cls.__name__}\.{field}=") as info:
         cls(**kwargs)
     message = str(info.value)
     assert repr(next(iter(kwargs.values())))[:6] in message
@@ -86,11 +87,13 @@ def test_bad_values_name_the_field_value_and_what_is_allowed(cls, kwargs, field)
 
 
 def test_from_dict_rejects_unknown_fields_and_methods():
-    with pytest.raises(ValueError, match="unknown ARCConfig field"):
+    with pytest.raises(ConfigError, match="unknown ARCConfig field"):
         config_from_dict({"method": "arc", "rank": 4, "alpha": 2})
-    with pytest.raises(ValueError, match="unknown adapter method 'lora'"):
+    with pytest.raises(ConfigError, match="unknown adapter method 'lora'"):
         config_from_dict({"method": "lora"})
-    with pytest.raises(ValueError, match="not 'adaptmlp'"):
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        config_from_dict(["arc"])
+    with pytest.raises(ConfigError, match="not 'adaptmlp'"):
         AdaptMLPConfig.from_dict(ARCConfig().to_dict())
 
 

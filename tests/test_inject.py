@@ -256,7 +256,7 @@ def test_blocks_select_the_last_k():
         for stage, width in ((2, 64), (3, 128))
         for position in ("attn", "mlp")
     ]
-    with pytest.raises(ValueError, match=r"blocks=\(4,\) is out of range .* \[-4, 3\]"):
+    with pytest.raises(arc_peft.ConfigError, match=r"blocks=\(4,\) is out of range .* \[-4, 3\]"):
         arc_peft.inject_arc(build("swin"), ARCConfig(blocks=(4,)))
 
 
@@ -353,7 +353,7 @@ def test_bad_arguments_leave_the_model_unchanged():
     before = state(model)
     with pytest.raises(TypeError, match="ARCConfig or AdaptMLPConfig, got dict"):
         arc_peft.inject_arc(model, {"rank": 4})
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(arc_peft.ConfigError, match="out of range"):
         arc_peft.inject_arc(model, ARCConfig(blocks=(0, 9)))
     assert_same_state(before, model)
     assert iter_slots(model) == []
@@ -523,7 +523,7 @@ def test_site_selection_by_module_path_patterns():
     assert [s.site.path for _, _, s in iter_slots(model)] == ["blocks.1.attn"]
     counts = arc_peft.count_parameters(model)
     assert counts.sites == {"attn": 1} and "sites adapted: attn 1" in str(counts)
-    with pytest.raises(ValueError, match="match no site"):
+    with pytest.raises(arc_peft.ConfigError, match="match no site"):
         arc_peft.inject_arc(build("vit"), ARCConfig(target_modules=("head*",)))
     with pytest.raises(ValueError, match="target_modules"):
         ARCConfig(target_modules=())
@@ -662,7 +662,7 @@ def test_attention_pooling_is_left_out_on_purpose():
 def test_a_pattern_matching_nothing_says_how_many_sites_exist():
     model = build("vit")
     n = len(arc_peft.site_plan(model).sites)
-    with pytest.raises(ValueError, match="match no site") as info:
+    with pytest.raises(arc_peft.ConfigError, match="match no site") as info:
         arc_peft.inject_arc(model, ARCConfig(target_modules=("head*",)))
     assert f"the {n} sites are" in str(info.value)
     if n > 8:
@@ -677,11 +677,13 @@ def test_a_size_not_below_the_width_is_refused_naming_it(config, field):
     model = build("vit")
     width = max(s.width for s in arc_peft.site_plan(model).sites)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=rf"{field}=10000 is not below the site's width") as info:
+    with pytest.raises(
+        arc_peft.ConfigError, match=rf"{field}=10000 is not below the site's width"
+    ) as info:
         arc_peft.inject_arc(model, config)
     assert f"Use {field} < " in str(info.value)
     assert not arc_peft.adapter_configs(model)
     assert model.state_dict().keys() == before.keys()
     # At the width itself too: a "bottleneck" as wide as the tokens is none.
-    with pytest.raises(ValueError, match="not below the site's width"):
+    with pytest.raises(arc_peft.ConfigError, match="not below the site's width"):
         arc_peft.inject_arc(model, type(config)(**{field: width}))

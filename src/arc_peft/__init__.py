@@ -19,7 +19,7 @@ from .state import __version__
 if TYPE_CHECKING:  # for type checkers and the docs; at run time names load on first use
     from .discovery.sites import LeftOut, Site, SitePlan
     from .discovery.targets import Target, register_target, registered_targets
-    from .errors import AdapterFileError, MergeError, UnsupportedModelError
+    from .errors import AdapterFileError, ConfigError, MergeError, UnsupportedModelError
     from .inject import delete_adapter, inject_arc, remove_arc, site_plan
     from .io.hub import create_model, push_adapter_to_hub, save_adapter_folder
     from .io.info import AdapterInfo, read_adapter_info
@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # for type checkers and the docs; at run time names load on f
 _LOCATIONS = {
     "discovery.sites": ("LeftOut", "Site", "SitePlan"),
     "discovery.targets": ("Target", "register_target", "registered_targets"),
-    "errors": ("AdapterFileError", "MergeError", "UnsupportedModelError"),
+    "errors": ("AdapterFileError", "ConfigError", "MergeError", "UnsupportedModelError"),
     "inject": ("delete_adapter", "inject_arc", "remove_arc", "site_plan"),
     "io.hub": ("create_model", "push_adapter_to_hub", "save_adapter_folder"),
     "io.info": ("AdapterInfo", "read_adapter_info"),
@@ -94,6 +94,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterFileError",
     "AdapterInfo",
+    "ConfigError",
     "LeftOut",
     "MergeError",
     "ParameterCounts",

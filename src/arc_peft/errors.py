@@ -5,10 +5,17 @@ from __future__ import annotations
 __all__ = [
     "AdapterFileError",
     "AdaptersNotTrainedWarning",
+    "ConfigError",
     "MergeError",
     "UnsupportedModelError",
     "printable",
 ]
+
+
+class ConfigError(ValueError):
+    """A config is invalid: a field value out of its range, an unknown field or method in a
+    config's dict, or a size that does not fit the model it is injected into (a rank not below
+    a site's width). The message names the field, the value, what is allowed and the fix."""
 
 
 class UnsupportedModelError(ValueError):

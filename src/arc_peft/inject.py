@@ -12,7 +12,7 @@ from torch import nn
 from .discovery import inputs, probe
 from .discovery.sites import LeftOut, Site, SitePlan, discover
 from .discovery.targets import registry_generation
-from .errors import UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 from .methods import AdapterConfig, get_method
 from .methods.layers import Adapter, SharedState
 from .methods.lean import know_norms
@@ -142,7 +142,7 @@ def select_sites(plan: SitePlan, config: AdapterConfig) -> list[Site]:
     else:
         bad = [i for i in config.blocks if not -n_blocks <= i < n_blocks]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"{cls}.blocks={config.blocks!r} is out of range for a model with {n_blocks} "
                 f"blocks: expected indices in [{-n_blocks}, {n_blocks - 1}]"
             )
@@ -164,7 +164,7 @@ def select_sites(plan: SitePlan, config: AdapterConfig) -> list[Site]:
     if patterns and not any(wanted(s) for s in plan.sites):
         paths = [s.path for s in plan.sites]
         more = f" and {len(paths) - 8} more" if len(paths) > 8 else ""
-        raise ValueError(
+        raise ConfigError(
             f"{cls}: target_modules={config.target_modules!r} / exclude_modules="
             f"{config.exclude_modules!r} match no site; the {len(paths)} sites are "
             f"{paths[:8]}{more} (arc_peft.site_plan(model).summary() lists them all)"
@@ -178,7 +178,7 @@ def select_sites(plan: SitePlan, config: AdapterConfig) -> list[Site]:
         problem = config.width_problem(width)
         if problem is not None:
             at = [s.path for s in chosen if s.width == width]
-            raise ValueError(f"{problem} (sites {at[:3]}{' ...' if len(at) > 3 else ''})")
+            raise ConfigError(f"{problem} (sites {at[:3]}{' ...' if len(at) > 3 else ''})")
     return chosen
 
 

@@ -8,14 +8,16 @@ import json
 from collections.abc import Sequence
 from typing import Any, ClassVar, NoReturn
 
+from ..errors import ConfigError
+
 __all__ = ["MAX_SIZE", "POSITIONS", "AdapterConfig", "check_dropout", "check_int", "invalid"]
 
 POSITIONS = ("attn", "mlp")
 
 
 def invalid(cls: type, field: str, value: Any, allowed: str) -> NoReturn:
-    """Raise the ``ValueError`` every config gives for a bad field value."""
-    raise ValueError(f"{cls.__name__}.{field}={value!r} is invalid: expected {allowed}.")
+    """Raise the ``ConfigError`` every config gives for a bad field value."""
+    raise ConfigError(f"{cls.__name__}.{field}={value!r} is invalid: expected {allowed}.")
 
 
 # Far above any size a config holds (a rank is at most a site's width, a few thousand), and small
@@ -141,11 +143,11 @@ class AdapterConfig:
         data = dict(data)
         method = data.pop("method", cls.method)
         if method != cls.method:
-            raise ValueError(f"config is for method {method!r}, not {cls.method!r}")
+            raise ConfigError(f"config is for method {method!r}, not {cls.method!r}")
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown {cls.__name__} field(s) {unknown}: expected only {sorted(known)}. "
                 "Was the file written by a newer arc_peft?"
             )

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..errors import ConfigError
 from .config import AdapterConfig
 
 if TYPE_CHECKING:
@@ -141,10 +142,10 @@ def get_method(config: AdapterConfig) -> Method:
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     """Rebuild a config from ``to_dict`` output, dispatching on its ``method`` tag."""
     if not isinstance(data, dict):
-        raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
+        raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
     tag = data.get("method")
     method = _METHODS.get(tag) if isinstance(tag, str) else None
     if method is None:
         known = " or ".join(repr(n) for n in _METHODS)
-        raise ValueError(f"unknown adapter method {data.get('method')!r}: expected {known}")
+        raise ConfigError(f"unknown adapter method {data.get('method')!r}: expected {known}")
     return method.config_class.from_dict(data)
