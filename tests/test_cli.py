@@ -56,6 +56,38 @@ def test_inspect_json(adapter_file: Path, capsys: pytest.CaptureFixture) -> None
     assert data["arc_peft_version"] == arc_peft.__version__
 
 
+def test_inspect_verify_checks_the_data_against_its_checksum(
+    adapter_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["inspect", str(adapter_file)]) == 0
+    assert "not checked (arc-peft inspect --verify)" in capsys.readouterr().out
+    assert main(["inspect", str(adapter_file), "--verify"]) == 0
+    assert ", verified" in capsys.readouterr().out
+    assert arc_peft.read_adapter_info(adapter_file, verify=True).data_verified
+
+    damaged = tmp_path / "damaged.safetensors"
+    raw = bytearray(adapter_file.read_bytes())
+    raw[-3] ^= 0x40  # one bit of the last tensor's data: the header still reads
+    damaged.write_bytes(bytes(raw))
+    assert main(["inspect", str(damaged)]) == 0  # the header alone cannot tell
+    capsys.readouterr()
+    assert main(["inspect", str(damaged), "--verify"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "does not match the checksum" in captured.err
+    with pytest.raises(arc_peft.AdapterFileError, match="does not match the checksum"):
+        arc_peft.read_adapter_info(damaged, verify=True)
+
+
+def test_inspect_verify_says_when_a_file_stores_no_checksum(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    old = Path(__file__).parent / "data" / "v010_arc.safetensors"  # written by arc_peft 0.1.0
+    assert main(["inspect", str(old), "--verify"]) == 0
+    assert "no checksum stored" in capsys.readouterr().out
+    info = arc_peft.read_adapter_info(old, verify=True)
+    assert info.data_sha256 is None and not info.data_verified
+
+
 @pytest.mark.parametrize(
     "content, message", [(b"\x00" * 3, "truncated"), (b"definitely not safetensors", "not a")]
 )
@@ -117,16 +149,18 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_python_m_inspect_imports_no_torch(adapter_file: Path) -> None:
-    """Reading a header needs no torch, timm or torchvision: that is what makes it fast."""
+@pytest.mark.parametrize("verify", [[], ["--verify"]], ids=["header", "verify"])
+def test_python_m_inspect_imports_no_torch(adapter_file: Path, verify: list[str]) -> None:
+    """Reading a header (and hashing the data) needs no torch, timm or torchvision: that is what
+    makes it fast."""
     script = (
-        "import sys, runpy; sys.argv = ['arc-peft', 'inspect', sys.argv[1]]\n"
+        "import sys, runpy; sys.argv = ['arc-peft', 'inspect', *sys.argv[1:]]\n"
         "try:\n    runpy.run_module('arc_peft', run_name='__main__')\n"
         "except SystemExit as exit:\n    code = exit.code\n"
         "heavy = sorted(m for m in ('torch', 'timm', 'torchvision', 'transformers') if m in sys.modules)\n"  # noqa: E501
         "print('heavy:', heavy, 'code:', code)\n"
     )
-    done = _run("-c", script, str(adapter_file))
+    done = _run("-c", script, str(adapter_file), *verify)
     assert done.returncode == 0, done.stderr
     assert "heavy: [] code: 0" in done.stdout
     assert "VisionTransformer, 2 blocks" in done.stdout

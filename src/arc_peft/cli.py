@@ -2,12 +2,14 @@
 
     arc-peft inspect cifar100.safetensors            # readable summary of an adapter file
     arc-peft inspect a.safetensors b.safetensors --json
+    arc-peft inspect cifar100.safetensors --verify   # also check the data against its checksum
     arc-peft compare a.safetensors b.safetensors     # several files side by side
     arc-peft check cifar100.safetensors --model vit_base_patch16_224
 
-``inspect`` and ``compare`` read only the files' JSON headers: they import neither torch nor
-timm, so they answer in a fraction of a second. ``check`` builds the named timm model (random
-weights, nothing downloaded) and loads the file into it. A bad file exits with status 1 and a
+``inspect`` and ``compare`` read only the files' JSON headers (``inspect --verify`` also hashes
+the tensor data): they import neither torch nor timm, so they answer in a fraction of a second.
+``check`` builds the named timm model (random weights, nothing downloaded) and loads the file
+into it. A bad file exits with status 1 and a
 one-line message on stderr (no traceback).
 """
 
@@ -54,13 +56,13 @@ def _error(command: str, exc: BaseException | str) -> None:
     print(f"arc-peft {command}: error: {message}", file=sys.stderr)
 
 
-def _infos(command: str, files: Sequence[str]) -> tuple[list[Any], bool]:
+def _infos(command: str, files: Sequence[str], verify: bool = False) -> tuple[list[Any], bool]:
     """The files that read, and whether any did not: a shell glob (``*.safetensors``) picks up
     other safetensors files too; each gets an error line and the rest are still described."""
     infos, failed = [], False
     for f in files:
         try:
-            infos.append(read_adapter_info(f))
+            infos.append(read_adapter_info(f, verify=verify))
         except (AdapterFileError, OSError, ValueError) as exc:
             if isinstance(exc, BrokenPipeError):
                 raise
@@ -70,7 +72,7 @@ def _infos(command: str, files: Sequence[str]) -> tuple[list[Any], bool]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    infos, failed = _infos("inspect", args.files)
+    infos, failed = _infos("inspect", args.files, verify=args.verify)
     if args.json and infos:
         data = [info.to_dict() for info in infos]
         print(_compact_json(data[0] if len(data) == 1 and len(args.files) == 1 else data))
@@ -204,6 +206,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("files", nargs="+", metavar="FILE", help="adapter file(s)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read the tensor data and check it against the file's checksum (a damaged "
+        "file then fails here, not at load time)",
+    )
     inspect.set_defaults(run=_inspect)
     compare = commands.add_parser(
         "compare",

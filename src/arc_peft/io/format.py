@@ -438,6 +438,43 @@ def _read_from_start(handle: BinaryIO, size: int) -> bytes:
     return b"".join(chunks)
 
 
+def _check_digest(digest: str, actual: str) -> None:
+    if actual != digest:
+        raise FileProblem(
+            f"corrupt: the tensor data does not match the checksum the file was written with "
+            f"({DIGEST_FIELD} {digest[:12]}..., the data hashes to {actual[:12]}...). The "
+            "file was damaged after it was saved (an interrupted copy or download, a disk "
+            "error); save it again or fetch a fresh copy"
+        )
+
+
+def verify_data(handle: BinaryIO, header: Header) -> bool:
+    """Check the tensor data against the checksum stored in the header, without parsing it
+    (no torch): ``True`` when it matches, ``False`` when the file stores none (written before
+    arc_peft stored one). Read in 1 MiB pieces, so memory stays bounded whatever the size."""
+    digest = header.metadata.get(DIGEST_FIELD)
+    if digest is None:
+        return False
+    sha, offset, end = hashlib.sha256(), header.data_start, header.file_size
+    while offset <= end:  # one byte past the end: a file that grew since is refused
+        chunk = _read_at(handle, min(end + 1 - offset, 1 << 20), offset)
+        if not chunk:
+            break
+        sha.update(chunk[: max(0, end - offset)])
+        offset += len(chunk)
+    if offset != end:
+        raise FileProblem("the file changed while it was being read; read it again")
+    _check_digest(digest, sha.hexdigest())
+    return True
+
+
+def _read_at(handle: BinaryIO, size: int, offset: int) -> bytes:
+    if not hasattr(os, "pread"):  # Windows
+        handle.seek(offset)
+        return handle.read(size)
+    return os.pread(handle.fileno(), size, offset)
+
+
 def read_tensors(handle: BinaryIO, header: Header) -> dict[str, Tensor]:
     """Every tensor of a validated header (on the CPU): reads the data only now.
 
@@ -449,14 +486,7 @@ def read_tensors(handle: BinaryIO, header: Header) -> dict[str, Tensor]:
         raise FileProblem("the file changed while it was being read; load it again")
     digest = header.metadata.get(DIGEST_FIELD)
     if digest is not None:
-        actual = hashlib.sha256(memoryview(raw)[header.data_start :]).hexdigest()
-        if actual != digest:
-            raise FileProblem(
-                f"corrupt: the tensor data does not match the checksum the file was written with "
-                f"({DIGEST_FIELD} {digest[:12]}..., the data hashes to {actual[:12]}...). The "
-                "file was damaged after it was saved (an interrupted copy or download, a disk "
-                "error); save it again or fetch a fresh copy"
-            )
+        _check_digest(digest, hashlib.sha256(memoryview(raw)[header.data_start :]).hexdigest())
     try:
         import safetensors.torch
 

@@ -19,6 +19,7 @@ from ..methods import AdapterConfig
 from ..state import DEFAULT_ADAPTER
 from . import identity
 from .format import (
+    DIGEST_FIELD,
     FileProblem,
     Header,
     about,
@@ -27,6 +28,7 @@ from .format import (
     parse_metadata,
     read_header,
     runs,
+    verify_data,
 )
 from .sources import resolve
 
@@ -60,6 +62,10 @@ class AdapterInfo:
         model: Identity of the backbone (``library``, ``architecture``, and ``tag`` /
             ``hub_id`` / ``name_or_path`` where known); ``{}`` if unknown.
         metadata: The free-form metadata given to ``save_adapter``.
+        data_sha256: The SHA-256 checksum of the tensor data stored in the header, or ``None``
+            (files written before arc_peft stored one).
+        data_verified: Whether the data was read and found to match ``data_sha256``
+            (``read_adapter_info(..., verify=True)``); ``False`` when it was not checked.
     """
 
     path: str
@@ -78,6 +84,8 @@ class AdapterInfo:
     trained_parameters: int = 0
     model: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    data_sha256: str | None = None
+    data_verified: bool = False
 
     @property
     def method(self) -> str:
@@ -114,6 +122,7 @@ class AdapterInfo:
             ("backbone", f"{backbone.get('architecture')}, {blocks} blocks"),
             ("widths", width_text),
             ("tensors", f"{self.num_tensors} {self.dtype}, {self.file_size:,} bytes"),
+            ("data", self._data_text()),
             ("written by", f"arc_peft {self.arc_peft_version}, file format {self.format_version}"),
         ]
         if self.trained:
@@ -126,6 +135,13 @@ class AdapterInfo:
         lines += [f"  {printable(label):<11} {printable(text)}" for label, text in rows]
         return "\n".join(lines)
 
+    def _data_text(self) -> str:
+        if self.data_sha256 is None:
+            return "no checksum stored (written before arc_peft stored one)"
+        if self.data_verified:
+            return f"sha256 {self.data_sha256[:16]}..., verified"
+        return f"sha256 {self.data_sha256[:16]}..., not checked (arc-peft inspect --verify)"
+
 
 def identity_fields(header: Header) -> tuple[dict[str, Any], dict[str, Any]]:
     """The file's model identity and user metadata (``{}`` when absent)."""
@@ -136,21 +152,30 @@ def identity_fields(header: Header) -> tuple[dict[str, Any], dict[str, Any]]:
         raise FileProblem(f"corrupt metadata: {exc}") from None
 
 
-def read_adapter_info(path: str | os.PathLike[str]) -> AdapterInfo:
+def read_adapter_info(path: str | os.PathLike[str], *, verify: bool = False) -> AdapterInfo:
     """Describe an adapter file without a model: config, counts, backbone, versions.
 
     Only the header is read and checked (structure, sizes, metadata); tensor values are checked
     by ``load_adapter``.
 
+    Args:
+        path: The file (or a Hub reference, as ``load_adapter`` takes it).
+        verify: Also read the tensor data and check it against the checksum the file was
+            written with (still without torch), so that a file damaged after it was saved is
+            refused here rather than at ``load_adapter``. ``info.data_verified`` says whether
+            it was checked (a file written before checksums were stored has none to check).
+
     Raises:
-        AdapterFileError: the file is not a (readable, current) arc_peft adapter file.
+        AdapterFileError: the file is not a (readable, current) arc_peft adapter file, or, with
+            ``verify=True``, its data does not match its checksum.
         OSError: the file cannot be opened.
     """
     path = resolve(path)
     with about(path):
         with open_regular(path) as handle:
             header = read_header(handle)
-        check_metadata(header)
+            check_metadata(header)
+            verified = verify_data(handle, header) if verify else False
         contents = parse_metadata(header)
         model_id, user = identity_fields(header)
     counts = {k: math.prod(e["shape"]) for k, e in header.entries.items()}
@@ -177,4 +202,6 @@ def read_adapter_info(path: str | os.PathLike[str]) -> AdapterInfo:
         trained_parameters=trained_params,
         model=model_id,
         metadata=user,
+        data_sha256=meta.get(DIGEST_FIELD),
+        data_verified=verified,
     )
