@@ -268,6 +268,33 @@ def test_attention_pooling_is_not_a_classifier() -> None:
     assert arc_peft.get_head(classifier) is classifier.classifier
 
 
+def test_attention_pooling_is_recognised_by_what_it_computes(tmp_path) -> None:
+    """AIMv2's pooling head holds no ``nn.MultiheadAttention``: its attention is written out.
+    The probe finds it (queries from a learned token, keys and values from the tokens) and the
+    site plan kept on the model says so; the class name plays no part."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Aimv2VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8, use_head=True,
+    )  # fmt: skip
+    model = transformers.Aimv2VisionModel(config)
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=2))
+    assert [x.path for x in arc_peft.site_plan(model).left_out] == ["head"]
+    assert arc_peft.get_head(model) is None
+    arc_peft.save_adapter(model, tmp_path / "a.safetensors")  # the pooling head is no classifier
+    assert arc_peft.read_adapter_info(tmp_path / "a.safetensors").head is None
+
+
+def test_a_classifier_named_like_attention_is_still_the_head() -> None:
+    class AttentionFreeClassifier(nn.Linear):  # a name is no evidence either way
+        pass
+
+    model = build("tv_vit")
+    model.heads = nn.Sequential(AttentionFreeClassifier(32, 5))
+    arc_peft.inject_arc(model, arc_peft.ARCConfig(rank=2))
+    assert arc_peft.get_head(model) is model.heads
+
+
 @torch.no_grad()
 def test_copies_and_pickles_keep_their_own_heads() -> None:
     import pickle

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
-from ..state import BASE_ATTR, SLOT_ATTR, TASKS_ATTR
+from ..state import BASE_ATTR, PLAN_ATTR, SLOT_ATTR, TASKS_ATTR
 from .slots import adapter_configs, iter_slots, remove_hooks
 
 __all__ = ["add_head", "find_head", "get_head", "task_modules"]
@@ -517,7 +517,10 @@ def get_head(model: nn.Module, name: str | None = None) -> nn.Module | None:
     if the model has none.
 
     A module containing attention is never taken for a classifier: it is an attention-pooling
-    head (Hugging Face SigLIP's ``head``) that computes features.
+    head (Hugging Face SigLIP's and AIMv2's ``head``) that computes features. Attention is
+    recognised structurally: an ``nn.MultiheadAttention``, or a module that discovery's probe
+    found attention in (an adapter site, or attention pooling left out), as recorded in the
+    site plan that ``inject_arc`` (or ``site_plan``) keeps on the model.
 
     Args:
         model: The model.
@@ -537,15 +540,33 @@ def find_head(model: nn.Module) -> nn.Module | None:
         found = get_classifier()
         if isinstance(found, nn.Module):
             return found
+    attention: set[int] | None = None
     for attr in ("heads", "head", "fc", "classifier"):
         found = getattr(model, attr, None)
-        if isinstance(found, nn.Module) and not _has_attention(found):
+        if not isinstance(found, nn.Module):
+            continue
+        if attention is None:
+            attention = _attention_modules(model)
+        if not any(
+            isinstance(m, nn.MultiheadAttention) or id(m) in attention for m in found.modules()
+        ):
             return found
     return None
 
 
-def _has_attention(module: nn.Module) -> bool:
-    return any(
-        isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
-        for m in module.modules()
-    )
+def _attention_modules(model: nn.Module) -> set[int]:
+    """The ids of the modules that the site plans kept on ``model`` and on the adapted models
+    inside it name as attention: sites of position ``"attn"`` and attention left out (pooling,
+    cross-attention). Found by the probe from what a module computes, not from its name."""
+    found: set[int] = set()
+    for holder in model.modules():
+        kept = holder.__dict__.get(PLAN_ATTR)
+        if kept is None:
+            continue
+        plan = kept[1]
+        named = dict(holder.named_modules())
+        for entry in (*plan.sites, *plan.left_out):
+            module = named.get(entry.path)
+            if entry.position == "attn" and module is not None:
+                found.add(id(module))
+    return found
