@@ -90,3 +90,56 @@ def test_loading_into_a_fresh_holder_puts_the_adapter_on_its_model(tmp_path: Pat
     assert info.backbone["architecture"].endswith("VisionTransformer")
     saved = (tmp_path / "a.safetensors").read_bytes()
     assert (tmp_path / "again.safetensors").read_bytes() == saved
+
+
+def test_a_lightning_trainer_trains_the_adapters_and_its_checkpoint_restores_them(
+    tmp_path: Path,
+) -> None:
+    """Lightning's own loop, optimizer and checkpoint, unchanged: the adapters and the head
+    train, the frozen backbone does not move, and a fresh model takes the trained adapters
+    from Lightning's checkpoint and from an adapter file alike."""
+    lightning = pytest.importorskip("lightning")
+
+    class Lit(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = build("vit").train()
+            arc_peft.inject_arc(self.model, ARCConfig(rank=4, init="identity"))
+            arc_peft.freeze_backbone(self.model)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x)
+
+        def training_step(self, batch: tuple, _: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    torch.manual_seed(0)
+    x = inputs("vit", batch=8)
+    lit = Lit()
+    classes = lit.model.head.out_features
+    data = torch.utils.data.TensorDataset(x, torch.randint(0, classes, (8,)))
+    before = {k: v.clone() for k, v in lit.state_dict().items()}
+    trainer = lightning.Trainer(
+        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(lit, torch.utils.data.DataLoader(data, batch_size=4))
+    trainable = {f"model.{n}" for n, p in lit.model.named_parameters() if p.requires_grad}
+    moved = {k for k, v in lit.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == trainable  # every adapter tensor and the head, nothing else
+    assert any(".arc_peft." in k for k in moved) and "model.head.weight" in moved
+
+    trainer.save_checkpoint(tmp_path / "lit.ckpt")
+    arc_peft.save_adapter(lit, tmp_path / "task.safetensors")
+    lit.eval()
+    with torch.no_grad():
+        want = lit(x)
+        restored = Lit.load_from_checkpoint(tmp_path / "lit.ckpt").eval()
+        assert torch.equal(restored(x), want)
+        fresh = build("vit")
+        arc_peft.load_adapter(fresh, tmp_path / "task.safetensors")
+        assert torch.equal(fresh.eval()(x), want)
