@@ -78,6 +78,26 @@ def test_inspect_verify_checks_the_data_against_its_checksum(
         arc_peft.read_adapter_info(damaged, verify=True)
 
 
+@pytest.mark.parametrize("change", ["grown", "truncated"])
+def test_verify_refuses_a_file_changed_after_its_header_was_read(
+    adapter_file: Path, tmp_path: Path, change: str
+) -> None:
+    from arc_peft.io.format import FileProblem, read_header, verify_data
+
+    path = tmp_path / "changing.safetensors"
+    shutil.copyfile(adapter_file, path)
+    with open(path, "rb") as handle:
+        header = read_header(handle)
+        with open(path, "r+b") as writer:  # another process writes meanwhile
+            if change == "grown":
+                writer.seek(0, os.SEEK_END)
+                writer.write(b"\0")
+            else:
+                writer.truncate(header.file_size - 1)
+        with pytest.raises(FileProblem, match="changed while it was being read"):
+            verify_data(handle, header)
+
+
 def test_inspect_verify_says_when_a_file_stores_no_checksum(
     capsys: pytest.CaptureFixture,
 ) -> None:

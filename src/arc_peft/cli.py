@@ -9,8 +9,7 @@
 ``inspect`` and ``compare`` read only the files' JSON headers (``inspect --verify`` also hashes
 the tensor data): they import neither torch nor timm, so they answer in a fraction of a second.
 ``check`` builds the named timm model (random weights, nothing downloaded) and loads the file
-into it. A bad file exits with status 1 and a
-one-line message on stderr (no traceback).
+into it. A bad file exits with status 1 and a one-line message on stderr (no traceback).
 """
 
 from __future__ import annotations

@@ -422,20 +422,27 @@ def parse_metadata(header: Header) -> Contents:
     return Contents(config, backbone, head, trained)
 
 
-def _read_from_start(handle: BinaryIO, size: int) -> bytes:
-    """Up to ``size`` bytes from the file's start, from the file itself: not from the buffer
-    the header was read through, which would hide a change made since."""
-    if not hasattr(os, "pread"):  # Windows
-        handle.seek(0)
-        return handle.read(size)
-    chunks, offset = [], 0
-    while offset < size:  # one read returns at most ~2 GB on Linux
-        chunk = os.pread(handle.fileno(), min(size - offset, 1 << 30), offset)
+def _pieces(handle: BinaryIO, offset: int, size: int, piece: int) -> Iterator[bytes]:
+    """Up to ``size`` bytes from ``offset``, ``piece`` bytes at a time, from the file itself:
+    not from the buffer the header was read through, which would hide a change made since.
+    Stops early at the end of the file."""
+    end = offset + size
+    while offset < end:
+        length = min(end - offset, piece)
+        if hasattr(os, "pread"):
+            chunk = os.pread(handle.fileno(), length, offset)
+        else:  # Windows
+            handle.seek(offset)
+            chunk = handle.read(length)
         if not chunk:
-            break
-        chunks.append(chunk)
+            return
+        yield chunk
         offset += len(chunk)
-    return b"".join(chunks)
+
+
+def _read_from_start(handle: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes from the file's start (one read returns at most ~2 GB on Linux)."""
+    return b"".join(_pieces(handle, 0, size, 1 << 30))
 
 
 def _check_digest(digest: str, actual: str) -> None:
@@ -455,24 +462,15 @@ def verify_data(handle: BinaryIO, header: Header) -> bool:
     digest = header.metadata.get(DIGEST_FIELD)
     if digest is None:
         return False
-    sha, offset, end = hashlib.sha256(), header.data_start, header.file_size
-    while offset <= end:  # one byte past the end: a file that grew since is refused
-        chunk = _read_at(handle, min(end + 1 - offset, 1 << 20), offset)
-        if not chunk:
-            break
-        sha.update(chunk[: max(0, end - offset)])
-        offset += len(chunk)
-    if offset != end:
+    sha, read, size = hashlib.sha256(), 0, header.file_size - header.data_start
+    # One byte past the end: a file that grew since its header was read is refused too.
+    for chunk in _pieces(handle, header.data_start, size + 1, 1 << 20):
+        sha.update(chunk[: max(0, size - read)])
+        read += len(chunk)
+    if read != size:
         raise FileProblem("the file changed while it was being read; read it again")
     _check_digest(digest, sha.hexdigest())
     return True
-
-
-def _read_at(handle: BinaryIO, size: int, offset: int) -> bytes:
-    if not hasattr(os, "pread"):  # Windows
-        handle.seek(offset)
-        return handle.read(size)
-    return os.pread(handle.fileno(), size, offset)
 
 
 def read_tensors(handle: BinaryIO, header: Header) -> dict[str, Tensor]:
